@@ -1,0 +1,425 @@
+"""Typed configs: YAML files plus MaxText-style `key.sub=value` overrides, validated strictly.
+
+A config file is a YAML mapping whose top-level keys are the sections of `Config`. A section may be
+given as a string naming another YAML file (e.g. `model: tiny` -> configs/model/tiny.yaml), and a file
+may start from another with `base: other.yaml`. Every unknown key, wrong type or inconsistent value
+raises `ConfigError` naming the key and the file it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and where it came from."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-family A3 model. Field names follow HF's LlamaConfig where one exists."""
+
+    vocab_size: int = 260
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # RoPE (HF rotate-half layout). rope_type: default | linear | llama3.
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    # A3 specifics.
+    block: str = "llama"  # llama (exact pre-norm LLaMA) | official (reference code's post-norm block)
+    query_init: str = "embed_mean"  # embed_mean | normal | zeros
+    # Implementation.
+    attention: str = "auto"  # auto | dense | blockwise
+    attention_block_size: int = 128
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    # Special token ids (kept for HF round trips and decoding; -1 = none).
+    bos_token_id: int = 256
+    eos_token_id: int = 257
+    pad_token_id: int = 258
+    init_from: str = ""  # params checkpoint (from `a3jax convert`) to start from; "" = random init
+    init_std: float = 0.02
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def validate(self, where: str = "model") -> None:
+        def bad(key, msg):
+            raise ConfigError(f"{where}.{key}: {msg}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "max_position_embeddings", "attention_block_size"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.head_dim == 0 and self.hidden_size % self.num_heads:
+            bad("num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if self.head_size % 2:
+            bad("head_dim", f"RoPE needs an even head size, got {self.head_size}")
+        choices = {
+            "rope_type": ("default", "linear", "llama3"),
+            "block": ("llama", "official"),
+            "query_init": ("embed_mean", "normal", "zeros"),
+            "attention": ("auto", "dense", "blockwise"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "param_dtype": ("float32", "bfloat16", "float16"),
+            "remat": ("none", "full", "dots", "dots_no_batch"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"{getattr(self, key)!r} is not one of {allowed}")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, key)
+            if v >= self.vocab_size:
+                bad(key, f"{v} is not below vocab_size={self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One curriculum stage: a grouping strategy (see a3jax.data.grouping) for a number of steps."""
+
+    strategy: str = "ar"
+    steps: int = 100
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte | path to a tokenizer.json or a model directory
+    seq_len: int = 256
+    shuffle_seed: int = 0
+    grouping_seed: int = 0
+    anchor_bos: bool = True
+    split: str = "train"  # train | heldout (stdlib: split by file)
+    heldout_fraction: float = 0.05
+    worker_count: int = 0
+    prefetch: int = 2
+    max_documents: int = 0  # 0 = all; a cap keeps the demo's epoch short
+    stages: tuple[StageConfig, ...] = (StageConfig("ar", 100),)
+    eval_strategies: tuple[str, ...] = ("ar", "random:4")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Axis sizes; -1 fills the devices left over. Product must equal the device count.
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # logical axis name -> mesh axes (list) or null (replicated)
+    rules: tuple[tuple[str, Any], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("layers", None),
+        ("cache_length", None),
+    )
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    end_learning_rate_fraction: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int = 8
+    microbatches: int = 1  # gradient accumulation inside the step
+    steps: int = 0  # 0 = sum of the curriculum's stage steps
+    seed: int = 0
+    z_loss: float = 0.0
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf instead of stopping
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    peak_flops_per_device: float = 0.0  # 0 = look up from the chip table
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run_dir: str = "runs/default"
+
+    def validate(self, where: str = "config") -> None:
+        self.model.validate(f"{where}: model")
+        for i, st in enumerate(self.data.stages):
+            if st.steps <= 0:
+                raise ConfigError(f"{where}: data.stages[{i}].steps must be positive, got {st.steps}")
+        if self.train.global_batch_size % self.train.microbatches:
+            raise ConfigError(f"{where}: train.microbatches={self.train.microbatches} does not divide "
+                              f"train.global_batch_size={self.train.global_batch_size}")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"{where}: data.seq_len={self.data.seq_len} exceeds "
+                              f"model.max_position_embeddings={self.model.max_position_embeddings}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.steps or sum(s.steps for s in self.data.stages)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Checks/converts a YAML value to the annotated type; raises ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return _freeze(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return build(tp, value, where, prefix=key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        return tuple(_freeze(v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {_type_name(tp)}")
+
+
+def _freeze(v):
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _freeze(x)) for k, x in v.items())
+    return v
+
+
+def _stage_from(value, key, where):
+    # Stages may be written compactly as "strategy: steps" pairs or as {strategy, steps} mappings.
+    if isinstance(value, dict) and set(value) == {"strategy", "steps"} or isinstance(value, StageConfig):
+        return _coerce(value, StageConfig, key, where)
+    if isinstance(value, dict) and len(value) == 1:
+        (s, n), = value.items()
+        return _coerce({"strategy": s, "steps": n}, StageConfig, key, where)
+    raise ConfigError(f"{where}: {key} must be {{strategy: NAME, steps: N}} or {{NAME: N}}, got {value!r}")
+
+
+def build(cls, values: dict, where: str = "<dict>", prefix: str = ""):
+    """Builds dataclass `cls` from a (nested) dict; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {full!r} (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if cls is DataConfig and key == "stages":
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: {full} must be a list of stages")
+            kwargs[key] = tuple(_stage_from(v, f"{full}[{i}]", where) for i, v in enumerate(value))
+        elif cls is MeshConfig and key == "rules":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {full} must be a mapping of logical axis -> mesh axes")
+            merged = dict(MeshConfig.rules)
+            merged.update({k: _freeze(v) for k, v in value.items()})
+            kwargs[key] = tuple(merged.items())
+        else:
+            kwargs[key] = _coerce(value, tp, full, where)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    """Config dataclass -> plain dict (YAML/JSON-able), inverse of `build`."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif f.name == "stages":
+            out[f.name] = [{"strategy": s.strategy, "steps": s.steps} for s in v]
+        elif f.name == "rules":
+            out[f.name] = {k: (list(a) if isinstance(a, tuple) else a) for k, a in v}
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- files and overrides
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve(name: str, base_dir: str, section: str = "") -> str:
+    cands = []
+    for d in (base_dir, CONFIG_ROOT):
+        for sub in ((section,) if section else ()) + ("",):
+            for ext in ("", ".yaml", ".yml"):
+                cands.append(os.path.join(d, sub, name + ext))
+    for c in cands:
+        if os.path.isfile(c):
+            return c
+    raise ConfigError(f"config file {name!r} not found (looked in {base_dir} and {CONFIG_ROOT})")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rules":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_dict(path: str, _seen=()) -> dict:
+    """Reads a config file, following `base:` and section-file references, into one merged dict."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: `base` chain loops")
+    data = _read_yaml(path)
+    base_dir = os.path.dirname(path)
+    merged: dict = {}
+    if "base" in data:
+        merged = load_dict(_resolve(data.pop("base"), base_dir), _seen + (path,))
+    for section, value in data.items():
+        if isinstance(value, str) and section in ("model", "data", "mesh", "train", "checkpoint"):
+            value = _read_yaml(_resolve(value, base_dir, section))
+        merged = _merge(merged, {section: value})
+    return merged
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` strings; the value is parsed as YAML (so 1e-4, true, [1,2] work)."""
+    values = dict(values)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        try:
+            val = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] in ("model",) and isinstance(val, str):
+            val = _read_yaml(_resolve(val, CONFIG_ROOT, parts[0]))
+        node = values
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            nxt = dict(nxt) if isinstance(nxt, dict) else {}
+            node[p] = nxt
+            node = nxt
+        node[parts[-1]] = val
+    return values
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """The one entry point: file (optional) + overrides -> validated Config."""
+    values = load_dict(path) if path else {}
+    where = path or "<overrides>"
+    if overrides:
+        values = apply_overrides(values, list(overrides))
+        where = f"{where} (+ overrides)"
+    cfg = build(Config, values, where)
+    cfg.validate(where)
+    return cfg
+
+
+def load_model_config(path: str) -> ModelConfig:
+    cfg = build(ModelConfig, _read_yaml(path), path)
+    cfg.validate(path)
+    return cfg
+
+
+def save_yaml(obj, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
