@@ -1,0 +1,78 @@
+"""Public model surface: `A3Transformer`, `forward`, `init_params`, input validation."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a3jax.config import ModelConfig
+from a3jax.model.transformer import (PARAM_AXES, A3Transformer, KVCache, Rows, apply_model, lm_logits,
+                                     param_shapes, query_embed_init, run_rows)
+
+__all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "PARAM_AXES",
+           "KVCache", "Rows", "apply_model", "lm_logits", "param_shapes", "query_embed_init", "run_rows"]
+
+
+class InputError(ValueError):
+    """Bad model input, raised before anything is compiled."""
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_inputs(cfg: ModelConfig, tokens, positions=None, groups=None, segment_ids=None):
+    """Shape checks always; value checks (ids below vocab, positions within range) when concrete."""
+    tshape = tuple(np.shape(tokens))
+    if len(tshape) != 2:
+        raise InputError(f"tokens must be [batch, length], got shape {tshape}")
+    for name, arr in (("positions", positions), ("groups", groups), ("segment_ids", segment_ids)):
+        if arr is not None and tuple(np.shape(arr)) != tshape:
+            raise InputError(f"{name} has shape {tuple(np.shape(arr))} but tokens has shape {tshape}")
+    if _is_concrete(tokens):
+        t = np.asarray(tokens)
+        if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+            bad = int(t.max()) if t.max() >= cfg.vocab_size else int(t.min())
+            raise InputError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    if positions is not None and _is_concrete(positions):
+        p = np.asarray(positions)
+        if p.size and (p.min() < 0 or p.max() >= cfg.max_position_embeddings):
+            raise InputError(f"position {int(p.max() if p.max() >= 0 else p.min())} is outside "
+                             f"[0, max_position_embeddings={cfg.max_position_embeddings})")
+    elif positions is None and tshape[1] > cfg.max_position_embeddings:
+        raise InputError(f"length {tshape[1]} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def default_layout(tokens, positions=None, groups=None, segment_ids=None):
+    """Fills DESIGN.md's defaults: positions = groups = arange(T) (left-to-right AR), one segment."""
+    b, t = np.shape(tokens)
+    ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = ar if positions is None else jnp.asarray(positions, jnp.int32)
+    groups = ar if groups is None else jnp.asarray(groups, jnp.int32)
+    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return jnp.asarray(tokens, jnp.int32), positions, groups, segment_ids
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _forward_jit(cfg, params, tokens, positions, groups, segment_ids, stream):
+    return apply_model(cfg, params, tokens, positions, groups, segment_ids, stream)
+
+
+def forward(cfg: ModelConfig, params, tokens, positions=None, groups=None, segment_ids=None, stream="query"):
+    """Logits [B, T, V] float32 of the query stream (default) or the content stream."""
+    if stream not in ("query", "content"):
+        raise InputError(f"stream must be 'query' or 'content', got {stream!r}")
+    validate_inputs(cfg, tokens, positions, groups, segment_ids)
+    return _forward_jit(cfg, params, *default_layout(tokens, positions, groups, segment_ids), stream)
+
+
+def init_params(cfg: ModelConfig, rng, length: int = 8):
+    """Random params (unboxed pytree) for `cfg`; shapes do not depend on `length`."""
+    model = A3Transformer(cfg)
+    dummy = jnp.zeros((1, length), jnp.int32)
+    ar = jnp.arange(length, dtype=jnp.int32)[None]
+    variables = model.init(rng, dummy, ar, ar, jnp.ones_like(dummy))
+    return nn.meta.unbox(variables["params"])

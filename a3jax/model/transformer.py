@@ -1,0 +1,274 @@
+"""The two-stream A3 LLaMA.
+
+Params (the 'params' collection; per-layer weights stacked on a leading `layers` axis, so the same
+tree serves the scanned and the unrolled layer loop and converts to HF by slicing):
+
+    embed [V, E]            query_embed [E]          final_norm [E]         lm_head [E, V] (untied)
+    layers/attn_norm [L, E]  wq [L, E, H, D]  wk, wv [L, E, Hkv, D]  wo [L, H, D, E]
+    layers/mlp_norm [L, E]   w_gate, w_up [L, E, M]  w_down [L, M, E]
+
+The core is `run_rows`: content rows (which produce keys/values and are updated) and query rows
+(which only read) go through every layer together. Training stacks the T content and T query rows
+into one 2T-row batch for the projections and the MLP; decoding passes a KV cache of earlier groups
+and only the new rows.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from a3jax import masks
+from a3jax.config import ModelConfig
+from a3jax.model import attention as attn_lib
+from a3jax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin, swiglu_mlp
+
+# Logical axis names of every parameter (used for sharding and by the converters).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "query_embed": ("embed",),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    },
+}
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    L, E, H, K, D, M, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_size, cfg.intermediate_size, cfg.vocab_size)
+    shapes = {
+        "embed": (V, E), "query_embed": (E,), "final_norm": (E,),
+        "layers": {
+            "attn_norm": (L, E), "wq": (L, E, H, D), "wk": (L, E, K, D), "wv": (L, E, K, D),
+            "wo": (L, H, D, E), "mlp_norm": (L, E), "w_gate": (L, E, M), "w_up": (L, E, M),
+            "w_down": (L, M, E),
+        },
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (E, V)
+    return shapes
+
+
+def query_embed_init(cfg: ModelConfig, embed, rng):
+    """The learned query vector's start: mean token embedding (default), N(0, 1) as the reference
+    code, or zeros."""
+    if cfg.query_init == "embed_mean":
+        return jnp.mean(embed.astype(jnp.float32), axis=0).astype(embed.dtype)
+    if cfg.query_init == "normal":
+        return jax.random.normal(rng, (cfg.hidden_size,), embed.dtype)
+    return jnp.zeros((cfg.hidden_size,), embed.dtype)
+
+
+class Rows(NamedTuple):
+    """Ids of a set of rows: original positions (RoPE), group ids and segment ids, each [B, T]."""
+    positions: jax.Array
+    groups: jax.Array
+    segments: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Content keys/values of already-committed rows, per layer: k/v [L, B, S, Hkv, D] (RoPE applied),
+    with their group and segment ids [B, S] (segment 0 = empty slot)."""
+    k: jax.Array
+    v: jax.Array
+    groups: jax.Array
+    segments: jax.Array
+
+
+def _constrain(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
+def _layer(cfg: ModelConfig, p, xc, xq, c_rows: Rows, q_rows: Optional[Rows], rope_c, rope_q,
+           cache_kv=None, cache_ids=None, update_content=True):
+    """One two-stream block. Returns (xc', xq', (k, v) of the content rows)."""
+    dt = dtype_of(cfg.dtype)
+    tc = xc.shape[1]
+    # Rows that get updated: content rows (unless skipped) then query rows, stacked for one matmul.
+    parts, ids, ropes = [], [], []
+    if update_content:
+        parts.append(xc)
+        ids.append((masks.stream_groups(c_rows.groups, masks.CONTENT), c_rows.segments))
+        ropes.append(rope_c)
+    if xq is not None:
+        parts.append(xq)
+        ids.append((masks.stream_groups(q_rows.groups, masks.QUERY), q_rows.segments))
+        ropes.append(rope_q)
+    x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    row_groups = jnp.concatenate([g for g, _ in ids], axis=1)
+    row_segs = jnp.concatenate([s for _, s in ids], axis=1)
+    cos = jnp.concatenate([r[0] for r in ropes], axis=1)
+    sin = jnp.concatenate([r[1] for r in ropes], axis=1)
+
+    hc = rms_norm(xc, p["attn_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps) if (xq is not None or not update_content) else hc
+    q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
+    k = jnp.einsum("bte,ehd->bthd", hc, p["wk"].astype(dt))
+    v = jnp.einsum("bte,ehd->bthd", hc, p["wv"].astype(dt))
+    q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = _constrain(apply_rope(k, *rope_c), ("batch", "length", "act_kv_heads", None))
+    v = _constrain(v, ("batch", "length", "act_kv_heads", None))
+    keys_k, keys_v, keys_g, keys_s = k, v, c_rows.groups, c_rows.segments
+    if cache_kv is not None:
+        keys_k = jnp.concatenate([cache_kv[0].astype(dt), k], axis=1)
+        keys_v = jnp.concatenate([cache_kv[1].astype(dt), v], axis=1)
+        keys_g = jnp.concatenate([cache_ids[0], c_rows.groups], axis=1)
+        keys_s = jnp.concatenate([cache_ids[1], c_rows.segments], axis=1)
+    kind = attn_lib.choose_kernel(cfg, keys_k.shape[1])
+    a = attn_lib.attention(kind, q, keys_k, keys_v, row_groups, row_segs, keys_g, keys_s,
+                           cfg.attention_block_size)
+    a = jnp.einsum("bthd,hde->bte", a, p["wo"].astype(dt))
+    if cfg.block == "llama":
+        x = x + a
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p["w_gate"], p["w_up"], p["w_down"])
+    else:  # reference code: v = post_norm(h + attn(in_norm(h))); h' = v + mlp(v)
+        x = rms_norm(x + a, p["mlp_norm"], cfg.rms_norm_eps)
+        x = x + swiglu_mlp(x, p["w_gate"], p["w_up"], p["w_down"])
+    x = _constrain(x, ("batch", "length", "act_embed"))
+    if update_content:
+        new_c, new_q = x[:, :tc], (x[:, tc:] if xq is not None else None)
+    else:
+        new_c, new_q = xc, x
+    return new_c, new_q, (k, v)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_rows(cfg: ModelConfig, params, c_tokens, c_rows: Rows, q_rows: Optional[Rows] = None,
+             cache: Optional[KVCache] = None, need_content: bool = True, return_kv: bool = False):
+    """Runs content rows (tokens c_tokens) and optional query rows (start from query_embed) through all
+    layers. Returns (content hidden [B,Tc,E] or None, query hidden [B,Tq,E] or None, kv) where kv is
+    the new rows' per-layer (k, v) stacked [L, B, Tc, Hkv, D] when return_kv, else None.
+
+    need_content=False skips the last layer's content update (its output is never read)."""
+    dt = dtype_of(cfg.dtype)
+    xc = params["embed"].astype(dt)[c_tokens]
+    xc = _constrain(xc, ("batch", "length", "act_embed"))
+    xq = None
+    rope_q = None
+    if q_rows is not None:
+        b, tq = q_rows.positions.shape
+        xq = jnp.broadcast_to(params["query_embed"].astype(dt), (b, tq, cfg.hidden_size))
+        rope_q = rope_cos_sin(cfg, q_rows.positions)
+    rope_c = rope_cos_sin(cfg, c_rows.positions)
+    cache_ids = (cache.groups, cache.segments) if cache is not None else None
+    layers = params["layers"]
+    L = cfg.num_layers
+
+    def one(p, xc, xq, ckv, update_content):
+        return _layer(cfg, p, xc, xq, c_rows, q_rows, rope_c, rope_q, ckv, cache_ids, update_content)
+
+    if cfg.remat != "none":
+        one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4,))
+
+    # The last layer's content update is only needed when the caller reads the content stream.
+    n_full = L if (need_content or q_rows is None) else L - 1
+    kvs = []
+    if cfg.scan_layers and n_full > 0:
+        def body(carry, inp):
+            xc, xq = carry
+            p, ckv = inp
+            xc, xq, kv = one(p, xc, xq, ckv, True)
+            return (xc, xq), (kv if return_kv else None)
+
+        head = jax.tree.map(lambda a: a[:n_full], layers)
+        ckv = (cache.k[:n_full], cache.v[:n_full]) if cache is not None else None
+        (xc, xq), kv_scan = jax.lax.scan(body, (xc, xq), (head, ckv))
+        if return_kv:
+            kvs.append(kv_scan)
+    else:
+        for l in range(n_full):
+            p = jax.tree.map(lambda a: a[l], layers)
+            ckv = (cache.k[l], cache.v[l]) if cache is not None else None
+            xc, xq, kv = one(p, xc, xq, ckv, True)
+            if return_kv:
+                kvs.append(jax.tree.map(lambda a: a[None], kv))
+    if n_full < L:
+        p = jax.tree.map(lambda a: a[L - 1], layers)
+        ckv = (cache.k[L - 1], cache.v[L - 1]) if cache is not None else None
+        _, xq, kv = one(p, xc, xq, ckv, False)
+        if return_kv:
+            kvs.append(jax.tree.map(lambda a: a[None], kv))
+        xc = None
+    kv_all = None
+    if return_kv and kvs:
+        kv_all = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
+    return xc, xq, kv_all
+
+
+def lm_logits(cfg: ModelConfig, params, h):
+    """final_norm + lm_head (tied: embed^T), logits in fp32."""
+    dt = dtype_of(cfg.dtype)
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("bte,ev->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
+    return _constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def apply_model(cfg: ModelConfig, params, tokens, positions, groups, segment_ids, stream: str = "query"):
+    """Pure forward over one layout: logits [B, T, V] fp32 of the query or the content stream."""
+    rows = Rows(positions, groups, segment_ids)
+    if stream == "query":
+        _, hq, _ = run_rows(cfg, params, tokens, rows, rows, need_content=False)
+        return lm_logits(cfg, params, hq)
+    if stream == "content":
+        hc, _, _ = run_rows(cfg, params, tokens, rows, None)
+        return lm_logits(cfg, params, hc)
+    raise ValueError(f"stream must be 'query' or 'content', got {stream!r}")
+
+
+class _StackedLayers(nn.Module):
+    """Declares the per-layer weights, stacked on the leading `layers` axis."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        pdt = dtype_of(self.cfg.param_dtype)
+        out = {}
+        for name, shape in param_shapes(self.cfg)["layers"].items():
+            init = nn.initializers.ones if name.endswith("norm") else nn.initializers.normal(self.cfg.init_std)
+            out[name] = self.param(name, nn.with_logical_partitioning(init, PARAM_AXES["layers"][name]), shape, pdt)
+        return out
+
+
+class A3Transformer(nn.Module):
+    """Linen module: declares the params (with logical axis names) and calls `apply_model`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, groups, segment_ids, stream: str = "query"):
+        cfg = self.cfg
+        pdt = dtype_of(cfg.param_dtype)
+        shapes = param_shapes(cfg)
+        normal = nn.initializers.normal(cfg.init_std)
+
+        def declare(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, PARAM_AXES[name]), shapes[name], pdt)
+
+        params = {"embed": declare("embed", normal)}
+        params["query_embed"] = declare(
+            "query_embed", lambda rng, shape, dtype: query_embed_init(cfg, params["embed"], rng).astype(dtype))
+        params["final_norm"] = declare("final_norm", nn.initializers.ones)
+        if not cfg.tie_word_embeddings:
+            params["lm_head"] = declare("lm_head", normal)
+        params["layers"] = _StackedLayers(cfg, name="layers")()
+        return apply_model(cfg, params, tokens, positions, groups, segment_ids, stream)
