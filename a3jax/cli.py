@@ -1,0 +1,41 @@
+"""`a3jax <command> ...` (also `python -m a3jax`). Each command lives in its own module and is
+imported only when used, so `a3jax --help` stays fast and no command pays for another's imports."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
+COMMANDS = {
+    "convert": ("a3jax.convert.cli", "cli_main", "convert weights: hf-to-a3, a3-to-hf, official-to-a3, a3-to-official"),
+    "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
+    "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
+    "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
+    "score": ("a3jax.score", "cli_main", "exact log-likelihood of texts under a grouping"),
+    "eval": ("a3jax.eval.cli", "cli_main", "evaluate on JSONL tasks (multiple choice, infilling, QA, perplexity)"),
+    "data": ("a3jax.data.prepare", "cli_main", "data tools: a3jax data prepare --source ... --out DIR"),
+    "bench": ("a3jax.bench_cli", "cli_main", "run a benchmark script from bench/"),
+    "compile": ("a3jax.compile", "cli_main", "compile the train/decode step for a TPU topology on this host"),
+    "plot": ("a3jax.train.plot", "cli_main", "draw a run's loss curves into a PNG"),
+    "show-masks": ("a3jax.show_masks", "cli_main", "render the content and query masks of a grouping as a PNG"),
+    "demo": ("a3jax.demo", "cli_main", "the main job on the embedded default (make demo)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: a3jax <command> [args]  (a3jax <command> --help for details)", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"a3jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
