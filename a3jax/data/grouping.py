@@ -286,3 +286,24 @@ def validate_stages(stages, where: str = "data.stages") -> None:
             parse_strategy(strategy)
         except ValueError as e:
             raise ValueError(f"{where}[{i}].strategy: {e}") from None
+
+
+def load_curriculum(name_or_path: str):
+    """Stages of a curriculum file (`paper`, `demo`, `curriculum/paper` or a path) as StageConfigs."""
+    import os
+
+    from a3jax.config import CONFIG_ROOT, DataConfig, build
+
+    path = name_or_path
+    if not os.path.isfile(path):
+        base = name_or_path[len("curriculum/"):] if name_or_path.startswith("curriculum/") else name_or_path
+        path = os.path.join(CONFIG_ROOT, "curriculum", base if base.endswith((".yaml", ".yml")) else base + ".yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"curriculum not found: {name_or_path} (looked for {path})")
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    stages = build(DataConfig, {"stages": values.get("stages", [])}, path).stages
+    validate_stages(stages, f"{path}: stages")
+    return stages

@@ -143,7 +143,8 @@ def make_eval_batches(data_cfg, batch_size: int, strategy: str, num_batches: int
 def to_global_batch(batch: dict, mesh, data_axes=("data", "fsdp")) -> dict:
     """Per-process numpy batch -> global jax.Arrays, batch dim sharded over the mesh's `data_axes`.
 
-    Axes not in the mesh are ignored; the global batch is the process-local one times process_count.
+    Axes not in the mesh are ignored; JAX infers the global shape from the sharding (the local batch
+    times the number of processes the data axes span).
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -154,6 +155,5 @@ def to_global_batch(batch: dict, mesh, data_axes=("data", "fsdp")) -> dict:
         v = np.asarray(v)
         spec = P(axes if axes else None, *([None] * (v.ndim - 1))) if v.ndim else P()
         sharding = NamedSharding(mesh, spec)
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:] if v.ndim else ()
-        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
