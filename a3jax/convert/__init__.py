@@ -1,5 +1,7 @@
-"""Weight conversion: HF LLaMA and the reference A3 code <-> a3jax. Only `.bin` readers import torch,
-lazily; nothing here imports transformers."""
-from a3jax.convert.hf import ConversionError, config_from_hf, from_hf
+"""Weight conversion: HF LLaMA and the reference A3 code <-> a3jax. Only `.bin` readers/writers import
+torch, lazily; nothing here imports transformers."""
+from a3jax.convert.hf import ConversionError, TensorReader, config_from_hf, config_to_hf, from_hf, to_hf
+from a3jax.convert.official import from_official, to_official
 
-__all__ = ["ConversionError", "config_from_hf", "from_hf"]
+__all__ = ["ConversionError", "TensorReader", "config_from_hf", "config_to_hf", "from_hf", "to_hf",
+           "from_official", "to_official"]

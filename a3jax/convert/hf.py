@@ -1,14 +1,22 @@
-"""HF LLaMA directory -> a3jax (config.json + safetensors). Pure numpy/safetensors: no torch.
+"""HF LLaMA directory <-> a3jax. numpy + safetensors; torch only for `.bin` files, imported lazily.
 
 HF stores torch Linear weights as [out, in]; a3jax keeps x @ W layouts with heads split out:
 q_proj [H*D, E] -> wq [E, H, D]; o_proj [E, H*D] -> wo [H, D, E]; gate/up [M, E] -> [E, M];
 down [E, M] -> [M, E]. RoPE is the same rotate-half layout, so no permutation is needed.
+
+Reading is lazy: the tensor headers of every file are read first (names, shapes, dtypes), every
+missing / unexpected / mis-shaped key is reported together, then the params are preallocated once in
+the target dtype and filled tensor by tensor, file by file. Peak host memory is one copy of the
+weights plus one tensor (plus, for `.bin`, the pages of the file being read).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
+import time
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -17,6 +25,16 @@ from a3jax.config import ConfigError, ModelConfig
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names every offending key or file."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+QUERY_EMBED_FILE = "query_embed.safetensors"
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+                 "f32": "float32", "fp16": "float16", "float16": "float16", "f16": "float16"}
+
+
+# ----------------------------------------------------------------------------- config
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
@@ -47,7 +65,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     def tok(name):
         v = hf.get(name)
         if isinstance(v, list):
-            v = v[0]
+            v = v[0] if v else None
         return -1 if v is None else int(v)
 
     kwargs = dict(
@@ -74,6 +92,52 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     return cfg
 
 
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A transformers LlamaConfig dict that transformers 5 (rope_parameters) and 4 (rope_theta +
+    rope_scaling) both read."""
+    rope_params = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    scaling = None
+    if cfg.rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_type == "llama3":
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+                   "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_position}
+    if scaling:
+        rope_params.update(scaling)
+    tok = lambda v: None if v < 0 else int(v)  # noqa: E731
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_size, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "pretraining_tp": 1, "initializer_range": cfg.init_std, "use_cache": True,
+        "bos_token_id": tok(cfg.bos_token_id), "eos_token_id": tok(cfg.eos_token_id),
+        "pad_token_id": tok(cfg.pad_token_id),
+        "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": rope_params,
+        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
+    }
+
+
+def read_config_json(model_dir: str) -> tuple[dict, str]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise ConversionError(f"{model_dir}: not a directory")
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: not found (is {model_dir} a HF model directory?)")
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+
+
+# ----------------------------------------------------------------------------- key layout
+
+
 def hf_layer_keys(cfg: ModelConfig, i: int, prefix: str = "model.") -> dict:
     """a3jax layer param name -> HF key for layer i."""
     p = f"{prefix}layers.{i}."
@@ -86,8 +150,15 @@ def hf_layer_keys(cfg: ModelConfig, i: int, prefix: str = "model.") -> dict:
     }
 
 
+def hf_layer_shapes(cfg: ModelConfig) -> dict:
+    V, E, M = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+    return {"attn_norm": (E,), "mlp_norm": (E,), "wq": (H * D, E), "wk": (K * D, E), "wv": (K * D, E),
+            "wo": (E, H * D), "w_gate": (M, E), "w_up": (M, E), "w_down": (E, M)}
+
+
 def hf_to_layer(cfg: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
-    """One HF tensor -> the a3jax layout of `name` (a per-layer slice)."""
+    """One HF tensor -> the a3jax layout of `name` (a per-layer slice); a view where possible."""
     E, D = cfg.hidden_size, cfg.head_size
     if name == "wq":
         return w.T.reshape(E, cfg.num_heads, D)
@@ -111,96 +182,469 @@ def layer_to_hf(cfg: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def safetensors_files(hf_dir: str) -> list[str]:
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            wm = json.load(f)["weight_map"]
-        return sorted({os.path.join(hf_dir, v) for v in wm.values()})
-    single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    return []
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one checkpoint tensor goes: params[path] (or params[path][layer]) via `to_a3`."""
+    path: tuple
+    layer: Optional[int]
+    shape: tuple  # shape in the checkpoint
+    to_a3: Callable[[np.ndarray], np.ndarray]
 
 
-def read_hf_tensors(hf_dir: str) -> dict:
-    """All tensors of a HF directory as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
-    from safetensors.numpy import load_file
-
-    files = safetensors_files(hf_dir)
-    if not files:
-        raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json found")
-    out = {}
-    for path in files:
-        if not os.path.exists(path):
-            raise ConversionError(f"{path}: listed in the index but missing")
-        try:
-            out.update(load_file(path))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ConversionError(f"{path}: cannot read safetensors file ({e})") from e
-    return out
-
-
-def params_from_hf_tensors(cfg: ModelConfig, tensors: dict, where: str, dtype=None) -> dict:
-    """Builds the a3jax params tree; every missing/unexpected/mis-shaped key is reported together."""
-    from a3jax.model.transformer import param_shapes
-
-    shapes = param_shapes(cfg)
-    problems, used = [], set()
-
-    def take(key, want_shape):
-        if key not in tensors:
-            problems.append(f"missing {key} (expected shape {tuple(want_shape)})")
-            return None
-        used.add(key)
-        w = np.asarray(tensors[key])
-        if tuple(w.shape) != tuple(want_shape):
-            problems.append(f"{key}: shape {tuple(w.shape)} in the checkpoint, expected {tuple(want_shape)}")
-            return None
-        return w if dtype is None else w.astype(dtype)
-
-    V, E, M = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
-    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-    hf_shapes = {"attn_norm": (E,), "mlp_norm": (E,), "wq": (H * D, E), "wk": (K * D, E), "wv": (K * D, E),
-                 "wo": (E, H * D), "w_gate": (M, E), "w_up": (M, E), "w_down": (E, M)}
-    params = {"embed": take("model.embed_tokens.weight", (V, E)),
-              "final_norm": take("model.norm.weight", (E,))}
+def key_plan(cfg: ModelConfig, official: bool = False) -> dict[str, Slot]:
+    """Checkpoint key -> Slot, for HF LLaMA (official=False) or the reference A3 code's state dict."""
+    V, E = cfg.vocab_size, cfg.hidden_size
+    ident = lambda w: w  # noqa: E731
+    plan = {"model.embed_tokens.weight": Slot(("embed",), None, (V, E), ident),
+            "model.norm.weight": Slot(("final_norm",), None, (E,), ident)}
     if not cfg.tie_word_embeddings:
-        w = take("lm_head.weight", (V, E))
-        params["lm_head"] = None if w is None else w.T
-    layers = {name: [] for name in shapes["layers"]}
+        plan["lm_head.weight"] = Slot(("lm_head",), None, (V, E), lambda w: w.T)
+    if official:
+        plan["model.query_embed"] = Slot(("query_embed",), None, (1, 1, E), lambda w: w.reshape(E))
+    hf_shapes = hf_layer_shapes(cfg)
     for i in range(cfg.num_layers):
         for name, key in hf_layer_keys(cfg, i).items():
-            w = take(key, hf_shapes[name])
-            layers[name].append(None if w is None else hf_to_layer(cfg, name, w))
-    extra = sorted(k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq")
-                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
-    problems += [f"unexpected {k} with shape {tuple(np.shape(tensors[k]))}" for k in extra]
+            plan[key] = Slot(("layers", name), i, hf_shapes[name],
+                             (lambda w, n=name: hf_to_layer(cfg, n, w)))
+    return plan
+
+
+def _ignorable(key: str) -> bool:
+    return key.endswith("rotary_emb.inv_freq")
+
+
+def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, official: bool = False) -> None:
+    """Every missing / unexpected / mis-shaped key, reported together in one ConversionError."""
+    plan = key_plan(cfg, official)
+    problems = []
+    for key, slot in plan.items():
+        if key not in shapes:
+            problems.append(f"missing {key} (expected shape {slot.shape})")
+        elif tuple(shapes[key]) != slot.shape:
+            problems.append(f"{key}: shape {tuple(shapes[key])} in the checkpoint, expected {slot.shape}")
+    for key in sorted(shapes):
+        if key in plan or _ignorable(key):
+            continue
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            if tuple(shapes[key]) != (cfg.vocab_size, cfg.hidden_size):
+                problems.append(f"{key}: shape {tuple(shapes[key])} in the checkpoint, expected "
+                                f"{(cfg.vocab_size, cfg.hidden_size)} (tied to model.embed_tokens.weight)")
+            continue
+        problems.append(f"unexpected {key} with shape {tuple(shapes[key])}")
     if problems:
         raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    params["layers"] = {n: np.stack(ws) for n, ws in layers.items()}
-    return params
 
 
-def from_hf(hf_dir: str, **config_overrides):
-    """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
-    The query vector is initialised per cfg.query_init (default: the mean token embedding)."""
-    import jax
+# ----------------------------------------------------------------------------- reading tensors
 
-    from a3jax.model.transformer import query_embed_init
 
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
-        raise ConversionError(f"{path}: not found (is {hf_dir} a HF model directory?)")
-    with open(path) as f:
-        hf = json.load(f)
-    cfg = config_from_hf(hf, path, **config_overrides)
-    params = params_from_hf_tensors(cfg, read_hf_tensors(hf_dir), hf_dir)
-    cfg = dataclasses.replace(cfg, param_dtype=_dtype_name(params["embed"].dtype))
-    params["query_embed"] = np.asarray(query_embed_init(cfg, params["embed"], jax.random.PRNGKey(0)))
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.contiguous().numpy()
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(f"{path}: reading PyTorch .bin checkpoints needs torch (pip install torch, the CPU "
+                              f"wheel is enough), or convert the checkpoint to safetensors first") from e
+    return torch
+
+
+class TensorReader:
+    """Lazy view of the weights in a model directory: safetensors (single, or sharded with
+    `model.safetensors.index.json`) or PyTorch `.bin` (single or sharded with `pytorch_model.bin.index.json`).
+
+    `shapes` / `dtypes` come from the headers only; `read(key)` loads one tensor as numpy
+    (bf16 as ml_dtypes.bfloat16); `iter_file(file)` yields the file's tensors one by one."""
+
+    def __init__(self, model_dir: str, prefer: Optional[str] = None):
+        self.dir = model_dir
+        self.files, self.kind = self._find_files(model_dir, prefer)
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, str] = {}
+        for path in self.files:
+            for key, shape, dtype in self._headers(path):
+                if key in self.file_of:
+                    raise ConversionError(f"{path}: tensor {key} is also in {self.file_of[key]}")
+                self.file_of[key], self.shapes[key], self.dtypes[key] = path, tuple(shape), dtype
+        self._bin_cache: tuple[str, dict] | None = None
+
+    @staticmethod
+    def _find_files(d: str, prefer: Optional[str]) -> tuple[list[str], str]:
+        def from_index(index):
+            try:
+                with open(index) as f:
+                    wm = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: not a valid index file ({e!r})") from e
+            files = sorted({os.path.join(d, v) for v in wm.values()})
+            missing = [p for p in files if not os.path.exists(p)]
+            if missing:
+                raise ConversionError(f"{index}: lists files that do not exist: {', '.join(missing)}")
+            return files
+
+        cands = {
+            "safetensors": [("model.safetensors.index.json", None), ("model.safetensors", None)],
+            "bin": [("pytorch_model.bin.index.json", None), ("pytorch_model.bin", None)],
+        }
+        order = ["safetensors", "bin"] if prefer != "bin" else ["bin", "safetensors"]
+        for kind in order:
+            for name, _ in cands[kind]:
+                p = os.path.join(d, name)
+                if os.path.exists(p):
+                    return (from_index(p) if name.endswith(".json") else [p]), kind
+        # Other single-file names (e.g. a reference-code `model.bin` or `*.safetensors` without an index).
+        others = sorted(f for f in os.listdir(d) if f.endswith(".safetensors") and f != QUERY_EMBED_FILE)
+        if others:
+            return [os.path.join(d, f) for f in others], "safetensors"
+        others = sorted(f for f in os.listdir(d) if f.endswith((".bin", ".pt", ".pth")) and f != "training_args.bin")
+        if others:
+            return [os.path.join(d, f) for f in others], "bin"
+        raise ConversionError(f"{d}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+    def _headers(self, path: str):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, "numpy") as f:
+                    return [(k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()]
+            except Exception as e:  # SafetensorError for truncated/corrupt headers
+                raise ConversionError(f"{path}: cannot read safetensors file, truncated or corrupt ({e})") from e
+        sd = self._load_bin(path)
+        return [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()]
+
+    def _load_bin(self, path: str) -> dict:
+        torch = _import_torch(path)
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot read PyTorch checkpoint, truncated or corrupt ({e})") from e
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+            raise ConversionError(f"{path}: not a state dict of tensors")
+        return sd
+
+    def _bin(self, path: str) -> dict:
+        if self._bin_cache is None or self._bin_cache[0] != path:
+            self._bin_cache = None  # drop the previous file's mapping first
+            self._bin_cache = (path, self._load_bin(path))
+        return self._bin_cache[1]
+
+    def read(self, key: str) -> np.ndarray:
+        path = self.file_of[key]
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:  # open per tensor: the mapping (and its resident pages) is released right after
+                with safe_open(path, "numpy") as f:
+                    return f.get_tensor(key)
+            except Exception as e:
+                raise ConversionError(f"{path}: cannot read tensor {key} ({e})") from e
+        return _torch_to_numpy(self._bin(path)[key])
+
+    def keys_in(self, path: str) -> list[str]:
+        return [k for k, p in self.file_of.items() if p == path]
+
+    def close(self):
+        self._bin_cache = None
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+
+
+_SRC_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "float32": "float32",
+               "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
+    if dtype is None:
+        return None
+    name = DTYPE_ALIASES.get(str(dtype))
+    if name is None:
+        raise ConversionError(f"dtype {dtype!r} is not one of bf16, fp32, fp16")
+    return name
+
+
+def _embed_mean(embed: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Mean token embedding in fp64 accumulation, chunked (no full fp32 copy of the table)."""
+    acc = np.zeros(embed.shape[1], np.float64)
+    for s in range(0, embed.shape[0], chunk):
+        acc += embed[s:s + chunk].astype(np.float64).sum(axis=0)
+    return (acc / embed.shape[0]).astype(np.float32)
+
+
+def init_query_embed(cfg: ModelConfig, embed: np.ndarray) -> np.ndarray:
+    """cfg.query_init on the host: embed_mean (default), normal (reference code), zeros."""
+    dt = embed.dtype
+    if cfg.query_init == "embed_mean":
+        return _embed_mean(embed).astype(dt)
+    if cfg.query_init == "normal":
+        return np.random.default_rng(0).standard_normal(cfg.hidden_size).astype(np.float32).astype(dt)
+    return np.zeros((cfg.hidden_size,), dt)
+
+
+def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, official: bool = False,
+                     progress: bool = False) -> tuple[ModelConfig, dict]:
+    """Validates all keys/shapes first, then fills preallocated params tensor by tensor.
+    dtype None keeps the checkpoint's (embedding) dtype. Returns (cfg with param_dtype, numpy params)."""
+    check_tensor_shapes(cfg, reader.shapes, reader.dir, official)
+    plan = key_plan(cfg, official)
+    src = reader.dtypes.get("model.embed_tokens.weight", "float32")
+    src = _SRC_DTYPES.get(src)
+    if src is None and dtype is None:
+        raise ConversionError(f"{reader.file_of['model.embed_tokens.weight']}: model.embed_tokens.weight has dtype "
+                              f"{reader.dtypes['model.embed_tokens.weight']}; pass dtype=bf16|fp32")
+    dtype = dtype or src
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    npdt = _np_dtype(dtype)
+    from a3jax.model.transformer import param_shapes
+
+    def alloc(tree):
+        return {k: alloc(v) if isinstance(v, dict) else np.empty(v, npdt) for k, v in tree.items()}
+
+    params = alloc(param_shapes(cfg))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(reader.file_of), unit="tensor", dynamic_ncols=True)
+    for path in reader.files:
+        if bar is not None:
+            bar.set_description(os.path.basename(path))
+        for key in reader.keys_in(path):
+            slot = plan.get(key)
+            if slot is not None:
+                w = reader.read(key)
+                if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+                    raise ConversionError(f"{path}: {key} has non-float dtype {w.dtype}")
+                dest = params
+                for p in slot.path:
+                    dest = dest[p]
+                if slot.layer is not None:
+                    dest = dest[slot.layer]
+                np.copyto(dest, slot.to_a3(w), casting="unsafe")
+                del w
+            if bar is not None:
+                bar.update(1)
+        reader.close()
+    if bar is not None:
+        bar.close()
+    if cfg.tie_word_embeddings and "lm_head.weight" in reader.shapes:
+        lm = reader.read("lm_head.weight").astype(npdt)
+        if not np.array_equal(lm, params["embed"]):
+            raise ConversionError(f"{reader.file_of['lm_head.weight']}: lm_head.weight differs from "
+                                  f"model.embed_tokens.weight but tie_word_embeddings is true")
+        del lm
     return cfg, params
 
 
-def _dtype_name(dt) -> str:
-    name = np.dtype(dt).name
-    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(name, "float32")
+def params_from_hf_tensors(cfg: ModelConfig, tensors: dict, where: str, dtype=None) -> dict:
+    """Builds the a3jax params tree from an in-memory dict of HF tensors (no query_embed);
+    every missing/unexpected/mis-shaped key is reported together."""
+    check_tensor_shapes(cfg, {k: tuple(np.shape(v)) for k, v in tensors.items()}, where)
+    from a3jax.model.transformer import param_shapes
+
+    shapes = param_shapes(cfg)
+    plan = key_plan(cfg)
+    params = {"layers": {n: [None] * cfg.num_layers for n in shapes["layers"]}}
+    for key, slot in plan.items():
+        w = np.asarray(tensors[key])
+        w = slot.to_a3(w if dtype is None else w.astype(dtype))
+        if slot.layer is None:
+            params[slot.path[0]] = np.ascontiguousarray(w)
+        else:
+            params["layers"][slot.path[1]][slot.layer] = w
+    params["layers"] = {n: np.stack(ws) for n, ws in params["layers"].items()}
+    return params
+
+
+def read_hf_tensors(hf_dir: str) -> dict:
+    """All tensors of a HF directory as numpy arrays (loads everything; prefer TensorReader)."""
+    reader = TensorReader(hf_dir)
+    try:
+        return {k: reader.read(k) for k in reader.file_of}
+    finally:
+        reader.close()
+
+
+def safetensors_files(hf_dir: str) -> list[str]:
+    try:
+        files, kind = TensorReader._find_files(hf_dir, None)
+    except ConversionError:
+        return []
+    return files if kind == "safetensors" else []
+
+
+def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
+    """query_embed from `query_embed.safetensors` (written by `to_hf`), or None when absent."""
+    path = os.path.join(model_dir, QUERY_EMBED_FILE)
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "numpy") as f:
+            q = f.get_tensor("query_embed")
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot read query_embed ({e})") from e
+    if q.size != cfg.hidden_size:
+        raise ConversionError(f"{path}: query_embed has shape {q.shape}, expected ({cfg.hidden_size},)")
+    return q.reshape(cfg.hidden_size)
+
+
+def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **config_overrides):
+    """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
+    dtype: bf16 | fp32 | None (keep the checkpoint's). The query vector comes from
+    `query_embed.safetensors` when the directory was written by `to_hf`, else cfg.query_init
+    (default: the mean token embedding)."""
+    hf, path = read_config_json(hf_dir)
+    cfg = config_from_hf(hf, path, **config_overrides)
+    reader = TensorReader(hf_dir)
+    cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=False, progress=progress)
+    q = read_query_embed(hf_dir, cfg)
+    params["query_embed"] = (init_query_embed(cfg, params["embed"]) if q is None
+                             else q.astype(params["embed"].dtype))
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def hf_tensors_of(cfg: ModelConfig, params, official: bool = False) -> Iterable[tuple[str, Callable]]:
+    """(key, thunk -> numpy tensor in HF layout) for every checkpoint tensor; thunks make one tensor at a time."""
+    plan = key_plan(cfg, official)
+    E = cfg.hidden_size
+    cache = {}
+
+    def leaf(path):
+        if path not in cache:  # one host copy per stacked leaf (a no-op for numpy params)
+            cache.clear()
+            node = params
+            for p in path:
+                node = node[p]
+            cache[path] = _host(node)
+        return cache[path]
+
+    out = []
+    for key, slot in plan.items():
+        def thunk(key=key, slot=slot):
+            w = leaf(slot.path)
+            if slot.layer is not None:
+                w = layer_to_hf(cfg, slot.path[1], w[slot.layer])
+            elif key == "lm_head.weight":
+                w = w.T
+            elif key == "model.query_embed":
+                w = w.reshape(1, 1, E)
+            return np.ascontiguousarray(w)
+        out.append((key, thunk))
+    # Write stacked leaves together so each is brought to the host once.
+    order = {p: i for i, p in enumerate(dict.fromkeys(s.path for s in plan.values()))}
+    out.sort(key=lambda kv: (order[plan[kv[0]].path], plan[kv[0]].layer or 0))
+    return [(k, t) for k, t in out]
+
+
+def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = False,
+                      max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, base: str = "model") -> list[str]:
+    """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`."""
+    from safetensors.numpy import save_file
+
+    npdt = _np_dtype(resolve_dtype(dtype) or cfg.param_dtype)
+    plan = key_plan(cfg, official)
+    items = hf_tensors_of(cfg, params, official)
+    nbytes = {k: int(np.prod(plan[k].shape)) * np.dtype(npdt).itemsize for k, _ in items}
+    shards, cur, size = [], [], 0
+    for k, _ in items:
+        if cur and size + nbytes[k] > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += nbytes[k]
+    shards.append(cur)
+    thunks = dict(items)
+    names = ([f"{base}.safetensors"] if len(shards) == 1 else
+             [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        tensors = {}
+        for k in keys:
+            tensors[k] = thunks[k]().astype(npdt, copy=False)
+            weight_map[k] = name
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        p = os.path.join(src_dir, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
+          max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None) -> str:
+    """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
+    `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors`.
+    Only for block=llama (the official block is not a HF LLaMA: use to_official)."""
+    if cfg.block != "llama":
+        raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
+                              f"export this model with to_official / `a3jax convert a3-to-official`")
+    from safetensors.numpy import save_file
+
+    dtype = resolve_dtype(dtype) or cfg.param_dtype
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    write_safetensors(cfg, params, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    q = np.ascontiguousarray(_host(params["query_embed"]).astype(_np_dtype(dtype)))
+    save_file({"query_embed": q}, os.path.join(out_dir, QUERY_EMBED_FILE), metadata={"format": "pt"})
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+    return out_dir
+
+
+def count_params(params) -> int:
+    n = 0
+    for v in params.values():
+        n += count_params(v) if isinstance(v, dict) else int(np.prod(np.shape(v)))
+    return n
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+

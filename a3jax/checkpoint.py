@@ -1,0 +1,115 @@
+"""Params-only checkpoints (what `a3jax convert` writes and `model.init_from` reads).
+
+Layout of a params checkpoint directory CKPT:
+
+    CKPT/params/        Orbax (StandardCheckpointHandler) pytree of the a3jax params
+    CKPT/model.yaml     the a3jax ModelConfig (a3jax.config.save_yaml / load_model_config)
+    CKPT/tokenizer.json ...  tokenizer files copied from the source model, when it had them
+
+`load_params` restores straight onto a mesh: the targets are jax.ShapeDtypeStruct leaves carrying the
+NamedShardings of a3jax.sharding.param_shardings, so every host reads only its own shards and no full
+host copy is made. The training CheckpointManager (state + data iterator) lives in a3jax.train.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+
+from a3jax import config as config_lib
+from a3jax.config import ConfigError, ModelConfig
+
+PARAMS_ITEM = "params"
+MODEL_YAML = "model.yaml"
+
+
+class CheckpointError(ValueError):
+    """A params checkpoint that cannot be read or written; the message names the path."""
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def is_params_checkpoint(ckpt_dir: str) -> bool:
+    d = _abs(ckpt_dir)
+    return os.path.isdir(os.path.join(d, PARAMS_ITEM)) and os.path.isfile(os.path.join(d, MODEL_YAML))
+
+
+def load_model_config(ckpt_dir: str) -> ModelConfig:
+    """The ModelConfig saved beside the params (CKPT/model.yaml)."""
+    path = os.path.join(_abs(ckpt_dir), MODEL_YAML)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
+    try:
+        return config_lib.load_model_config(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) -> str:
+    """Writes params (numpy or jax arrays, sharded or not) with Orbax and the config YAML beside them.
+    Every process must call it with the same (global) params. Returns the absolute checkpoint path."""
+    import orbax.checkpoint as ocp
+
+    from a3jax.model.transformer import param_shapes
+
+    d = _abs(ckpt_dir)
+    want = param_shapes(cfg)
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if jax.tree.structure(want, is_leaf=lambda x: isinstance(x, tuple)) != jax.tree.structure(
+            got, is_leaf=lambda x: isinstance(x, tuple)) or want != got:
+        raise CheckpointError(f"{d}: params do not match the config (expected shapes {want}, got {got})")
+    item = os.path.join(d, PARAMS_ITEM)
+    if os.path.exists(item) and not force:
+        raise CheckpointError(f"{item}: already exists (pass force=True / --force to overwrite)")
+    os.makedirs(d, exist_ok=True)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    ckptr.save(item, args=ocp.args.StandardSave(params), force=force)
+    ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
+    if jax.process_index() == 0:
+        config_lib.save_yaml(cfg, os.path.join(d, MODEL_YAML))
+    return d
+
+
+def param_targets(cfg: ModelConfig, mesh=None, rules=None, dtype: Optional[str] = None):
+    """jax.ShapeDtypeStruct tree with the target shardings (mesh + logical rules, or one device)."""
+    from a3jax.model.layers import dtype_of
+    from a3jax.model.transformer import param_shapes
+
+    dt = dtype_of(dtype or cfg.param_dtype)
+    shapes = param_shapes(cfg)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt, sharding=sharding), shapes, is_leaf=is_shape)
+    from a3jax.sharding import param_shardings, rules_of
+
+    if rules is None:
+        rules = rules_of(config_lib.MeshConfig())
+    shardings = param_shardings(cfg, mesh, rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings, is_leaf=is_shape)
+
+
+def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None):
+    """(cfg, params) from a params checkpoint, restored onto `mesh` with the logical `rules`
+    (default: MeshConfig's) or onto one device when mesh is None. dtype casts while restoring
+    (the returned cfg's param_dtype follows)."""
+    import orbax.checkpoint as ocp
+
+    d = _abs(ckpt_dir)
+    cfg = load_model_config(d)
+    item = os.path.join(d, PARAMS_ITEM)
+    if not os.path.isdir(item):
+        raise CheckpointError(f"{item}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    targets = param_targets(cfg, mesh, rules)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        params = ckptr.restore(item, args=ocp.args.StandardRestore(targets))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{item}: cannot restore params for the config in {MODEL_YAML} ({e})") from e
+    return cfg, params

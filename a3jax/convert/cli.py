@@ -1,0 +1,144 @@
+"""`a3jax convert hf-to-a3 | a3-to-hf | official-to-a3 | a3-to-official`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if unit not in SIZE_UNITS or not num:
+        raise argparse.ArgumentTypeError(f"size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
+    return int(float(num) * SIZE_UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="a3jax convert",
+        description="Convert weights between HF LLaMA / the reference A3 code and a3jax params checkpoints "
+                    "(Orbax params + model.yaml). Reading is tensor by tensor, so peak host memory stays "
+                    "close to one copy of the weights.")
+    sub = ap.add_subparsers(dest="command", metavar="{hf-to-a3,a3-to-hf,official-to-a3,a3-to-official}")
+    sub.required = True
+    dtype_help = "parameter dtype of the output (default: keep the source's)"
+
+    p = sub.add_parser("hf-to-a3", help="HF LLaMA directory -> a3jax params checkpoint",
+                       description="HF LLaMA directory (config.json + safetensors or pytorch_model*.bin, single "
+                                   "or sharded) -> params-only Orbax checkpoint + model.yaml + tokenizer files.")
+    p.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
+    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("a3-to-hf", help="a3jax params checkpoint -> HF LLaMA directory (+ query_embed.safetensors)",
+                       description="a3jax params checkpoint -> HF LLaMA directory that transformers' "
+                                   "LlamaForCausalLM.from_pretrained loads; query_embed goes to "
+                                   "query_embed.safetensors beside it. block=llama models only.")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="output HF directory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                   help="split model.safetensors into shards of at most SIZE (default 5GB)")
+
+    p = sub.add_parser("official-to-a3", help="reference A3 code checkpoint -> a3jax params checkpoint (block official)",
+                       description="Reference PyTorch A3 checkpoint (HF-style config.json + state dict with "
+                                   "model.query_embed [1,1,hidden]; .bin or .safetensors) -> a3jax params "
+                                   "checkpoint with block: official.")
+    p.add_argument("--official", "--src", required=True, dest="src", metavar="DIR", help="reference checkpoint directory")
+    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("a3-to-official", help="a3jax params checkpoint (block official) -> reference A3 code format",
+                       description="a3jax params checkpoint with block: official -> the reference code's "
+                                   "config.json + state dict (model.query_embed [1,1,hidden], HF LLaMA names).")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors", help="state dict file format")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
+                   help="safetensors shard size (default 5GB)")
+    return ap
+
+
+def _summary(action: str, cfg, params, seconds: float, out: str, extra: str = "") -> None:
+    from a3jax.convert.hf import count_params, human_bytes
+
+    n = count_params(params)
+    nbytes = sum(int(x.size) * x.dtype.itemsize for x in _leaves(params))
+    print(f"{action}: {n:,} parameters ({n / 1e9:.3f} B), {cfg.param_dtype}, {human_bytes(nbytes)}, "
+          f"block={cfg.block}, {seconds:.1f} s -> {out}{extra}")
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def _to_a3(args, official: bool) -> int:
+    from a3jax.checkpoint import CheckpointError, save_params
+    from a3jax.convert.hf import copy_tokenizer_files, from_hf
+    from a3jax.convert.official import from_official
+
+    item = os.path.join(args.out, "params")
+    if os.path.exists(item) and not args.force:
+        raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
+    t0 = time.perf_counter()
+    load = from_official if official else from_hf
+    cfg, params = load(args.src if official else args.hf, dtype=args.dtype, progress=not args.no_progress)
+    t_read = time.perf_counter() - t0
+    save_params(args.out, cfg, params, force=args.force)
+    copied = copy_tokenizer_files(args.src if official else args.hf, args.out)
+    secs = time.perf_counter() - t0
+    _summary("official-to-a3" if official else "hf-to-a3", cfg, params, secs, args.out,
+             f" (read {t_read:.1f} s, write {secs - t_read:.1f} s; tokenizer files: {', '.join(copied) or 'none'})")
+    return 0
+
+
+def _from_a3(args, official: bool) -> int:
+    from a3jax.checkpoint import load_params
+    from a3jax.convert.hf import copy_tokenizer_files, to_hf
+    from a3jax.convert.official import to_official
+
+    t0 = time.perf_counter()
+    cfg, params = load_params(args.ckpt)
+    if official:
+        to_official(cfg, params, args.out, fmt=args.format, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    else:
+        to_hf(cfg, params, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    copy_tokenizer_files(args.ckpt, args.out)
+    _summary("a3-to-official" if official else "a3-to-hf", cfg, params, time.perf_counter() - t0, args.out)
+    return 0
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from a3jax.checkpoint import CheckpointError
+    from a3jax.convert.hf import ConversionError
+
+    try:
+        if args.command == "hf-to-a3":
+            return _to_a3(args, official=False)
+        if args.command == "official-to-a3":
+            return _to_a3(args, official=True)
+        if args.command == "a3-to-hf":
+            return _from_a3(args, official=False)
+        return _from_a3(args, official=True)
+    except (ConversionError, CheckpointError) as e:
+        print(f"a3jax convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))
