@@ -176,6 +176,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
+    eval_at_start: bool = False  # also evaluate before the first step (the converted model's baseline)
     peak_flops_per_device: float = 0.0  # 0 = look up from the chip table
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -252,6 +253,11 @@ def _coerce(value, tp, key: str, where: str):
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         return float(value)

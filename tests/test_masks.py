@@ -1,0 +1,58 @@
+"""The visibility rule: its two forms agree, and the block skipping never hides a visible key."""
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from a3jax import masks
+
+
+@st.composite
+def ids(draw):
+    t = draw(st.integers(1, 40))
+    groups = np.array(draw(st.lists(st.integers(-3, 10), min_size=t, max_size=t)), np.int32)[None]
+    segs = np.array(draw(st.lists(st.integers(0, 3), min_size=t, max_size=t)), np.int32)[None]
+    return groups, segs
+
+
+@given(ids())
+def test_rule_as_written(x):
+    g, s = x
+    c, q = masks.content_mask(g, s)[0], masks.query_mask(g, s)[0]
+    t = g.shape[1]
+    for i in range(t):
+        for j in range(t):
+            same = s[0, i] == s[0, j] != 0
+            assert c[i, j] == (same and g[0, j] <= g[0, i])
+            assert q[i, j] == (same and g[0, j] < g[0, i])
+
+
+@given(ids())
+def test_query_stream_is_content_rule_on_lowered_groups(x):
+    g, s = x
+    strict = masks.visible(g, s, g, s, strict=True)
+    lowered = masks.visible(masks.stream_groups(g, masks.QUERY), s, g, s, strict=False)
+    np.testing.assert_array_equal(strict, lowered)
+    np.testing.assert_array_equal(masks.visible(masks.stream_groups(g, masks.CONTENT), s, g, s, strict=False),
+                                  masks.content_mask(g, s))
+
+
+@given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans())
+def test_block_ranges_cover_every_visible_pair(qx, kx, bq, bk, sort):
+    qg, qs = qx
+    kg, ks = kx
+    if sort:  # the generation-order layout
+        o = np.lexsort((kg[0], ks[0]))
+        kg, ks = kg[:, o], ks[:, o]
+    pad = lambda a, m: np.pad(a, ((0, 0), (0, (-a.shape[1]) % m)))
+    qg, qs, kg, ks = pad(qg, bq), pad(qs, bq), pad(kg, bk), pad(ks, bk)
+    vis = np.asarray(masks.visible(qg, qs, kg, ks, strict=False))[0]
+    lo, hi = (np.asarray(a) for a in masks.block_ranges(qg, qs, kg, ks, bq, bk))
+    for i, j in zip(*np.nonzero(vis)):
+        assert lo[i // bq] <= j // bk < hi[i // bq]
+
+
+def test_rule_rejects_unknown_stream():
+    import pytest
+
+    with pytest.raises(ValueError, match="stream must be"):
+        masks.stream_groups(np.zeros(3), "both")

@@ -1,0 +1,289 @@
+"""The two-stream model: HF parity, the visibility rule's consequences, layouts, kernels, sharding."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from a3jax.config import MeshConfig, ModelConfig
+from a3jax.model import InputError, forward, init_params
+from hf_models import hf_logits, make_hf_llama
+
+SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=128, attention="dense", attention_block_size=8)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = init_params(SMALL, jax.random.PRNGKey(0))
+    # Random norm scales and query vector so no symmetry hides a bug.
+    rng = np.random.default_rng(1)
+    p = jax.tree.map(np.asarray, p)
+    p["layers"]["attn_norm"] = 1 + 0.2 * rng.standard_normal(p["layers"]["attn_norm"].shape).astype(np.float32)
+    p["query_embed"] = rng.standard_normal(p["query_embed"].shape).astype(np.float32) * 0.1
+    return p
+
+
+# ----------------------------------------------------------------------------- 1. HF parity
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(tie=True),
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}),
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, kv_heads=1),
+])
+def test_content_stream_matches_hf_llama(tmp_path, kw):
+    from a3jax.convert import from_hf
+
+    model = make_hf_llama(tmp_path, **kw)
+    cfg, p = from_hf(str(tmp_path))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48))
+    ours = np.asarray(forward(cfg, p, tokens, stream="content"))
+    theirs = hf_logits(model, tokens)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- random layouts
+
+@st.composite
+def layouts(draw, max_t=24):
+    b = draw(st.integers(1, 2))
+    t = draw(st.integers(2, max_t))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, SMALL.vocab_size, (b, t))
+    groups = rng.integers(0, draw(st.integers(1, t)), (b, t))  # ties and any order
+    nseg = draw(st.integers(1, 3))
+    segs = rng.integers(0, nseg + 1, (b, t))  # includes padding (0) anywhere
+    positions = np.stack([rng.permutation(t) for _ in range(b)])
+    return tokens, positions, groups, segs, rng
+
+
+@given(layouts())
+@settings(max_examples=20)
+def test_query_logits_ignore_invisible_tokens(params, layout):
+    tokens, positions, groups, segs, rng = layout
+    base = np.asarray(forward(SMALL, params, tokens, positions, groups, segs))
+    b, t = tokens.shape
+    i = (rng.integers(b), rng.integers(t))
+    row = i[0]
+    hidden = (groups[row] >= groups[i]) | (segs[row] != segs[i])
+    hidden[i[1]] = True  # the query never sees its own token
+    changed = tokens.copy()
+    changed[row, hidden] = (changed[row, hidden] + 1 + rng.integers(0, SMALL.vocab_size - 1, hidden.sum())) % SMALL.vocab_size
+    out = np.asarray(forward(SMALL, params, changed, positions, groups, segs))
+    if segs[i] != 0:
+        np.testing.assert_allclose(out[i], base[i], atol=1e-5)
+    # And a visible token does matter (the rule is not vacuous): change one visible token.
+    vis = ~hidden & (segs[row] != 0)
+    if segs[i] != 0 and vis.any():
+        j = np.flatnonzero(vis)[0]
+        changed2 = tokens.copy()
+        changed2[row, j] = (changed2[row, j] + 7) % SMALL.vocab_size
+        out2 = np.asarray(forward(SMALL, params, changed2, positions, groups, segs))
+        assert np.abs(out2[i] - base[i]).max() > 1e-6
+
+
+@given(layouts())
+@settings(max_examples=15)
+def test_content_logits_ignore_later_groups(params, layout):
+    tokens, positions, groups, segs, rng = layout
+    base = np.asarray(forward(SMALL, params, tokens, positions, groups, segs, stream="content"))
+    b, t = tokens.shape
+    i = (rng.integers(b), rng.integers(t))
+    row = i[0]
+    later = (groups[row] > groups[i]) | (segs[row] != segs[i])
+    changed = tokens.copy()
+    changed[row, later] = (changed[row, later] + 3) % SMALL.vocab_size
+    out = np.asarray(forward(SMALL, params, changed, positions, groups, segs, stream="content"))
+    if segs[i] != 0:
+        np.testing.assert_allclose(out[i], base[i], atol=1e-5)
+
+
+@given(layouts())
+@settings(max_examples=15)
+def test_permuting_rows_permutes_logits(params, layout):
+    tokens, positions, groups, segs, rng = layout
+    t = tokens.shape[1]
+    perm = rng.permutation(t)
+    base = np.asarray(forward(SMALL, params, tokens, positions, groups, segs))
+    out = np.asarray(forward(SMALL, params, tokens[:, perm], positions[:, perm], groups[:, perm], segs[:, perm]))
+    real = segs[:, perm] != 0
+    np.testing.assert_allclose(out[real], base[:, perm][real], atol=1e-5)
+
+
+def test_ar_query_logits_equal_prefix_only(params):
+    tokens = np.random.default_rng(3).integers(0, SMALL.vocab_size, (1, 20))
+    full = np.asarray(forward(SMALL, params, tokens))  # groups = positions: left-to-right AR
+    for i in (0, 1, 7, 19):
+        # Row i's prediction from the prefix alone: append a dummy token at i, score only row i.
+        prefix = np.concatenate([tokens[:, :i], np.zeros((1, 1), np.int64)], axis=1)
+        alone = np.asarray(forward(SMALL, params, prefix))
+        np.testing.assert_allclose(full[0, i], alone[0, i], atol=1e-5)
+
+
+def test_first_group_sees_nothing_and_equals_query_vector_prediction(params):
+    tokens = np.random.default_rng(4).integers(0, SMALL.vocab_size, (1, 10))
+    groups = np.array([[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]])
+    out = np.asarray(forward(SMALL, params, tokens, groups=groups))
+    # Both first-group rows see no key: their logits differ only through RoPE position, and changing
+    # every token leaves them unchanged.
+    other = np.asarray(forward(SMALL, params, (tokens + 5) % SMALL.vocab_size, groups=groups))
+    np.testing.assert_allclose(out[0, :2], other[0, :2], atol=1e-6)
+    assert np.abs(out[0, 2:] - other[0, 2:]).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- kernels and layouts
+
+def _sorted_layout(rng, b, t, nseg=2, group_size=3):
+    tokens = rng.integers(0, SMALL.vocab_size, (b, t))
+    segs = np.sort(rng.integers(1, nseg + 1, (b, t)), axis=1)
+    segs[:, -3:] = 0  # padding tail
+    groups = np.zeros((b, t), np.int64)
+    positions = np.zeros((b, t), np.int64)
+    for r in range(b):
+        for s in np.unique(segs[r]):
+            idx = np.flatnonzero(segs[r] == s)
+            positions[r, idx] = rng.permutation(len(idx))
+            groups[r, idx] = np.arange(len(idx)) // group_size + (0 if s == 0 else 1000 * s)
+    return tokens, positions, groups, segs
+
+
+@pytest.mark.parametrize("stream", ["query", "content"])
+def test_dense_equals_blockwise_forward_and_grad(params, stream):
+    from a3jax.model import apply_model
+
+    rng = np.random.default_rng(5)
+    tokens, positions, groups, segs = _sorted_layout(rng, 2, 45)
+    blk = dataclasses.replace(SMALL, attention="blockwise")
+    a = np.asarray(forward(SMALL, params, tokens, positions, groups, segs, stream=stream))
+    b = np.asarray(forward(blk, params, tokens, positions, groups, segs, stream=stream))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # Unsorted rows too: blockwise must stay exact (it only skips less).
+    perm = rng.permutation(45)
+    args = (tokens[:, perm], positions[:, perm], groups[:, perm], segs[:, perm])
+    np.testing.assert_allclose(np.asarray(forward(SMALL, params, *args, stream=stream)),
+                               np.asarray(forward(blk, params, *args, stream=stream)), atol=1e-5)
+
+    def loss(p, cfg):
+        lg = apply_model(cfg, p, *(jnp.asarray(x) for x in (tokens, positions, groups, segs)), stream)
+        return jnp.mean(jax.nn.log_softmax(lg)[..., 3])
+
+    ga, gb = jax.grad(loss)(params, SMALL), jax.grad(loss)(params, blk)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_block_ranges_skip_hidden_blocks_on_sorted_layout():
+    from a3jax import masks
+
+    t, blk = 64, 8
+    g = jnp.arange(t)[None]
+    s = jnp.ones((1, t), jnp.int32)
+    lo, hi = masks.block_ranges(masks.stream_groups(g, "query"), s, g, s, blk, blk)
+    # Causal-like layout: query block i needs key blocks [0, i] (strict rule: block 0 needs [0, 1)).
+    np.testing.assert_array_equal(np.asarray(lo), 0)
+    np.testing.assert_array_equal(np.asarray(hi), np.arange(1, t // blk + 1))
+
+
+@pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
+                                     dict(scan_layers=True, remat="dots_no_batch")])
+def test_scan_and_remat_match_unrolled(params, variant):
+    from a3jax.model import apply_model
+
+    rng = np.random.default_rng(6)
+    tokens, positions, groups, segs = _sorted_layout(rng, 2, 30)
+    other = dataclasses.replace(SMALL, **variant)
+    for stream in ("query", "content"):
+        np.testing.assert_allclose(np.asarray(forward(SMALL, params, tokens, positions, groups, segs, stream=stream)),
+                                   np.asarray(forward(other, params, tokens, positions, groups, segs, stream=stream)),
+                                   atol=1e-5)
+
+    def loss(p, cfg):
+        return jnp.mean(apply_model(cfg, p, *(jnp.asarray(x) for x in (tokens, positions, groups, segs))) ** 2)
+
+    for x, y in zip(jax.tree.leaves(jax.grad(loss)(params, SMALL)), jax.tree.leaves(jax.grad(loss)(params, other))):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_bf16_close_to_fp32(params):
+    tokens, positions, groups, segs = _sorted_layout(np.random.default_rng(7), 2, 32)
+    bf = dataclasses.replace(SMALL, dtype="bfloat16")
+    a = np.asarray(forward(SMALL, params, tokens, positions, groups, segs))
+    b = np.asarray(forward(bf, params, tokens, positions, groups, segs))
+    assert b.dtype == np.float32
+    # bf16 has an 8-bit mantissa: logits of a 2-layer model agree to a few 1e-2 and in ranking.
+    assert np.abs(a - b).max() < 5e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+def test_official_block_differs_and_llama_block_is_default(params):
+    tokens = np.random.default_rng(8).integers(0, SMALL.vocab_size, (1, 12))
+    off = dataclasses.replace(SMALL, block="official")
+    a = np.asarray(forward(SMALL, params, tokens, stream="content"))
+    b = np.asarray(forward(off, params, tokens, stream="content"))
+    assert SMALL.block == "llama" and np.abs(a - b).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
+    from a3jax import sharding as sh
+
+    assert jax.device_count() == 8
+    cfg = dataclasses.replace(SMALL, num_kv_heads=4, hidden_size=64, intermediate_size=128)
+    p = init_params(cfg, jax.random.PRNGKey(1))
+    tokens, positions, groups, segs = _sorted_layout(np.random.default_rng(9), 4, 32)
+    ref = np.asarray(forward(cfg, p, tokens, positions, groups, segs))
+    mesh = sh.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    rules = sh.rules_of(MeshConfig())
+    ps = sh.shard_params(p, cfg, mesh, rules)
+    assert ps["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    put = lambda x: jax.device_put(jnp.asarray(x, jnp.int32), sh.batch_sharding(mesh, rules))
+    with sh.activate(mesh, rules):
+        out = forward(cfg, ps, put(tokens), put(positions), put(groups), put(segs))
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_mesh_mismatch_is_a_clear_error():
+    from a3jax import sharding as sh
+    from a3jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="3\\*1\\*1 = 3 but there are 8 devices"):
+        sh.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+    with pytest.raises(ConfigError, match="cannot be split"):
+        sh.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_raises_before_compiling(params, monkeypatch):
+    import a3jax.model as m
+
+    def boom(*a, **k):
+        raise AssertionError("compiled despite bad input")
+
+    monkeypatch.setattr(m, "_forward_jit", boom)
+    tok = np.zeros((1, 8), np.int32)
+    with pytest.raises(InputError, match="token id 64 is outside"):
+        forward(SMALL, params, tok + 64)
+    with pytest.raises(InputError, match="token id -1"):
+        forward(SMALL, params, tok - 1)
+    with pytest.raises(InputError, match="groups has shape \\(1, 7\\)"):
+        forward(SMALL, params, tok, groups=np.zeros((1, 7), np.int32))
+    with pytest.raises(InputError, match="segment_ids has shape"):
+        forward(SMALL, params, tok, segment_ids=np.ones((2, 8), np.int32))
+    with pytest.raises(InputError, match="position 500 is outside"):
+        forward(SMALL, params, tok, positions=np.full((1, 8), 500))
+    with pytest.raises(InputError, match="length 200 exceeds"):
+        forward(SMALL, params, np.zeros((1, 200), np.int32))
+    with pytest.raises(InputError, match="stream must be"):
+        forward(SMALL, params, tok, stream="both")
+    with pytest.raises(InputError, match="tokens must be \\[batch, length\\]"):
+        forward(SMALL, params, np.zeros(8, np.int32))
