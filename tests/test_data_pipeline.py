@@ -218,3 +218,24 @@ def test_to_global_batch_sharded_over_data_axes(corpus_dir):
     assert tuple(spec[0]) == ("data", "fsdp")
     # each device holds 2 rows (8 rows over data*fsdp = 4), replicated over tensor
     assert {s.data.shape for s in g["tokens"].addressable_shards} == {(2, 64)}
+
+
+def test_sorted_layout_gives_triangular_masks_and_no_empty_query_rows(corpus_dir):
+    from a3jax.masks import content_mask, query_mask
+
+    it = make_train_iterator(cfg_for(corpus_dir, stages=(StageConfig("sizes:uniform:6", 10),)), 4)
+    b = next(it)
+    qm = np.asarray(query_mask(b["groups"], b["segment_ids"]))
+    cm = np.asarray(content_mask(b["groups"], b["segment_ids"]))
+    T = b["tokens"].shape[1]
+    upper = np.triu(np.ones((T, T), bool))
+    assert not np.any(qm & upper)  # query i only sees keys before it in the row
+    for r in range(4):  # content: only keys before it, or in its own group
+        same = b["groups"][r][:, None] == b["groups"][r][None, :]
+        assert not np.any(cm[r] & upper & ~same)
+    # anchor BOS: every real query row except the BOS itself sees at least its BOS
+    real = b["segment_ids"] != 0
+    bos = real & (b["positions"] == 0)
+    assert np.all(qm.any(-1)[real & ~bos]) and not np.any(qm.any(-1)[bos])
+    # loss targets are exactly the rows with something to condition on (given the anchor)
+    np.testing.assert_array_equal(b["loss_mask"].astype(bool), real & ~bos)
