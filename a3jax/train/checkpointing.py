@@ -1,0 +1,189 @@
+"""Run checkpoints: Orbax CheckpointManager under RUN_DIR/checkpoints/<step>/ with items
+
+    state     TrainState (params, opt_state, step, rng)         ocp.args.StandardSave / StandardRestore
+    data      the Grain iterator state (one file per process)   grain.checkpoint.CheckpointSave / Restore
+    config    the run's Config as JSON                          ocp.args.JsonSave / JsonRestore
+    progress  trainer bookkeeping as JSON: the metrics window since the last log line (so the logged
+              averages of a resumed run equal the uninterrupted run's), process_count, tokens seen
+
+<step> is the number of optimizer steps taken: checkpoint 100 holds the state after 100 updates and
+the iterator positioned at batch 100. Saves are async (`checkpoint.async_save`); Orbax writes into a
+temporary directory and renames it when complete, so a kill during a save leaves no step directory
+(only a tmp directory that is ignored and cleaned up) and the previous checkpoint stays the latest.
+
+Restore (`restore_latest`): newest step first; the state is restored into `jax.ShapeDtypeStruct`
+targets that carry the CURRENT mesh's shardings, so a run resumes on a different mesh shape with the
+arrays resharded. A checkpoint that fails to restore (corrupt or partial files) is reported, the
+previous one is tried, and once a good one is found the bad newer ones are moved to
+RUN_DIR/checkpoints_bad/<step> (never deleted) so that later saves cannot collide with them. If none
+restores, nothing is moved and the error is raised. A step that already exists is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+
+from a3jax.config import ConfigError
+
+# Model fields that change the shapes or the meaning of params; everything else (dtype, remat,
+# attention kernel, ...) may differ between the saved run and the resumed one.
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "tie_word_embeddings", "block")
+
+
+class _FrozenState:
+    """An iterator state captured at save time, in the shape grain's checkpoint handler expects."""
+
+    def __init__(self, state):
+        # DatasetIterator states are dicts (grain writes them as JSON); DataLoader states are bytes.
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+class RunCheckpoints:
+    """Thin wrapper over ocp.CheckpointManager with the trainer's items and fault handling."""
+
+    def __init__(self, run_dir: str, ckpt_cfg, log=print):
+        ocp = _ocp()
+        self.run_dir = os.path.abspath(run_dir)
+        self.directory = os.path.join(self.run_dir, "checkpoints")
+        self.bad_directory = os.path.join(self.run_dir, "checkpoints_bad")
+        self.log = log
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_cfg.max_to_keep if ckpt_cfg.max_to_keep > 0 else None,
+            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.mngr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config", "progress"))
+
+    # ------------------------------------------------------------------ queries
+    def steps(self) -> list[int]:
+        return sorted(int(s) for s in self.mngr.all_steps())
+
+    def latest_step(self):
+        s = self.steps()
+        return s[-1] if s else None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state, data_iter, config_dict: dict, progress: dict) -> bool:
+        """Starts an (async) save of `step`; returns False (and saves nothing) if `step` exists."""
+        import grain
+
+        ocp = _ocp()
+        if step in self.steps():
+            return False
+        # Snapshot the mutable parts now: the save may finish in a background thread while the loop
+        # already advances the iterator and the metrics window.
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_FrozenState(data_iter.get_state())),
+            config=ocp.args.JsonSave(json.loads(json.dumps(config_dict))),
+            progress=ocp.args.JsonSave(json.loads(json.dumps(progress))),
+        )
+        return bool(self.mngr.save(int(step), args=args, force=True))
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+    # ------------------------------------------------------------------ restore
+    def read_config(self, step: int) -> dict:
+        ocp = _ocp()
+        return self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore_latest(self, state_target, make_iterator, process_count: int, check_config=None):
+        """Newest restorable checkpoint -> (step, state, iterator, progress) or None when there is none.
+
+        make_iterator(start_step) builds a fresh iterator; the saved iterator state is restored into
+        it when the process count matches, otherwise the iterator starts at the saved step (the
+        pipeline's global batch j is the same whatever the process count).
+        check_config(saved_config_dict, step) may raise ConfigError (incompatible run): that is not
+        corruption, so it propagates and nothing is moved.
+        """
+        import grain
+
+        ocp = _ocp()
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                progress = self.mngr.restore(step, args=ocp.args.Composite(
+                    config=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()))
+                saved_cfg, progress = progress["config"], progress["progress"]
+            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is bad
+                failures.append((step, e))
+                self.log(f"checkpoint {step}: cannot read its config/progress ({type(e).__name__}: {e}); "
+                         f"trying the previous one")
+                continue
+            if check_config is not None:
+                check_config(saved_cfg, step)
+            same_procs = int(progress.get("process_count", 1)) == int(process_count)
+            try:
+                if same_procs:
+                    it = make_iterator(0)
+                    out = self.mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(state_target), data=grain.checkpoint.CheckpointRestore(it)))
+                else:
+                    out = self.mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(state_target)))
+                    it = make_iterator(step)
+                    self.log(f"checkpoint {step} was written by {progress.get('process_count')} processes, "
+                             f"now {process_count}: the data iterator restarts at batch {step}")
+                state = out["state"]
+                jax.block_until_ready(state)
+            except Exception as e:  # noqa: BLE001
+                failures.append((step, e))
+                self.log(f"checkpoint {step} is corrupt or incomplete ({type(e).__name__}: {str(e)[:500]}); "
+                         f"trying the previous one")
+                continue
+            if failures:
+                self._quarantine([s for s, _ in failures])
+            return step, state, it, progress
+        if failures:
+            msg = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
+            raise RuntimeError(f"no checkpoint under {self.directory} could be restored ({msg}). "
+                               f"Move the directory away to start from scratch.")
+        return None
+
+    def _quarantine(self, steps) -> None:
+        """Moves unreadable step directories out of the manager's way (process 0 moves, all wait)."""
+        if jax.process_index() == 0:
+            os.makedirs(self.bad_directory, exist_ok=True)
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                if os.path.exists(src):
+                    dst = os.path.join(self.bad_directory, f"{s}-{int(time.time())}")
+                    shutil.move(src, dst)
+                    self.log(f"moved unreadable checkpoint {s} to {dst}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("a3jax_checkpoint_quarantine")
+        self.mngr.reload()
+
+
+def check_compatible(saved: dict, cfg, step: int, where: str) -> None:
+    """Raises ConfigError when the saved run's model architecture differs from `cfg.model`."""
+    saved_model = saved.get("model", {})
+    diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {getattr(cfg.model, k)!r}"
+             for k in ARCH_FIELDS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+    if diffs:
+        raise ConfigError(f"{where}/{step} was written by a run with a different model ("
+                          + "; ".join(diffs) + "). Use a new run_dir, or model.init_from for new runs.")

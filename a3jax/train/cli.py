@@ -1,0 +1,65 @@
+"""`a3jax train CONFIG.yaml key=value ...` (MaxText style overrides, e.g. train.steps=100 run_dir=runs/x)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+USAGE = """\
+usage: a3jax train [CONFIG.yaml] [key.sub=value ...]
+
+Trains (or resumes) the run described by CONFIG.yaml plus overrides. Rerunning the same command
+resumes from the latest complete checkpoint under RUN_DIR/checkpoints (any mesh shape).
+
+examples:
+  a3jax train configs/base.yaml run_dir=runs/tiny train.steps=200
+  a3jax train configs/base.yaml model=llama3.2-1b model.init_from=ckpt/llama1b mesh.fsdp=-1
+  a3jax train configs/base.yaml data=curriculum/paper train.global_batch_size=256 train.microbatches=4
+
+exit status: 0 done; 1 config/data error or non-finite loss; 128+N after saving on signal N.
+See docs/train.md for every key.
+"""
+
+
+def cli_main(argv) -> int:
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    parser = argparse.ArgumentParser(prog="a3jax train", usage=USAGE, add_help=False)
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--no-progress", action="store_true", help="one line per log step, no tqdm bar")
+    ns = parser.parse_args(argv)
+    path, overrides = None, []
+    for a in ns.args:
+        if "=" in a:
+            overrides.append(a)
+        elif path is None:
+            path = a
+        else:
+            print(f"a3jax train: unexpected argument {a!r} (overrides look like key.sub=value)", file=sys.stderr)
+            return 2
+
+    from a3jax.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"a3jax train: {e}", file=sys.stderr)
+        return 1
+    from a3jax.train.trainer import NonFiniteLossError, train
+
+    try:
+        result = train(cfg, progress_bar=False if ns.no_progress else None)
+    except (ConfigError, NonFiniteLossError) as e:
+        print(f"a3jax train: {e}", file=sys.stderr)
+        return 1
+    if result.get("interrupted"):
+        return 128 + int(result["interrupted"])
+    print(f"[a3jax train] done: step {result['step']} loss {result['loss']:.4f}"
+          + "".join(f" eval[{k}] {v:.4f}" for k, v in (result.get("eval") or {}).items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

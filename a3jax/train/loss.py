@@ -1,0 +1,52 @@
+"""The A3 training loss: cross-entropy of the query-stream logits at i against tokens[i].
+
+Targets are the positions with loss_mask == 1 and segment_ids != 0 (the pipeline already zeroes the
+mask on padding and on each segment's leading BOS, which is conditioning, not a target). The loss is
+returned as a SUM plus a token count so gradient accumulation can normalise by the token count of the
+whole global batch: k microbatches then give exactly the gradient of one batch of k*b (up to float
+summation order), even when microbatches hold different numbers of target tokens.
+
+Optional z-loss (PaLM): z_loss * logsumexp(logits)^2 per target token, keeps the softmax normaliser
+near 0 in bf16 training.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from a3jax.model import apply_model
+
+MODEL_KEYS = ("tokens", "positions", "groups", "segment_ids")
+
+
+def target_mask(batch) -> jax.Array:
+    """float32 [B, T]: 1 where the token is a training target."""
+    m = batch["segment_ids"] != 0
+    if "loss_mask" in batch:
+        m = m & (batch["loss_mask"] != 0)
+    return m.astype(jnp.float32)
+
+
+def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
+    """(sum of nll, sum of z-loss term, number of correct argmax predictions) over mask. logits fp32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    nll = (lse - tgt) * mask
+    zl = (z_loss * jnp.square(lse) * mask) if z_loss else jnp.zeros_like(nll)
+    correct = (jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32) * mask
+    return nll.sum(), zl.sum(), correct.sum()
+
+
+def loss_sums(cfg_model, params, batch, z_loss: float = 0.0, stream: str = "query"):
+    """Forward + summed loss terms of one (micro)batch: dict(nll, z, correct, tokens)."""
+    logits = apply_model(cfg_model, params, *(batch[k] for k in MODEL_KEYS), stream=stream)
+    mask = target_mask(batch)
+    nll, zl, correct = cross_entropy_sums(logits, batch["tokens"], mask, z_loss)
+    return {"nll": nll, "z": zl, "correct": correct, "tokens": mask.sum()}
+
+
+def objective(cfg_model, params, batch, denom, z_loss: float = 0.0, stream: str = "query"):
+    """Scalar to differentiate: (nll + z) / denom, where denom is the target count of the full batch."""
+    sums = loss_sums(cfg_model, params, batch, z_loss, stream)
+    return (sums["nll"] + sums["z"]) / denom, sums
