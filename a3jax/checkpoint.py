@@ -93,6 +93,37 @@ def param_targets(cfg: ModelConfig, mesh=None, rules=None, dtype: Optional[str] 
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings, is_leaf=is_shape)
 
 
+def _flat_shapes(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_shapes(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = tuple(v if isinstance(v, tuple) else v.shape)
+    return out
+
+
+def check_against_config(ckptr, item: str, cfg: ModelConfig) -> None:
+    """Compares the stored array shapes with the config's; every mismatch is named in one error."""
+    from a3jax.model.transformer import param_shapes
+
+    try:
+        meta = ckptr.metadata(item)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        stored = _flat_shapes(dict(meta))
+    except Exception as e:  # unreadable metadata: a truncated or foreign directory
+        raise CheckpointError(f"{item}: cannot read the checkpoint metadata ({e})") from e
+    want = _flat_shapes(param_shapes(cfg))
+    problems = [f"missing {k} (expected shape {s})" for k, s in want.items() if k not in stored]
+    problems += [f"{k}: shape {stored[k]} in the checkpoint, expected {s}" for k, s in want.items()
+                 if k in stored and stored[k] != s]
+    problems += [f"unexpected {k} with shape {s}" for k, s in stored.items() if k not in want]
+    if problems:
+        raise CheckpointError(f"{item}: does not match {MODEL_YAML}; {len(problems)} problem(s):\n  "
+                              + "\n  ".join(problems))
+
+
 def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None):
     """(cfg, params) from a params checkpoint, restored onto `mesh` with the logical `rules`
     (default: MeshConfig's) or onto one device when mesh is None. dtype casts while restoring
@@ -108,6 +139,7 @@ def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = Non
         cfg = dataclasses.replace(cfg, param_dtype=dtype)
     targets = param_targets(cfg, mesh, rules)
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    check_against_config(ckptr, item, cfg)
     try:
         params = ckptr.restore(item, args=ocp.args.StandardRestore(targets))
     except (ValueError, KeyError, FileNotFoundError) as e:

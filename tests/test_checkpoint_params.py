@@ -103,5 +103,7 @@ def test_load_errors_name_the_path(tmp_path, converted):
     from a3jax.config import save_yaml
 
     save_yaml(dataclasses.replace(cfg, num_layers=cfg.num_layers + 1), str(d / "model.yaml"))
-    with pytest.raises(CheckpointError, match="cannot restore params"):
+    with pytest.raises(CheckpointError, match="does not match model.yaml") as e:
         load_params(str(d))
+    assert "layers/wq: shape (2, 64, 4, 16) in the checkpoint, expected (3, 64, 4, 16)" in str(e.value)
+    assert "layers/attn_norm: shape (2, 64) in the checkpoint, expected (3, 64)" in str(e.value)
