@@ -16,6 +16,9 @@ examples:
   a3jax train configs/base.yaml model=llama3.2-1b model.init_from=ckpt/llama1b mesh.fsdp=-1
   a3jax train configs/base.yaml data=curriculum/paper train.global_batch_size=256 train.microbatches=4
 
+multi-process: set A3JAX_COORDINATOR, A3JAX_NUM_PROCESSES, A3JAX_PROCESS_ID (or run under SLURM or
+on a TPU VM) and start the same command in every process; see docs/launch.md and launch/.
+
 exit status: 0 done; 1 config/data error or non-finite loss; 128+N after saving on signal N.
 See docs/train.md for every key.
 """
@@ -29,6 +32,8 @@ def cli_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="a3jax train", usage=USAGE, add_help=False)
     parser.add_argument("args", nargs="*")
     parser.add_argument("--no-progress", action="store_true", help="one line per log step, no tqdm bar")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="save a checkpoint and exit once this many steps are done (split a run into jobs)")
     ns = parser.parse_args(argv)
     path, overrides = None, []
     for a in ns.args:
@@ -47,17 +52,27 @@ def cli_main(argv) -> int:
     except ConfigError as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
+    from a3jax.distributed import DistributedError, initialize
+
+    try:
+        initialize()  # multi-process pods / SLURM / launch/local.sh; single process when nothing is set
+    except DistributedError as e:
+        print(f"a3jax train: {e}", file=sys.stderr)
+        return 1
     from a3jax.train.trainer import NonFiniteLossError, train
 
     try:
-        result = train(cfg, progress_bar=False if ns.no_progress else None)
+        result = train(cfg, progress_bar=False if ns.no_progress else None, stop_at_step=ns.stop_at_step)
     except (ConfigError, NonFiniteLossError) as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
     if result.get("interrupted"):
         return 128 + int(result["interrupted"])
-    print(f"[a3jax train] done: step {result['step']} loss {result['loss']:.4f}"
-          + "".join(f" eval[{k}] {v:.4f}" for k, v in (result.get("eval") or {}).items()), flush=True)
+    from a3jax.distributed import is_main_process
+
+    if is_main_process():
+        print(f"[a3jax train] done: step {result['step']} loss {result['loss']:.4f}"
+              + "".join(f" eval[{k}] {v:.4f}" for k, v in (result.get("eval") or {}).items()), flush=True)
     return 0
 
 
