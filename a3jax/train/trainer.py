@@ -29,7 +29,7 @@ import numpy as np
 from a3jax.config import Config, ConfigError, save_yaml, to_dict
 from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of
 from a3jax.train import metrics as metrics_lib
-from a3jax.train.checkpointing import RunCheckpoints, check_compatible
+from a3jax.train.checkpointing import ARCH_FIELDS, RunCheckpoints, check_compatible
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from a3jax.train.step import BATCH_KEYS, make_eval_step, make_train_step
 
@@ -83,12 +83,22 @@ def _initial_params(cfg: Config, mesh, rules, log):
         return init_params_sharded(mcfg, jax.random.PRNGKey(cfg.train.seed), mesh, rules)
     from a3jax.checkpoint import load_params  # lazy: the weights module is only needed here
 
-    loaded_cfg, params = load_params(mcfg.init_from, mesh, rules)
+    loaded_cfg, params = load_params(mcfg.init_from, mesh, rules, dtype="float32")  # fp32 master weights
     want = param_shapes(mcfg)
-    if "query_embed" not in params:
-        log(f"{mcfg.init_from} has no query_embed: initialising it per model.query_init={mcfg.query_init!r}")
+    mismatch = [f"{k}: checkpoint {getattr(loaded_cfg, k)!r} vs config {getattr(mcfg, k)!r}"
+                for k in ARCH_FIELDS + ("rope_theta", "rope_type", "rope_factor", "rms_norm_eps")
+                if getattr(loaded_cfg, k) != getattr(mcfg, k)]
+    if mismatch:
+        raise ConfigError(f"model.init_from={mcfg.init_from}: its model.yaml differs from the run's model "
+                          f"config ({'; '.join(mismatch)}); pick the matching model config")
+    if loaded_cfg.query_init != mcfg.query_init:
+        # A converted AR model got its query vector from the converter's query_init; the run asks for
+        # another start (e.g. model.query_init=normal to reproduce the reference code).
+        log(f"re-initialising query_embed per model.query_init={mcfg.query_init!r} "
+            f"(the checkpoint used {loaded_cfg.query_init!r})")
         params = dict(params)
-        params["query_embed"] = query_embed_init(mcfg, params["embed"], jax.random.PRNGKey(cfg.train.seed))
+        qe = query_embed_init(mcfg, params["embed"], jax.random.PRNGKey(cfg.train.seed)).astype(params["embed"].dtype)
+        params["query_embed"] = qe
     got = jax.tree.map(lambda a: tuple(a.shape), params)
     flat_w = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0])
     flat_g = dict(jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, tuple))[0])

@@ -1,0 +1,213 @@
+"""Training: optimizer/schedule, FLOPs formula, loss decrease, 2x4 mesh == one device, gradient
+accumulation, curriculum stages in the logs, plot and CLI."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig, load_config
+from a3jax.data import make_train_iterator, stage_for_step
+from a3jax.model import param_shapes
+from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of, shard_params
+from a3jax.train import metrics as M
+from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
+from a3jax.train.step import BATCH_KEYS, make_train_step, train_step
+from a3jax.train.trainer import train
+from train_helpers import exact_view, read_jsonl, tiny_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "alpha.jsonl"))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_decay_mask_matrices_only():
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    shapes = param_shapes(cfg)
+    mask = decay_mask(jax.tree.map(lambda s: jnp.zeros(s), shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    assert mask["query_embed"] is False and mask["final_norm"] is False
+    assert mask["layers"]["attn_norm"] is False and mask["layers"]["mlp_norm"] is False  # [L, E] yet no decay
+    for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        assert mask["layers"][k] is True
+    assert mask["embed"] is True and mask["lm_head"] is True
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_warmup_then_decay(kind):
+    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule=kind, end_learning_rate_fraction=0.1)
+    s = make_schedule(opt, 110)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(5e-4)
+    assert float(s(10)) == pytest.approx(1e-3)
+    end = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3}[kind]
+    assert float(s(110)) == pytest.approx(end, rel=1e-4)
+    if kind != "constant":
+        assert float(s(60)) < 1e-3 and float(s(60)) > end
+
+
+def test_flops_formula_and_peak_table():
+    cfg = ModelConfig(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                      vocab_size=128256, tie_word_embeddings=True)
+    ar = M.forward_flops_per_token(cfg, 2048, "ar")
+    a3 = M.forward_flops_per_token(cfg, 2048, "a3")
+    # AR forward ~ 2 * (non-embedding params) + attention + lm_head, the textbook count.
+    n_layer = 16 * (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 8192)
+    assert ar == pytest.approx(2 * n_layer + 16 * 2 * 2048 * 2048 + 2 * 2048 * 128256)
+    # Two streams: a bit under 2x (no query K/V, no last-layer content update, one lm_head).
+    assert 1.7 < a3 / ar < 2.0
+    assert M.train_flops_per_token(cfg, 2048) == 3 * a3
+    assert M.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert M.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert M.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert M.peak_flops_per_device("cpu") is None
+    assert M.peak_flops_per_device("cpu", override=1e12) == 1e12
+
+
+# ----------------------------------------------------------------------------- step equivalences
+
+
+def _setup(corpus, mesh_cfg, microbatches=1, devices=None, batch=8, sgd=False):
+    import optax
+
+    cfg = tiny_config("/unused", corpus, **{"train.microbatches": microbatches, "train.global_batch_size": batch,
+                                            "train.optimizer.warmup_steps": 0})
+    mesh = make_mesh(mesh_cfg, devices)
+    rules = rules_of(mesh_cfg)
+    opt, sched = make_optimizer(cfg.train.optimizer, 10)
+    if sgd:  # params move by exactly -grad: compares gradients without Adam's amplification of tiny ones
+        opt, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
+    psh = param_shardings(cfg.model, mesh, rules)
+    ssh = state_shardings(opt, psh, param_shapes(cfg.model), mesh)
+    bsh = batch_sharding(mesh, rules)
+    step = make_train_step(cfg, opt, sched, ssh, bsh, mesh)
+    return cfg, mesh, rules, opt, sched, ssh, bsh, step
+
+
+def _host_params(cfg):
+    from a3jax.model import init_params
+
+    return jax.device_get(init_params(cfg.model, jax.random.PRNGKey(0)))
+
+
+def _batches(cfg, n):
+    it = make_train_iterator(cfg.data, cfg.train.global_batch_size)
+    return [{k: b[k] for k in BATCH_KEYS} for b in (next(it) for _ in range(n))]
+
+
+@pytest.fixture(scope="module")
+def host_data(corpus):
+    """Initial params and two batches of the tiny config (shared: each costs a compile / a data load)."""
+    cfg = tiny_config("/unused", corpus)
+    return _host_params(cfg), _batches(cfg, 2)
+
+
+def _run(cfg, mesh, rules, opt, ssh, bsh, step, params, batches):
+    state = create_state(jax.device_put(params, ssh.params), opt, 0, ssh)
+    out = []
+    for b in batches:
+        gb = jax.device_put(b, bsh)
+        with activate(mesh, rules):
+            state, m = step(state, gb)
+        out.append(jax.device_get(m))
+    return jax.device_get(state), out
+
+
+def test_2x4_mesh_equals_single_device(corpus, host_data):
+    """Two steps on one device vs on a 2x4 (fsdp x tensor) mesh of fake devices. SGD(lr=1) so the params
+    move by exactly -grad: the comparison is on gradients (Adam would turn fp32 reduction-order noise
+    in near-zero gradients into full-size sign flips). Tolerances (fp32): loss rtol 1e-5, grad norm
+    rtol 1e-4, params/gradients rtol 1e-4 + atol 1e-7."""
+    one = _setup(corpus, MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1], sgd=True)
+    params, batches = host_data
+    s1, m1 = _run(*one[:4], *one[5:], params, batches)
+    many = _setup(corpus, MeshConfig(data=1, fsdp=2, tensor=4), sgd=True)
+    assert dict(many[1].shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    s8, m8 = _run(*many[:4], *many[5:], params, batches)
+    for a, b in zip(m1, m8):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), s1.params, s8.params)
+    assert int(s1.step) == int(s8.step) == 2
+    # the update actually moved the params (so the comparison is not vacuous)
+    assert np.abs(s1.params["embed"] - params["embed"]).max() > 1e-3
+
+
+def test_grad_accumulation_equals_big_batch(corpus, host_data):
+    mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=1)
+    devs = jax.devices()[:2]
+    big = _setup(corpus, mesh_cfg, microbatches=1, devices=devs, batch=8, sgd=True)
+    acc = _setup(corpus, mesh_cfg, microbatches=4, devices=devs, batch=8, sgd=True)
+    params, batches = host_data[0], host_data[1][:1]
+    # the microbatches hold different numbers of target tokens: normalisation must use the whole batch
+    tm = (batches[0]["loss_mask"] * (batches[0]["segment_ids"] > 0)).reshape(2, 4, -1).swapaxes(0, 1).sum((1, 2))
+    assert len(set(tm.tolist())) > 1
+    sb, mb = _run(*big[:4], *big[5:], params, batches)
+    sa, ma = _run(*acc[:4], *acc[5:], params, batches)
+    np.testing.assert_allclose(mb[0]["loss"], ma[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(mb[0]["grad_norm"], ma[0]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(mb[0]["accuracy"], ma[0]["accuracy"], rtol=1e-6)
+    # params - grad: gradients equal to fp32 summation-order noise (grads are O(1e-2), noise O(1e-8))
+    grad = lambda s: jax.tree.map(lambda new, old: old - new, s.params, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad(sb), grad(sa))
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grad(sb))) > 1e-3  # not vacuous
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
+    cfg = tiny_config(tmp_path / "run", corpus, **{
+        "data.stages": "[{ar: 16}, {blocks:2: 6}, {random:4: 8}]", "train.log_every": 1,
+        "train.eval_every": 16, "checkpoint.every": 0, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.data": -1,
+        # mixed precision: bf16 compute (and remat) with fp32 master weights / optimizer state
+        "model.dtype": "bfloat16", "model.remat": "full", "train.optimizer.learning_rate": 1e-2})
+    out = train(cfg, progress_bar=False)
+    recs = [r for r in read_jsonl(cfg.run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    # logged stage/strategy switch exactly at the configured steps (step n covers batch n-1)
+    for r in recs:
+        st, name = stage_for_step(cfg.data.stages, r["step"] - 1)
+        assert (r["stage"], r["strategy"]) == (st, name)
+    # ... and the data really changed: mean group size 1 under AR, ~2 under blocks:2, ~4 under random:4
+    gs = {st: np.mean([r["group_size"] for r in recs if r["stage"] == st]) for st in (0, 1, 2)}
+    assert gs[0] == 1.0 and 1.6 < gs[1] <= 2.0 and 3.0 < gs[2] <= 4.0, gs
+    # the loss falls from ~ln(260)=5.56 on the learnable corpus within the AR stage (16 steps)
+    first, last_ar = recs[0]["loss"], np.mean([r["loss"] for r in recs[12:16]])
+    assert first > 5.0 and last_ar < first - 2.0, (first, last_ar)
+    evals = [r for r in read_jsonl(cfg.run_dir) if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [16, 30] and set(evals[0]["loss"]) == {"ar", "random:4"}
+    assert evals[1]["loss"]["ar"] < first - 2.0
+    assert out["step"] == 30 and out["stage"] == 2 and out["eval"]["ar"] == evals[1]["loss"]["ar"]
+    # the final checkpoint holds fp32 params and optimizer state although compute was bf16
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(cfg.run_dir, "checkpoints", "30", "state"))
+    tree = getattr(meta, "item_metadata", meta)
+    dtypes = {str(getattr(x, "dtype", "")) for x in jax.tree.leaves(dict(tree)["params"])}
+    assert dtypes == {"float32"}, dtypes
+    for key in ("grad_norm", "lr", "tokens_per_s", "step_time_s", "tokens_seen"):
+        assert recs[-1][key] is not None and recs[-1][key] > 0
+    assert os.listdir(os.path.join(cfg.run_dir, "tensorboard"))
+    # a3jax plot draws it
+    from a3jax.train.plot import cli_main as plot_main
+
+    assert plot_main([cfg.run_dir]) == 0
+    png = os.path.join(cfg.run_dir, "loss.png")
+    assert os.path.getsize(png) > 10_000 and open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_cli_help_and_bad_override(capsys):
+    from a3jax.train.cli import cli_main
+
+    assert cli_main(["--help"]) == 0
+    assert "a3jax train" in capsys.readouterr().out
+    assert cli_main(["train.no_such_key=1"]) == 1
+    assert "no_such_key" in capsys.readouterr().err
