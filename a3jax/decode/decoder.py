@@ -1,0 +1,358 @@
+"""`infill` and `generate`: group-wise A3 decoding with an exact KV cache, one compiled loop.
+
+Layout. A row is tokens[T] with `known` (prompt/context) positions, blanks (to fill) and padding
+(`valid` False: neither). Known tokens get group ids 0 (one group, default) or AR chunks
+0, 1, ... of `prompt_group_size`; the tokens committed at decoding step s get group id T + s, later
+than every known group. With the cache (default) the known tokens are encoded once and every step
+runs only the new content rows and the query rows asked about (a3jax.decode.cache); with
+`use_cache=False` every step re-runs the full forward over all T rows with the same group ids (the
+baseline; same results up to float rounding). `mode="official"` reproduces the reference code: every
+committed token (known or generated) is in one group 0 and the remaining blanks in group 1, re-run
+from scratch each step.
+
+Everything after host-side preparation is one jitted function with a `lax.while_loop` over steps:
+static shapes, no Python loop over positions, steps or rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a3jax.config import ModelConfig
+from a3jax.decode import cache as cache_lib
+from a3jax.decode import orders as orders_lib
+from a3jax.decode import sampling
+from a3jax.decode.orders import OrderError
+
+MODES = ("a3", "official")
+
+
+class DecodeError(ValueError):
+    """Bad decoding input (shapes, blanks, lengths, options)."""
+
+
+class DecodeResult(NamedTuple):
+    """tokens [B, T] (known tokens unchanged, blanks filled); logprobs [B, T]: log p of each filled
+    token under the model (temperature 1, unfiltered; 0 at known/padding); step [B, T]: the step
+    that committed each position (-1 for known/padding/unfilled); num_steps: steps run."""
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    step: np.ndarray
+    num_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    kind: str  # fixed | dynamic
+    commit: int  # dynamic: blanks committed per step (0 = threshold mode)
+    use_cache: bool
+    official: bool
+
+
+def _as_2d(name, x, dtype):
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2:
+        raise DecodeError(f"{name} must be [batch, length] (or [length]), got shape {a.shape}")
+    return a.astype(dtype)
+
+
+def _prepare(cfg: ModelConfig, tokens, known, valid, order, group_size, threshold, prompt_group_size,
+             seed):
+    tokens = _as_2d("tokens", tokens, np.int64)
+    known = np.asarray(known)
+    if known.ndim == 1:
+        known = known[None]
+    if known.shape != tokens.shape:
+        raise DecodeError(f"known has shape {known.shape} but tokens has shape {tokens.shape}; they must match")
+    if known.dtype != bool:
+        if not np.isin(known, (0, 1)).all():
+            raise DecodeError("known must be boolean (True = keep the token, False = fill it)")
+        known = known.astype(bool)
+    b, t = tokens.shape
+    if valid is None:
+        valid = np.ones((b, t), bool)
+    else:
+        valid = np.asarray(valid, bool)
+        if valid.ndim == 1:
+            valid = valid[None]
+        if valid.shape != tokens.shape:
+            raise DecodeError(f"valid has shape {valid.shape} but tokens has shape {tokens.shape}")
+    if t > cfg.max_position_embeddings:
+        raise DecodeError(f"sequence length {t} exceeds the model's max_position_embeddings="
+                          f"{cfg.max_position_embeddings}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        bad = int(tokens.max()) if tokens.max() >= cfg.vocab_size else int(tokens.min())
+        raise DecodeError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    known = known & valid
+    blank = valid & ~known
+    for r in range(b):
+        if not blank[r].any():
+            raise DecodeError(f"row {r} has no blanks: known is True at every valid position, nothing to fill")
+        if not known[r].any():
+            raise DecodeError(f"row {r} has no known token: every position is blank; give at least one "
+                              f"context token (e.g. BOS) to condition on")
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise DecodeError(f"group_size must be a positive int, got {group_size!r}")
+    kind, name, user = orders_lib.resolve_order(order)
+    if threshold is not None:
+        if kind != "dynamic":
+            raise DecodeError(f"threshold applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, "
+                              f"not to {name!r}")
+        if not 0.0 < float(threshold) <= 1.0:
+            raise DecodeError(f"threshold must be a probability in (0, 1], got {threshold}")
+    if prompt_group_size is None:
+        kgroups = np.zeros((b, t), np.int64)
+    else:
+        if int(prompt_group_size) < 1:
+            raise DecodeError(f"prompt_group_size must be a positive int or None, got {prompt_group_size}")
+        kgroups = np.maximum(np.cumsum(known, axis=1) - 1, 0) // int(prompt_group_size)
+    known_pos = orders_lib.compact(known)
+    known_groups = np.take_along_axis(kgroups, np.maximum(known_pos, 0), axis=1)
+    if kind == "dynamic":
+        queries = orders_lib.compact(blank)  # [B, N]
+        num_steps = None
+    else:
+        steps = orders_lib.fixed_steps(kind, name, user, blank, group_size, seed)
+        # steps padded to the blank count: every fixed order of one input shares one compiled loop
+        queries = orders_lib.schedule(steps, min_steps=int(blank.sum(axis=1).max()))
+        num_steps = int(steps.max()) + 1
+    return dict(tokens=tokens.astype(np.int32), known=known, valid=valid, blank=blank,
+                kgroups=kgroups.astype(np.int32), known_pos=known_pos,
+                known_groups=known_groups.astype(np.int32), queries=queries, num_steps=num_steps,
+                kind="dynamic" if kind == "dynamic" else "fixed", criterion=name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(cfg: ModelConfig, st: _Static, params, tokens, known, valid, kgroups, known_pos, known_groups,
+            queries, opts):
+    """opts (all traced): criterion index, max_steps, temperature, top_k, top_p, threshold, seed,
+    teacher_forcing, stop_at_eos, eos_id."""
+    b, t = tokens.shape
+    base_key = jax.random.PRNGKey(opts["seed"])
+    g0 = t  # group id of step 0; later than every known group (< t)
+    big = jnp.int32(2 ** 30)
+    rows = jnp.arange(b)[:, None]
+
+    if st.kind == "dynamic":
+        n = queries.shape[1]
+        cap = st.commit if st.commit > 0 else n
+    else:
+        cap = queries.shape[2]
+
+    state = dict(
+        s=jnp.int32(0),
+        tokens=tokens,
+        filled=known,
+        group=jnp.where(known, kgroups, big),
+        logp=jnp.zeros((b, t), jnp.float32),
+        step=jnp.full((b, t), -1, jnp.int32),
+        done=jnp.zeros((b,), bool),
+        pending=jnp.full((b, cap), -1, jnp.int32),
+    )
+    if st.use_cache and not st.official:
+        state["cache"] = cache_lib.prefill(cfg, params, tokens, known_pos, known_groups)
+
+    def remaining(state):
+        return valid & ~state["filled"] & ~state["done"][:, None]
+
+    def cond(state):
+        return (state["s"] < opts["max_steps"]) & remaining(state).any()
+
+    def body(state):
+        s = state["s"]
+        key = jax.random.fold_in(base_key, s)
+        k_sample, k_order = jax.random.split(key)
+        toks, filled = state["tokens"], state["filled"]
+        if st.kind == "dynamic":
+            q_pos = queries
+        else:
+            q_pos = jax.lax.dynamic_index_in_dim(queries, s, axis=1, keepdims=False)  # [B, K]
+        q_ok = (q_pos >= 0) & ~state["done"][:, None]
+        q_ok &= ~jnp.take_along_axis(filled, jnp.maximum(q_pos, 0), axis=1)
+        new = dict(state)
+        if st.use_cache and not st.official:
+            logits, new["cache"] = cache_lib.cached_step_logits(
+                cfg, params, state["cache"], toks, state["pending"], g0 + s - 1, q_pos, q_ok, g0 + s)
+        else:
+            if st.official:
+                groups = jnp.where(filled, 0, 1)
+            else:
+                groups = jnp.where(filled, state["group"], big)
+            logits = cache_lib.full_step_logits(cfg, params, toks, groups, valid.astype(jnp.int32), q_pos)
+
+        forced = jnp.take_along_axis(toks, jnp.maximum(q_pos, 0), axis=1)
+        drawn = jax.lax.cond(opts["teacher_forcing"], lambda: forced, lambda: sampling.sample(
+            k_sample, logits, opts["temperature"], opts["top_k"], opts["top_p"]))
+        lp = sampling.token_logprobs(logits, drawn)
+        if st.kind == "dynamic":
+            scores = orders_lib.criterion_scores_by_index(opts["criterion"], logits, k_order)
+            if st.commit > 0:
+                idx, ok = orders_lib.select_top_k(scores, q_ok, st.commit)
+                c_pos = jnp.take_along_axis(q_pos, idx, axis=1)
+                c_tok = jnp.take_along_axis(drawn, idx, axis=1)
+                c_lp = jnp.take_along_axis(lp, idx, axis=1)
+            else:
+                conf = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(-1)
+                ok = orders_lib.select_threshold(scores, conf, q_ok, opts["threshold"])
+                c_pos, c_tok, c_lp = q_pos, drawn, lp
+        else:
+            ok, c_pos, c_tok, c_lp = q_ok, q_pos, drawn, lp
+        c_pos = jnp.where(ok, c_pos, -1)
+        slot = jnp.where(ok, c_pos, t)  # out of range -> dropped
+        new["tokens"] = toks.at[rows, slot].set(c_tok, mode="drop")
+        new["filled"] = filled.at[rows, slot].set(True, mode="drop")
+        new["group"] = state["group"].at[rows, slot].set(g0 + s, mode="drop")
+        new["logp"] = state["logp"].at[rows, slot].set(c_lp, mode="drop")
+        new["step"] = state["step"].at[rows, slot].set(s, mode="drop")
+        new["pending"] = c_pos
+        hit_eos = (ok & (c_tok == opts["eos_id"])).any(-1)
+        new["done"] = state["done"] | (opts["stop_at_eos"] & hit_eos)
+        new["s"] = s + 1
+        return new
+
+    out = jax.lax.while_loop(cond, body, state)
+    return out["tokens"], out["logp"], out["step"], out["s"]
+
+
+def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group_size=4, temperature=0.0,
+         top_k=0, top_p=1.0, seed=0, use_cache=True, mode="a3", threshold=None, prompt_group_size=None,
+         teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None):
+    if mode not in MODES:
+        raise DecodeError(f"mode must be one of {MODES}, got {mode!r}")
+    if temperature is None or float(temperature) < 0:
+        raise DecodeError(f"temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+    try:
+        p = _prepare(cfg, tokens, known, valid, order, group_size, threshold, prompt_group_size, seed)
+    except OrderError as e:
+        raise DecodeError(str(e)) from None
+    if p["kind"] == "dynamic":
+        n = p["queries"].shape[1]
+        commit = 0 if threshold is not None else min(int(group_size), n)
+        total = n if commit == 0 else -(-n // commit)
+    else:
+        commit, total = 0, p["num_steps"]
+    if max_steps is not None:  # benchmarks: run only the first max_steps steps
+        total = min(total, int(max_steps))
+    crit = orders_lib.DYNAMIC_ORDERS.index(p["criterion"]) if p["kind"] == "dynamic" else 0
+    st = _Static(kind=p["kind"], commit=commit, use_cache=bool(use_cache), official=(mode == "official"))
+    eos = cfg.eos_token_id if eos_id is None else int(eos_id)
+    opts = dict(criterion=jnp.int32(crit), max_steps=jnp.int32(total), temperature=jnp.float32(temperature),
+                top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
+                threshold=jnp.float32(threshold if threshold is not None else 1.0),
+                seed=jnp.uint32(int(seed) & 0xFFFFFFFF), teacher_forcing=jnp.bool_(teacher_forcing),
+                stop_at_eos=jnp.bool_(stop_at_eos and eos >= 0), eos_id=jnp.int32(eos))
+    toks, logp, step, n_steps = _decode(
+        cfg, st, params, jnp.asarray(p["tokens"]), jnp.asarray(p["known"]), jnp.asarray(p["valid"]),
+        jnp.asarray(p["kgroups"]), jnp.asarray(p["known_pos"]), jnp.asarray(p["known_groups"]),
+        jnp.asarray(p["queries"]), opts)
+    return DecodeResult(np.asarray(toks), np.asarray(logp), np.asarray(step), int(n_steps)), p
+
+
+def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group_size: int = 4,
+           temperature: float = 0.0, seed: int = 0, use_cache: bool = True, *, top_k: int = 0,
+           top_p: float = 1.0, threshold: Optional[float] = None, prompt_group_size: Optional[int] = None,
+           mode: str = "a3", valid=None, teacher_forcing: bool = False, return_info: bool = False,
+           max_steps: Optional[int] = None):
+    """Fills the positions where `known` is False. Returns tokens [B, T] (np.int32), or a
+    `DecodeResult` with per-position log-probs and commit steps when return_info=True.
+
+    tokens [B, T] or [T]: the values at blank positions are ignored (unless teacher_forcing, which
+        commits them instead of sampling: used to collect the model's conditional log-probs).
+    known [B, T] bool: True = context, never changed. valid [B, T] bool (default all True): False marks
+        padding, which is neither context nor filled.
+    order: 'left_to_right' | 'random' | 'confidence' | 'entropy' | 'margin' | 'random_dynamic', or an
+        int array [T] / [B, T] of group ids for the blanks (a user-given grouping).
+    group_size: blanks per step for left_to_right / random / the dynamic orders.
+    threshold: dynamic orders only; commit every blank with max prob >= threshold (at least one).
+    prompt_group_size: None = all known tokens form one group; n = AR chunks of n known tokens.
+    temperature 0 = greedy; top_k / top_p filter sampling; deterministic given seed.
+    use_cache False recomputes the full forward each step; mode='official' is the reference code's
+        semantics (committed tokens form one group 0, recomputed each step).
+    """
+    res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                  mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
+                  teacher_forcing=teacher_forcing, max_steps=max_steps)
+    return res if return_info else res.tokens
+
+
+def _prompts(prompt_tokens, pad_id) -> list:
+    if isinstance(prompt_tokens, np.ndarray) or hasattr(prompt_tokens, "shape"):
+        a = np.asarray(prompt_tokens)
+        if a.ndim == 1:
+            return [a.astype(np.int64)]
+        if a.ndim != 2:
+            raise DecodeError(f"prompt_tokens must be [batch, length] or a list of sequences, got shape {a.shape}")
+        return [row.astype(np.int64) for row in a]
+    seqs = list(prompt_tokens)
+    if seqs and np.ndim(seqs[0]) == 0:  # one flat list of ids
+        seqs = [seqs]
+    return [np.asarray(s, np.int64).reshape(-1) for s in seqs]
+
+
+def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order="left_to_right",
+             group_size: int = 1, temperature: float = 0.0, seed: int = 0, use_cache: bool = True, *,
+             top_k: int = 0, top_p: float = 1.0, threshold: Optional[float] = None,
+             prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
+             stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
+             max_steps: Optional[int] = None):
+    """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
+    (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
+
+    Returns new tokens [B, max_new_tokens] (np.int32): generation stops at EOS (kept) when
+    stop_at_eos, and the positions after it hold pad_token_id. eos_token_id overrides cfg's (any
+    token can serve as the stop token, e.g. a newline). With return_info=True returns
+    (new_tokens, DecodeResult over the whole [prompt + new] buffer)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    seqs = _prompts(prompt_tokens, cfg.pad_token_id)
+    if prompt_lengths is not None:
+        lens = [int(x) for x in np.asarray(prompt_lengths).reshape(-1)]
+        if len(lens) != len(seqs):
+            raise DecodeError(f"prompt_lengths has {len(lens)} entries for {len(seqs)} prompts")
+        seqs = [s[:n] for s, n in zip(seqs, lens)]
+    if not seqs:
+        raise DecodeError("no prompts given")
+    lens = np.array([len(s) for s in seqs])
+    if (lens == 0).any():
+        raise DecodeError(f"prompt {int(np.argmin(lens))} is empty; start it with BOS "
+                          f"(id {cfg.bos_token_id}) at least")
+    eos = cfg.eos_token_id if eos_token_id is None else int(eos_token_id)
+    stop = bool(stop_at_eos) and eos >= 0
+    t = int(lens.max()) + int(max_new_tokens)
+    if t > cfg.max_position_embeddings:
+        raise DecodeError(f"prompt length {int(lens.max())} + max_new_tokens {max_new_tokens} = {t} exceeds "
+                          f"max_position_embeddings={cfg.max_position_embeddings}")
+    b = len(seqs)
+    pad = cfg.pad_token_id if cfg.pad_token_id >= 0 else 0
+    tokens = np.full((b, t), pad, np.int64)
+    known = np.zeros((b, t), bool)
+    idx = np.arange(t)[None]
+    valid = idx < (lens[:, None] + max_new_tokens)
+    for r, s in enumerate(seqs):  # host-side buffer assembly
+        tokens[r, :len(s)] = s
+        known[r, :len(s)] = True
+    res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                  mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
+                  stop_at_eos=stop, eos_id=eos, max_steps=max_steps)
+    new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
+    new = np.take_along_axis(res.tokens, new_idx, axis=1).astype(np.int32)
+    filled = np.take_along_axis(res.step, new_idx, axis=1) >= 0
+    new = np.where(filled, new, pad)
+    if stop:
+        is_eos = new == eos
+        after = np.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
+        new = np.where(after, pad, new).astype(np.int32)
+    return (new, res) if return_info else new

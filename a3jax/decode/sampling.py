@@ -1,0 +1,54 @@
+"""Token sampling: greedy (temperature 0), temperature, top-k, top-p. Pure jax, jit-friendly.
+
+temperature, top_k and top_p may be traced values: one compiled decoding loop serves greedy and every
+sampling setting (a `lax.cond` runs only the branch a call needs).
+
+Randomness is per step, not per row: every row of a batch draws with the same key, so a row gives the
+same tokens whether it is decoded alone or inside a batch (the decoder derives the step key as
+`fold_in(PRNGKey(seed), step)`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Logits with everything outside the top-k, then outside the top-p nucleus (of the top-k
+    renormalised), set to -inf. top_k <= 0 and top_p >= 1 disable the filters. The most likely token
+    always survives; tokens tied with the last kept value are kept too."""
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    rank = jnp.arange(v)
+    top_k = jnp.asarray(top_k)
+    keep = jnp.where(top_k > 0, rank < top_k, True)
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep = keep & ((before < top_p) | (jnp.asarray(top_p) >= 1.0))
+    last = jnp.maximum(keep.sum(-1, keepdims=True) - 1, 0)  # kept entries are a prefix of the sort
+    cutoff = jnp.take_along_axis(sorted_logits, last, axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0):
+    """Token ids [B, Q] from logits [B, Q, V]. temperature 0 takes the argmax; otherwise
+    logits / temperature are filtered by top-k / top-p and sampled. Every row uses the same key."""
+    temperature = jnp.asarray(temperature, jnp.float32)
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        scaled = filter_logits(logits.astype(jnp.float32) / t, top_k, top_p)
+        one_row = lambda row: jax.random.categorical(key, row, axis=-1)
+        return jax.vmap(one_row)(scaled).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, greedy, None)
+
+
+def token_logprobs(logits, ids):
+    """log p(ids) under the model's own distribution (temperature 1, unfiltered): [B, Q]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
