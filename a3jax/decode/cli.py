@@ -1,0 +1,207 @@
+"""`a3jax generate` and `a3jax infill`.
+
+    a3jax generate --ckpt CKPT --prompt "def main():" --max-new-tokens 64 --order left_to_right --group-size 1
+    a3jax infill   --ckpt CKPT --text "def add(a, b):\\n    [MASK:12]\\n" --order confidence --group-size 2
+
+Blanks are written `[MASK:n]` (n tokens each). Backslash escapes \\n, \\t and \\\\ in --text/--prompt
+are decoded (so a shell string can hold newlines; --no-escapes turns this off). The filled text goes
+to stdout with the generated parts highlighted (ANSI bold green) when stdout is a terminal
+(--color always|never|auto).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+MASK_RE = re.compile(r"\[MASK:(\d+)\]")
+HILITE, RESET = "\033[1;32m", "\033[0m"
+
+
+def unescape(text: str) -> str:
+    out, i = [], 0
+    table = {"n": "\n", "t": "\t", "\\": "\\"}
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in table:
+            out.append(table[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def load_model(ckpt: str):
+    """(cfg, params) of a params checkpoint (a3jax.checkpoint.load_params, imported lazily)."""
+    from a3jax.checkpoint import load_params
+
+    return load_params(ckpt)
+
+
+def load_tok(spec: str, ckpt: str):
+    """--tokenizer auto: the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
+    from a3jax.data.tokenizers import load_tokenizer
+
+    if spec == "auto":
+        spec = ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else "byte"
+    return load_tokenizer(spec)
+
+
+def parse_masked(text: str, tok):
+    """Text with [MASK:n] blanks -> (pieces, ids, known, spans): ids start with BOS (known); each
+    blank is n placeholder tokens (the tokenizer's MASK id, else PAD); spans are the blanks'
+    (start, end) token ranges."""
+    placeholder = tok.mask_id if getattr(tok, "mask_id", None) is not None else tok.pad_id
+    ids, known, spans = [tok.bos_id], [True], []
+    pos = 0
+    for m in MASK_RE.finditer(text):
+        piece = tok.encode(text[pos:m.start()])
+        ids += piece
+        known += [True] * len(piece)
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"blank {m.group(0)!r} must have at least one token")
+        spans.append((len(ids), len(ids) + n))
+        ids += [placeholder] * n
+        known += [False] * n
+        pos = m.end()
+    piece = tok.encode(text[pos:])
+    ids += piece
+    known += [True] * len(piece)
+    if not spans:
+        raise ValueError("no blanks in --text: mark each one as [MASK:n] (n = number of tokens to fill)")
+    return np.asarray(ids), np.asarray(known), spans
+
+
+def render(tok, ids, spans, color: bool) -> str:
+    """Decoded text (BOS dropped) with the spans highlighted when color."""
+    out, pos = [], 1
+    for a, b in spans:
+        out.append(tok.decode(ids[pos:a]))
+        filled = tok.decode(ids[a:b])
+        out.append(f"{HILITE}{filled}{RESET}" if color else filled)
+        pos = b
+    out.append(tok.decode(ids[pos:]))
+    return "".join(out)
+
+
+def _use_color(flag: str) -> bool:
+    if flag == "always":
+        return True
+    if flag == "never":
+        return False
+    return sys.stdout.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
+
+
+def _common(ap):
+    ap.add_argument("--ckpt", required=True, help="params checkpoint directory (a3jax convert / train)")
+    ap.add_argument("--tokenizer", default="auto", help="auto (the checkpoint's, else byte) | byte | path")
+    ap.add_argument("--order", default=None,
+                    help="left_to_right | random | confidence | entropy | margin | random_dynamic")
+    ap.add_argument("--group-size", type=int, default=None, help="tokens committed per step")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="dynamic orders: commit every blank with max prob >= this (at least one)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-group-size", type=int, default=None,
+                    help="encode the context as AR chunks of this size (default: one group)")
+    ap.add_argument("--no-cache", action="store_true", help="recompute every step (baseline)")
+    ap.add_argument("--mode", default="a3", choices=("a3", "official"))
+    ap.add_argument("--no-escapes", action="store_true", help="do not decode \\n \\t \\\\ in the text")
+    ap.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+
+def _fail(prog, e) -> int:
+    print(f"a3jax {prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def infill_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="a3jax infill", description="Fill [MASK:n] blanks in a text with "
+                                 "KV-cached any-order decoding.")
+    _common(ap)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help='text with blanks, e.g. "def add(a, b):\\n    [MASK:12]\\n"')
+    src.add_argument("--file", help="read the text from this file")
+    args = ap.parse_args(argv)
+    from a3jax.decode import DecodeError, infill
+
+    try:
+        if args.file:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = args.text if args.no_escapes else unescape(args.text)
+        tok = load_tok(args.tokenizer, args.ckpt)
+        ids, known, spans = parse_masked(text, tok)
+        cfg, params = load_model(args.ckpt)
+        t0 = time.perf_counter()
+        res = infill(cfg, params, ids[None], known[None], order=args.order or "left_to_right",
+                     group_size=args.group_size or 4, temperature=args.temperature, seed=args.seed,
+                     use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
+                     threshold=args.threshold, prompt_group_size=args.prompt_group_size, mode=args.mode,
+                     return_info=True)
+        dt = time.perf_counter() - t0
+    except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
+        return _fail("infill", e)
+    out = res.tokens[0]
+    if args.json:
+        print(json.dumps(dict(text=render(tok, out, spans, False),
+                              blanks=[tok.decode(out[a:b]) for a, b in spans], steps=res.num_steps,
+                              seconds=round(dt, 4))))
+    else:
+        sys.stdout.write(render(tok, out, spans, _use_color(args.color)))
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
+        print(f"[{int((~known).sum())} tokens in {res.num_steps} steps, {dt:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def generate_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="a3jax generate", description="Continue a prompt with KV-cached "
+                                 "group decoding.")
+    _common(ap)
+    ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--no-eos", action="store_true", help="do not stop at EOS")
+    args = ap.parse_args(argv)
+    from a3jax.decode import DecodeError, generate
+
+    try:
+        tok = load_tok(args.tokenizer, args.ckpt)
+        prompts = [p if args.no_escapes else unescape(p) for p in args.prompt]
+        seqs = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
+        cfg, params = load_model(args.ckpt)
+        t0 = time.perf_counter()
+        new, res = generate(cfg, params, seqs, args.max_new_tokens, order=args.order or "left_to_right",
+                            group_size=args.group_size or 1, temperature=args.temperature, seed=args.seed,
+                            use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
+                            threshold=args.threshold, prompt_group_size=args.prompt_group_size,
+                            mode=args.mode, stop_at_eos=not args.no_eos, eos_token_id=tok.eos_id,
+                            return_info=True)
+        dt = time.perf_counter() - t0
+    except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
+        return _fail("generate", e)
+    color = _use_color(args.color) and not args.json
+    results = []
+    for p, row in zip(prompts, new):
+        keep = [int(x) for x in row if int(x) not in (tok.pad_id, tok.eos_id)]
+        cont = tok.decode(keep)
+        results.append(dict(prompt=p, completion=cont))
+        if not args.json:
+            print(p + (f"{HILITE}{cont}{RESET}" if color else cont))
+    if args.json:
+        print(json.dumps(dict(results=results, steps=res.num_steps, seconds=round(dt, 4))))
+    else:
+        print(f"[{len(prompts)} x {args.max_new_tokens} tokens max in {res.num_steps} steps, {dt:.2f}s]",
+              file=sys.stderr)
+    return 0
