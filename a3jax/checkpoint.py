@@ -49,6 +49,16 @@ def load_model_config(ckpt_dir: str) -> ModelConfig:
         raise CheckpointError(str(e)) from e
 
 
+def _save_registry():
+    import numpy as np
+    from orbax.checkpoint import type_handlers
+    from orbax.checkpoint._src.serialization import type_handler_registry as reg
+
+    handlers = [(t, h) for t, h in reg._DEFAULT_TYPE_HANDLERS if t is not np.ndarray]
+    return reg.create_type_handler_registry((np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+                                            *handlers)
+
+
 def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) -> str:
     """Writes params (numpy or jax arrays, sharded or not) with Orbax and the config YAML beside them.
     Every process must call it with the same (global) params. Returns the absolute checkpoint path."""
@@ -66,9 +76,14 @@ def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) ->
     if os.path.exists(item) and not force:
         raise CheckpointError(f"{item}: already exists (pass force=True / --force to overwrite)")
     os.makedirs(d, exist_ok=True)
-    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    ckptr.save(item, args=ocp.args.StandardSave(params), force=force)
-    ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
+    # Readable by StandardCheckpointHandler (what load_params uses), but written (1) without Orbax's
+    # defensive deep copy of host numpy arrays (the save below is synchronous, so nothing can modify them
+    # meanwhile) and (2) without zstd: compressing holds every encoded chunk in memory at once. Either one
+    # adds most of a second copy of the weights to peak host memory (bench/convert.py); bf16 weights
+    # hardly compress anyway.
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+        use_ocdbt=True, use_compression=False, type_handler_registry=_save_registry()))
+    ckptr.save(item, args=ocp.args.PyTreeSave(params), force=force)
     if jax.process_index() == 0:
         config_lib.save_yaml(cfg, os.path.join(d, MODEL_YAML))
     return d
@@ -124,10 +139,21 @@ def check_against_config(ckptr, item: str, cfg: ModelConfig) -> None:
                               + "\n  ".join(problems))
 
 
-def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None):
+def _host_targets(cfg: ModelConfig):
+    import numpy as np
+
+    from a3jax.convert.hf import _np_dtype
+    from a3jax.model.transformer import param_shapes
+
+    dt = _np_dtype(cfg.param_dtype)
+    # np.zeros of a large array is lazily mapped: untouched targets cost no resident memory.
+    return jax.tree.map(lambda s: np.zeros(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None, host: bool = False):
     """(cfg, params) from a params checkpoint, restored onto `mesh` with the logical `rules`
-    (default: MeshConfig's) or onto one device when mesh is None. dtype casts while restoring
-    (the returned cfg's param_dtype follows)."""
+    (default: MeshConfig's) or onto one device when mesh is None; host=True gives numpy arrays instead
+    (one host copy, e.g. for exporting). dtype casts while restoring (the returned cfg's param_dtype follows)."""
     import orbax.checkpoint as ocp
 
     d = _abs(ckpt_dir)
@@ -137,7 +163,7 @@ def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = Non
         raise CheckpointError(f"{item}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype)
-    targets = param_targets(cfg, mesh, rules)
+    targets = param_targets(cfg, mesh, rules) if not host else _host_targets(cfg)
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     check_against_config(ckptr, item, cfg)
     try:

@@ -107,3 +107,11 @@ def test_load_errors_name_the_path(tmp_path, converted):
         load_params(str(d))
     assert "layers/wq: shape (2, 64, 4, 16) in the checkpoint, expected (3, 64, 4, 16)" in str(e.value)
     assert "layers/attn_norm: shape (2, 64) in the checkpoint, expected (3, 64)" in str(e.value)
+
+
+def test_load_to_host_numpy(converted):
+    ck, cfg, params = converted
+    cfg_h, host = load_params(ck, host=True)
+    assert cfg_h == cfg
+    assert all(type(x) is np.ndarray for x in jax.tree.leaves(host))
+    tree_bit_exact(params, host)

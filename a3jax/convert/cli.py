@@ -112,7 +112,7 @@ def _from_a3(args, official: bool) -> int:
     from a3jax.convert.official import to_official
 
     t0 = time.perf_counter()
-    cfg, params = load_params(args.ckpt)
+    cfg, params = load_params(args.ckpt, host=True)  # numpy: one host copy, written tensor by tensor
     if official:
         to_official(cfg, params, args.out, fmt=args.format, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     else:

@@ -561,11 +561,38 @@ def hf_tensors_of(cfg: ModelConfig, params, official: bool = False) -> Iterable[
     return [(k, t) for k, t in out]
 
 
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def stream_safetensors(path: str, entries, npdt, metadata=None) -> None:
+    """Writes a safetensors file tensor by tensor: entries are (key, shape, thunk -> array); only one
+    tensor is in memory at a time (safetensors.numpy.save_file would need the whole file in memory).
+    Layout per the safetensors spec: u64 header size, JSON header (8-byte aligned), raw little-endian data."""
+    dt = np.dtype(npdt)
+    header, off = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for key, shape, _ in entries:
+        n = int(np.prod(shape)) * dt.itemsize
+        header[key] = {"dtype": _ST_DTYPES[dt.name], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, shape, thunk in entries:
+            w = np.ascontiguousarray(thunk().astype(dt, copy=False))
+            if w.shape != tuple(shape):
+                raise ConversionError(f"{path}: {key} has shape {w.shape}, expected {tuple(shape)}")
+            f.write(memoryview(w.reshape(-1).view(np.uint8)))
+            del w
+    os.replace(tmp, path)
+
+
 def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = False,
                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, base: str = "model") -> list[str]:
-    """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`."""
-    from safetensors.numpy import save_file
-
+    """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`,
+    streaming one tensor at a time."""
     npdt = _np_dtype(resolve_dtype(dtype) or cfg.param_dtype)
     plan = key_plan(cfg, official)
     items = hf_tensors_of(cfg, params, official)
@@ -582,13 +609,10 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
     names = ([f"{base}.safetensors"] if len(shards) == 1 else
              [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
+    shape_of = {k: plan[k].shape for k in nbytes}
     for name, keys in zip(names, shards):
-        tensors = {}
-        for k in keys:
-            tensors[k] = thunks[k]().astype(npdt, copy=False)
-            weight_map[k] = name
-        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
-        del tensors
+        stream_safetensors(os.path.join(out_dir, name), [(k, shape_of[k], thunks[k]) for k in keys], npdt)
+        weight_map.update({k: name for k in keys})
     if len(shards) > 1:
         with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
