@@ -115,13 +115,16 @@ def _prepare(cfg: ModelConfig, tokens, known, valid, order, group_size, threshol
         kgroups = np.maximum(np.cumsum(known, axis=1) - 1, 0) // int(prompt_group_size)
     known_pos = orders_lib.compact(known)
     known_groups = np.take_along_axis(kgroups, np.maximum(known_pos, 0), axis=1)
+    # query shapes depend on the blank count rounded up to a multiple of 16 (fewer distinct compiles)
+    nq = -(-int(blank.sum(axis=1).max()) // 16) * 16
     if kind == "dynamic":
         queries = orders_lib.compact(blank)  # [B, N]
+        queries = np.pad(queries, ((0, 0), (0, nq - queries.shape[1])), constant_values=-1)
         num_steps = None
     else:
         steps = orders_lib.fixed_steps(kind, name, user, blank, group_size, seed)
         # steps padded to the blank count: every fixed order of one input shares one compiled loop
-        queries = orders_lib.schedule(steps, min_steps=int(blank.sum(axis=1).max()))
+        queries = orders_lib.schedule(steps, min_steps=nq)
         num_steps = int(steps.max()) + 1
     return dict(tokens=tokens.astype(np.int32), known=known, valid=valid, blank=blank,
                 kgroups=kgroups.astype(np.int32), known_pos=known_pos,
@@ -237,7 +240,7 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
     except OrderError as e:
         raise DecodeError(str(e)) from None
     if p["kind"] == "dynamic":
-        n = p["queries"].shape[1]
+        n = int(p["blank"].sum(axis=1).max())
         commit = 0 if threshold is not None else min(int(group_size), n)
         total = n if commit == 0 else -(-n // commit)
     else:
@@ -306,14 +309,16 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
              top_k: int = 0, top_p: float = 1.0, threshold: Optional[float] = None,
              prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
              stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
-             max_steps: Optional[int] = None):
+             buffer_length: Optional[int] = None, max_steps: Optional[int] = None):
     """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
     (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
 
     Returns new tokens [B, max_new_tokens] (np.int32): generation stops at EOS (kept) when
     stop_at_eos, and the positions after it hold pad_token_id. eos_token_id overrides cfg's (any
     token can serve as the stop token, e.g. a newline). With return_info=True returns
-    (new_tokens, DecodeResult over the whole [prompt + new] buffer)."""
+    (new_tokens, DecodeResult over the whole [prompt + new] buffer). buffer_length pads that buffer
+    to a fixed length (>= longest prompt + max_new_tokens), so calls with different prompt lengths
+    share one compiled program."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     seqs = _prompts(prompt_tokens, cfg.pad_token_id)
@@ -331,6 +336,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     eos = cfg.eos_token_id if eos_token_id is None else int(eos_token_id)
     stop = bool(stop_at_eos) and eos >= 0
     t = int(lens.max()) + int(max_new_tokens)
+    if buffer_length is not None:
+        if int(buffer_length) < t:
+            raise DecodeError(f"buffer_length {buffer_length} is shorter than the longest prompt + max_new_tokens = {t}")
+        t = int(buffer_length)
     if t > cfg.max_position_embeddings:
         raise DecodeError(f"prompt length {int(lens.max())} + max_new_tokens {max_new_tokens} = {t} exceeds "
                           f"max_position_embeddings={cfg.max_position_embeddings}")

@@ -1,0 +1,335 @@
+"""Evaluation tasks on local JSONL files (formats in docs/evaluate.md).
+
+    multiple_choice  {"context": str, "choices": [str, ...], "label": int}
+                     acc (highest log P(choice | context)) and acc_norm (per character of the choice)
+    infill           {"left": str, "answer": str, "right": str}   ROUGE-1/2/L F1 of the filled blank
+                     (the blank has as many tokens as the answer: the ROCStories protocol)
+    qa               {"question": str, "answers": [str, ...]}      exact match of the greedy answer
+                     (generated until a newline, normalised SQuAD style)
+    perplexity       {"text": str}                                 ppl / bits per byte under an ordering
+
+A line may carry "kind"; otherwise it is inferred from its fields. `A3Evaluator` wraps
+(cfg, params, tokenizer) with batched scoring/decoding shared by these tasks and the lm-eval adapter.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import string
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a3jax.config import ModelConfig
+from a3jax.score import bucket, groups_for
+
+KINDS = ("multiple_choice", "infill", "qa", "perplexity")
+
+
+class TaskError(ValueError):
+    """A malformed task file or line."""
+
+
+def infer_kind(obj: dict) -> str:
+    if "kind" in obj:
+        if obj["kind"] not in KINDS:
+            raise TaskError(f"unknown kind {obj['kind']!r}; one of {KINDS}")
+        return obj["kind"]
+    if "choices" in obj:
+        return "multiple_choice"
+    if "answer" in obj and ("left" in obj or "right" in obj):
+        return "infill"
+    if "answers" in obj or "question" in obj:
+        return "qa"
+    if "text" in obj:
+        return "perplexity"
+    raise TaskError(f"cannot tell the task kind of a line with fields {sorted(obj)}; add \"kind\"")
+
+
+REQUIRED = {"multiple_choice": ("context", "choices", "label"), "infill": ("left", "answer", "right"),
+            "qa": ("question", "answers"), "perplexity": ("text",)}
+
+
+def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
+    """kind -> examples, validated (the error names the file and line)."""
+    out: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{n}: not JSON: {e}") from None
+            try:
+                kind = infer_kind(obj)
+                missing = [k for k in REQUIRED[kind] if k not in obj]
+                if missing:
+                    raise TaskError(f"{kind} line lacks {missing}")
+                if kind == "multiple_choice" and not (0 <= int(obj["label"]) < len(obj["choices"])):
+                    raise TaskError(f"label {obj['label']} is not an index into {len(obj['choices'])} choices")
+                if kind == "qa" and isinstance(obj["answers"], str):
+                    obj["answers"] = [obj["answers"]]
+            except TaskError as e:
+                raise TaskError(f"{path}:{n}: {e}") from None
+            out.setdefault(kind, []).append(obj)
+    if limit:
+        out = {k: v[:limit] for k, v in out.items()}
+    if not out:
+        raise TaskError(f"{path}: no examples")
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logp_and_greedy(cfg, params, tokens, positions, groups, segments):
+    from a3jax.model.transformer import apply_model
+
+    logits = apply_model(cfg, params, tokens, positions, groups, segments, "query")
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return tok_lp, jnp.argmax(logits, axis=-1) == tokens
+
+
+class A3Evaluator:
+    """Batched exact scoring and decoding for (cfg, params, tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer, batch_size: int = 8):
+        self.cfg, self.params, self.tok, self.batch_size = cfg, params, tokenizer, int(batch_size)
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_position_embeddings
+
+    def _pad(self):
+        return self.tok.pad_id if self.tok.pad_id is not None else 0
+
+    def score_rows(self, rows):
+        """rows: list of (ids, groups, target mask) -> list of (sum log p over target, all greedy).
+        Rows are batched into fixed [batch_size, bucket] shapes (few compiles)."""
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            t = min(bucket(max(len(r[0]) for r in chunk)), self.max_length)
+            b = self.batch_size
+            tok = np.full((b, t), self._pad(), np.int32)
+            grp = np.zeros((b, t), np.int32)
+            seg = np.zeros((b, t), np.int32)
+            tgt = np.zeros((b, t), bool)
+            for i, (ids, g, m) in enumerate(chunk):
+                n = len(ids)
+                if n > t:
+                    raise TaskError(f"a sequence of {n} tokens exceeds max_position_embeddings={self.max_length}")
+                tok[i, :n], grp[i, :n], seg[i, :n], tgt[i, :n] = ids, g, 1, m
+            pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+            lp, greedy = _logp_and_greedy(self.cfg, self.params, jnp.asarray(tok), jnp.asarray(pos),
+                                          jnp.asarray(grp), jnp.asarray(seg))
+            lp, greedy = np.asarray(lp), np.asarray(greedy)
+            for i in range(len(chunk)):
+                m = tgt[i]
+                out.append((float(lp[i][m].sum()), bool(greedy[i][m].all())))
+        return out
+
+    def continuation_row(self, context: str, continuation: str, group_size: int = 1, context_order: str = "ar"):
+        """BOS + context (AR, or one group with 'one') + continuation as AR groups of group_size;
+        the target is the continuation. Long inputs keep their rightmost tokens."""
+        ctx = list(self.tok.encode(context))
+        cont = list(self.tok.encode(continuation))
+        if not cont:
+            raise TaskError(f"empty continuation after context {context[-40:]!r}")
+        keep = self.max_length - 1 - len(cont)
+        if keep < 0:
+            raise TaskError(f"continuation of {len(cont)} tokens does not fit max_position_embeddings")
+        ctx = ctx[len(ctx) - keep:] if len(ctx) > keep else ctx
+        ids = [self.tok.bos_id] + ctx + cont
+        c = len(ctx)
+        cg = np.arange(1, c + 1) if context_order == "ar" else np.ones(c, np.int64)
+        start = (int(cg.max()) + 1) if c else 1
+        g = np.concatenate([[0], cg, start + np.arange(len(cont)) // max(int(group_size), 1)])
+        m = np.zeros(len(ids), bool)
+        m[1 + c:] = True
+        return np.asarray(ids), g.astype(np.int32), m
+
+    def loglikelihood(self, pairs, group_size: int = 1, context_order: str = "ar"):
+        """[(context, continuation)] -> [(log P(continuation | context), greedy?)]."""
+        return self.score_rows([self.continuation_row(c, x, group_size, context_order) for c, x in pairs])
+
+    def rolling_rows(self, text: str, strategy: str = "ar", seed: int = 0, index: int = 0):
+        """Whole-text rows: BOS + up to max_length-1 tokens per window (disjoint windows), grouped
+        by the strategy after the anchored BOS; every text token is a target exactly once."""
+        ids = list(self.tok.encode(text))
+        w = self.max_length - 1
+        rows = []
+        for k, s in enumerate(range(0, max(len(ids), 1), w)):
+            piece = [self.tok.bos_id] + ids[s:s + w]
+            g = groups_for(strategy, len(piece), seed, index * 1_000_003 + k, anchor_bos=True)
+            m = np.ones(len(piece), bool)
+            m[0] = False
+            rows.append((np.asarray(piece), g.astype(np.int32), m))
+        return rows
+
+    def rolling_loglikelihood(self, texts, strategy: str = "ar", seed: int = 0):
+        rows, owner = [], []
+        for i, t in enumerate(texts):
+            r = self.rolling_rows(t, strategy, seed, i)
+            rows += r
+            owner += [i] * len(r)
+        scores = self.score_rows(rows)
+        out = [0.0] * len(texts)
+        for i, (ll, _) in zip(owner, scores):
+            out[i] += ll
+        return out
+
+    def generate(self, contexts, max_new_tokens: int = 32, until=("\n",), order="left_to_right",
+                 group_size: int = 1, temperature: float = 0.0, seed: int = 0):
+        """Greedy (default) continuation of each context, cut at the first `until` string."""
+        from a3jax.decode import generate
+
+        outs = []
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start:start + self.batch_size]
+            keep = self.max_length - int(max_new_tokens) - 1
+            seqs = []
+            for c in chunk:
+                ids = list(self.tok.encode(c))
+                seqs.append([self.tok.bos_id] + (ids[len(ids) - keep:] if len(ids) > keep else ids))
+            # fixed batch size (copies, dropped) and bucketed buffer length: few distinct compiles
+            seqs += [seqs[0]] * (self.batch_size - len(seqs))
+            need = max(len(q) for q in seqs) + int(max_new_tokens)
+            new = generate(self.cfg, self.params, seqs, int(max_new_tokens), order=order, group_size=group_size,
+                           temperature=temperature, seed=seed, eos_token_id=self.tok.eos_id,
+                           buffer_length=min(bucket(need), self.max_length))
+            for row in new[:len(chunk)]:
+                text = self.tok.decode([int(x) for x in row if int(x) not in (self.tok.pad_id, self.tok.eos_id)])
+                cut = len(text)
+                for u in until or ():
+                    if u and u in text:
+                        cut = min(cut, text.index(u))
+                outs.append(text[:cut])
+        return outs
+
+    def infill_texts(self, items, order="confidence", group_size: int = 1, temperature: float = 0.0,
+                     seed: int = 0) -> list[str]:
+        """items: [(left, right, n_tokens)] -> the text filled into each n-token blank. Batched, rows
+        padded to a bucketed length (padding is neither context nor blank)."""
+        from a3jax.decode import infill
+
+        place = self.tok.mask_id if getattr(self.tok, "mask_id", None) is not None else self._pad()
+        outs = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = list(items[start:start + self.batch_size])
+            rows = []
+            for left, right, n in chunk:
+                lid, rid = list(self.tok.encode(left)), list(self.tok.encode(right))
+                rows.append(([self.tok.bos_id] + lid + [place] * n + rid, 1 + len(lid), n))
+            rows += [rows[0]] * (self.batch_size - len(rows))
+            t = min(bucket(max(len(r[0]) for r in rows)), self.max_length)
+            if max(len(r[0]) for r in rows) > t:
+                raise TaskError(f"an infill example exceeds max_position_embeddings={self.max_length}")
+            ids = np.full((len(rows), t), self._pad(), np.int64)
+            known = np.ones((len(rows), t), bool)
+            valid = np.zeros((len(rows), t), bool)
+            for i, (r, a, n) in enumerate(rows):
+                ids[i, :len(r)], valid[i, :len(r)] = r, True
+                known[i, a:a + n] = False
+            out = infill(self.cfg, self.params, ids, known, valid=valid, order=order, group_size=group_size,
+                         temperature=temperature, seed=seed)
+            for i, (_, a, n) in enumerate(rows[:len(chunk)]):
+                outs.append(self.tok.decode([int(x) for x in out[i, a:a + n]]))
+        return outs
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, answers) -> float:
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def rouge(predictions, references) -> dict:
+    from rouge_score import rouge_scorer
+
+    sc = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    tot = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(predictions, references):
+        s = sc.score(r, p)
+        for k in tot:
+            tot[k] += s[k].fmeasure
+    n = max(len(predictions), 1)
+    return {k: 100.0 * v / n for k, v in tot.items()}
+
+
+# ----------------------------------------------------------------------------- task runners
+
+
+def eval_multiple_choice(ev: A3Evaluator, examples, group_size: int = 1, context_order: str = "ar"):
+    pairs, spans = [], []
+    for ex in examples:
+        spans.append((len(pairs), len(ex["choices"])))
+        pairs += [(ex["context"], ch) for ch in ex["choices"]]
+    lls = [ll for ll, _ in ev.loglikelihood(pairs, group_size, context_order)]
+    acc = acc_norm = 0.0
+    preds = []
+    for ex, (s, n) in zip(examples, spans):
+        ll = np.asarray(lls[s:s + n])
+        lens = np.asarray([max(len(c), 1) for c in ex["choices"]], np.float64)
+        pred, pred_n = int(np.argmax(ll)), int(np.argmax(ll / lens))
+        acc += pred == int(ex["label"])
+        acc_norm += pred_n == int(ex["label"])
+        preds.append(dict(pred=pred, pred_norm=pred_n, ll=ll.tolist()))
+    n = max(len(examples), 1)
+    return {"acc": 100.0 * acc / n, "acc_norm": 100.0 * acc_norm / n}, preds
+
+
+def eval_infill(ev: A3Evaluator, examples, order="confidence", group_size: int = 1):
+    items = [(ex["left"], ex["right"], max(int(ex.get("length") or len(ev.tok.encode(ex["answer"]))), 1))
+             for ex in examples]
+    preds = ev.infill_texts(items, order=order, group_size=group_size)
+    return rouge(preds, [ex["answer"] for ex in examples]), preds
+
+
+def eval_qa(ev: A3Evaluator, examples, max_new_tokens: int = 32, group_size: int = 1):
+    prompts = [ex.get("prompt", "Question: {question}\nAnswer:").format(question=ex["question"]) for ex in examples]
+    preds = ev.generate(prompts, max_new_tokens=max_new_tokens, until=("\n",), group_size=group_size)
+    em = [exact_match(p, ex["answers"]) for p, ex in zip(preds, examples)]
+    return {"exact_match": 100.0 * float(np.mean(em)) if em else 0.0}, preds
+
+
+def eval_perplexity(ev: A3Evaluator, examples, strategy: str = "ar", seed: int = 0):
+    texts = [ex["text"] for ex in examples]
+    lls = ev.rolling_loglikelihood(texts, strategy, seed)
+    ntok = sum(len(ev.tok.encode(t)) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    tot = sum(lls)
+    return {"ppl": math.exp(min(-tot / max(ntok, 1), 700.0)), "nll_per_token": -tot / max(ntok, 1),
+            "bits_per_byte": -tot / math.log(2) / max(nbytes, 1)}, lls
+
+
+def run_task(ev: A3Evaluator, path: str, limit=None, order: str = "ar", seed: int = 0, group_size: int = 1,
+             context_order: str = "ar", infill_order: str = "confidence", infill_group_size: int = 1,
+             max_new_tokens: int = 32):
+    """All kinds found in one JSONL file -> {kind: {"n": count, metrics...}}."""
+    results = {}
+    for kind, examples in load_task(path, limit).items():
+        if kind == "multiple_choice":
+            m, _ = eval_multiple_choice(ev, examples, group_size, context_order)
+        elif kind == "infill":
+            m, _ = eval_infill(ev, examples, infill_order, infill_group_size)
+        elif kind == "qa":
+            m, _ = eval_qa(ev, examples, max_new_tokens, group_size)
+        else:
+            m, _ = eval_perplexity(ev, examples, order, seed)
+        results[kind] = dict(n=len(examples), **m)
+    return results
