@@ -40,7 +40,7 @@ def test_save_load_one_device_exact(converted):
     tree_bit_exact(params, _host(restored))
 
 
-def test_restore_on_2x4_mesh_identical_logits(converted):
+def test_restore_on_2x4_mesh_identical_logits(converted, tmp_path):
     from a3jax.model import forward
     from a3jax.sharding import activate, make_mesh, param_shardings, rules_of
 
@@ -67,6 +67,10 @@ def test_restore_on_2x4_mesh_identical_logits(converted):
     # Params are bit-identical (above); the sharded matmuls reduce in another order, so logits agree to fp32
     # rounding (observed max |diff| ~2e-7), not bit for bit.
     np.testing.assert_allclose(on_mesh, on_one, atol=2e-6, rtol=0)
+    # Saving the mesh-sharded arrays (as after training) writes the same params; force overwrites.
+    save_params(str(tmp_path / "from_mesh"), cfg_m, sharded)
+    save_params(str(tmp_path / "from_mesh"), cfg_m, sharded, force=True)
+    tree_bit_exact(params, load_params(str(tmp_path / "from_mesh"), host=True)[1])
     assert np.isfinite(on_one).all() and np.abs(on_one).max() > 0
 
 
