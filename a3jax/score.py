@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import sys
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """KV-cached any-order decoding: cached == uncached for every order, exact teacher-forced log-probs,
 known tokens kept, batch == rows, reference semantics, sampling determinism, EOS, bad input."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from a3jax.decode import DecodeError, generate, infill
 from a3jax.model import forward
 from a3jax.score import log_likelihood
-from test_decode_common import TINY, batch, tiny
+from test_decode_common import batch, tiny
 
 FIXED = ["left_to_right", "random", "user"]
 DYNAMIC = ["confidence", "entropy", "margin", "random_dynamic"]

@@ -4,7 +4,6 @@ import json
 import math
 import types
 
-import numpy as np
 import pytest
 
 from a3jax.cli import main

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from a3jax.cli import main
 from a3jax.model import forward
 from a3jax.score import ScoreError, log_likelihood, score_texts, token_log_probs
-from test_decode_common import TINY, TINY_BYTE, tiny
+from test_decode_common import TINY_BYTE, tiny
 
 
 @given(st.lists(st.integers(0, 4), min_size=12, max_size=12))

@@ -15,7 +15,8 @@ then writes the new keys/values into their slots. `cached_step_logits` is that o
 """
 from __future__ import annotations
 
-import jax
+import dataclasses
+
 import jax.numpy as jnp
 
 from a3jax.config import ModelConfig
@@ -69,6 +70,9 @@ def cached_step_logits(cfg: ModelConfig, params, cache: KVCache, tokens, new_pos
     positions asked about, with group id q_group > new_group. Returns (logits [B, Q, V] float32,
     updated cache)."""
     b, t = tokens.shape
+    if cfg.attention == "auto" and new_pos.shape[1] + q_pos.shape[1] <= 256:
+        # a few rows against the cache: one dense masked matmul beats the blockwise loop
+        cfg = dataclasses.replace(cfg, attention="dense")
     c_rows, c_safe = _rows_of(new_pos, new_group, 1, t)
     c_tok = jnp.take_along_axis(tokens, c_safe, axis=1)
     q_rows, _ = _rows_of(jnp.where(q_valid, q_pos, -1), q_group, 1, t)
