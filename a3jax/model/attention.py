@@ -171,8 +171,9 @@ def attention(kind: str, q, k, v, q_groups, q_segments, k_groups, k_segments, bl
 
 
 def choose_kernel(cfg, num_keys: int) -> str:
-    """`auto`: blockwise once keys span several blocks (skipping pays off, memory stays linear),
-    dense for short rows where one fused matmul beats the loop. Measured in bench/forward.py."""
+    """`auto`: blockwise from 128 keys up, dense below. On CPU the blockwise fwd+bwd was faster even
+    at 128-256 keys (its hand-written backward keeps less than autodiff of the dense softmax) and its
+    memory is linear in T; for a few dozen keys the dense single matmul wins. See docs/benchmarks.md."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "blockwise" if num_keys >= 4 * cfg.attention_block_size else "dense"
+    return "blockwise" if num_keys >= 128 else "dense"
