@@ -14,24 +14,15 @@ from a3jax.compile import CompileError, HBM_GIB, accelerator_type, format_report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = """\
-model:
-  vocab_size: 260
-  hidden_size: 64
-  intermediate_size: 128
-  num_layers: 2
-  num_heads: 4
-  num_kv_heads: 2
-  max_position_embeddings: 128
-  scan_layers: true
-  remat: full
-  dtype: bfloat16
+model: tiny
 data:
   seq_len: 64
 mesh: {data: 1, fsdp: -1, tensor: 1}
 train:
   global_batch_size: 8
 """
-
+# The tiny model (configs/model/tiny.yaml) the way a pod config runs it: scanned, rematerialised, bf16.
+POD_STYLE = ["model.scan_layers=true", "model.remat=full", "model.dtype=bfloat16"]
 
 def test_parse_topology_and_accelerator_types():
     assert parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
@@ -48,7 +39,7 @@ def test_parse_topology_and_accelerator_types():
 
 
 def _compile(tmp_path, *args):
-    cfg = tmp_path / "tiny.yaml"
+    cfg = tmp_path / "compile_test.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "XLA_FLAGS"))}
@@ -60,12 +51,13 @@ def _compile(tmp_path, *args):
 
 
 def test_compile_tiny_for_v5e_2x2(tmp_path):
-    r, rep = _compile(tmp_path, "--topology", "v5e:2x2", "--group-size", "2")
+    r, rep = _compile(tmp_path, "--topology", "v5e:2x2", "--group-size", "2", *POD_STYLE)
     assert r.returncode == 0, r.stdout + r.stderr
     # libtpu was told what host it is on: no TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES complaints.
     assert "TPU_WORKER_HOSTNAMES" not in r.stderr and "TPU_ACCELERATOR_TYPE" not in r.stderr, r.stderr
     assert rep["devices"] == 4 and rep["device_kind"] == "TPU v5 lite" and rep["mesh"]["fsdp"] == 4
     assert rep["hbm_per_chip_gib"] == 16.0 and rep["fits"] is True
+    assert rep["model"]["scan_layers"] is True and rep["model"]["remat"] == "full" and rep["overrides"] == POD_STYLE
     assert set(rep["programs"]) == {"train", "prefill", "decode"}
     for name, p in rep["programs"].items():
         for key in ("argument", "output", "total"):
