@@ -18,12 +18,17 @@ from a3jax.train import metrics as M
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
 from a3jax.train.step import BATCH_KEYS, make_train_step, train_step
 from a3jax.train.trainer import train
-from train_helpers import exact_view, read_jsonl, tiny_config, write_corpus
+from train_helpers import enable_compile_cache, exact_view, read_jsonl, tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(str(tmp_path_factory.mktemp("corpus") / "alpha.jsonl"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    return enable_compile_cache(str(tmp_path_factory.getbasetemp() / "jax-compile-cache"))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -167,8 +172,8 @@ def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
     cfg = tiny_config(tmp_path / "run", corpus, **{
         "data.stages": "[{ar: 16}, {blocks:2: 6}, {random:4: 8}]", "train.log_every": 1,
         "train.eval_every": 16, "checkpoint.every": 0, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.data": -1,
-        # mixed precision: bf16 compute (and remat) with fp32 master weights / optimizer state
-        "model.dtype": "bfloat16", "model.remat": "full", "train.optimizer.learning_rate": 1e-2})
+        # mixed precision: bf16 compute with fp32 master weights / optimizer state
+        "model.dtype": "bfloat16", "train.optimizer.learning_rate": 1e-2})
     out = train(cfg, progress_bar=False)
     recs = [r for r in read_jsonl(cfg.run_dir) if r["kind"] == "train"]
     assert [r["step"] for r in recs] == list(range(1, 31))

@@ -54,3 +54,17 @@ EXACT_FIELDS = ("step", "kind", "stage", "strategy", "loss", "stage_loss", "accu
 
 def exact_view(records):
     return [{k: r.get(k) for k in EXACT_FIELDS if k in r} for r in records]
+
+
+def enable_compile_cache(directory: str) -> dict:
+    """Turns on JAX's persistent compilation cache (in this process, and returns the env for child
+    processes): the training tests compile the same tiny step many times (one per train() call and
+    per subprocess); with the cache each distinct program is compiled once per session. Cached
+    executables are the same programs, so results (and bit-exactness checks) are unaffected."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -136,17 +136,9 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
     (mean over the last log window), stage, strategy, eval (dict strategy -> loss, when evaluated),
     interrupted (signal number or 0), resumed_from (step or None), run_dir.
     """
-    from a3jax.data import make_eval_batches, make_train_iterator, stage_for_step, to_global_batch
-    from a3jax.model import param_shapes
-
     cfg.validate("train config")
-    pi, pc = jax.process_index(), jax.process_count()
-    main = pi == 0
+    main = jax.process_index() == 0
     run_dir = os.path.abspath(cfg.run_dir)
-    tcfg = cfg.train
-    total = cfg.total_steps
-    gbs = tcfg.global_batch_size
-    seq = cfg.data.seq_len
     if main:
         os.makedirs(run_dir, exist_ok=True)
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
@@ -155,6 +147,25 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
         if main:
             print(f"[a3jax train] {msg}", flush=True)
 
+    # Handlers first: a preemption notice during startup (restore, compile) is honoured after the first step.
+    stop = _StopFlag().install()
+    try:
+        return _train(cfg, stop, log, progress_bar, tensorboard, stop_at_step)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: Config, stop: _StopFlag, log, progress_bar, tensorboard, stop_at_step) -> dict:
+    from a3jax.data import make_eval_batches, make_train_iterator, stage_for_step, to_global_batch
+    from a3jax.model import param_shapes
+
+    pi, pc = jax.process_index(), jax.process_count()
+    main = pi == 0
+    run_dir = os.path.abspath(cfg.run_dir)
+    tcfg = cfg.train
+    total = cfg.total_steps
+    gbs = tcfg.global_batch_size
+    seq = cfg.data.seq_len
     mesh = make_mesh(cfg.mesh)
     rules = rules_of(cfg.mesh)
     optimizer, schedule = make_optimizer(tcfg.optimizer, total)
@@ -234,7 +245,6 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
             last_good = step
             sink.message(f"[a3jax train] checkpoint {step} -> {ckpts.directory}/{step}")
 
-    stop = _StopFlag().install()
     last_record: dict = {}
     last_eval: dict = {}
     pending = None  # (step index, stage, strategy, device metrics) of the step in flight
@@ -260,7 +270,7 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
                      else "no checkpoint saved yet")
             if not tcfg.skip_nonfinite:
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {s + 1} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}, "
+                    f"non-finite loss or gradient at step {s + 1} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}, "
                     f"stage {stage} {strategy!r}); the update was not applied and nothing more is saved; "
                     f"{where}. Set train.skip_nonfinite=true to skip such steps.")
             skipped_total += 1
@@ -356,7 +366,6 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
             save(step)
         ckpts.wait()
     finally:
-        stop.uninstall()
         sink.close()
         ckpts.close()
     result = dict(last_record)
