@@ -30,39 +30,39 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A LLaMA-family A3 model. Field names follow HF's LlamaConfig where one exists."""
 
-    vocab_size: int = 260
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
+    vocab_size: int = 260  # vocabulary size (rows of embed and lm_head)
+    hidden_size: int = 256  # model width E
+    intermediate_size: int = 688  # SwiGLU MLP width M
+    num_layers: int = 4  # number of two-stream blocks L
+    num_heads: int = 8  # query heads H
+    num_kv_heads: int = 4  # key/value heads (GQA); must divide num_heads
     head_dim: int = 0  # 0 = hidden_size // num_heads
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    # RoPE (HF rotate-half layout). rope_type: default | linear | llama3.
-    rope_theta: float = 10000.0
-    rope_type: str = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
+    max_position_embeddings: int = 2048  # largest position + 1 accepted by the model (RoPE)
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # lm_head = embed^T (no separate lm_head param)
+    # RoPE in HF's rotate-half layout.
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_type: str = "default"  # RoPE scaling: default | linear | llama3
+    rope_factor: float = 1.0  # RoPE scaling factor (linear, llama3)
+    rope_low_freq_factor: float = 1.0  # llama3 RoPE low-frequency factor
+    rope_high_freq_factor: float = 4.0  # llama3 RoPE high-frequency factor
+    rope_original_max_position: int = 8192  # llama3 RoPE original context length
     # A3 specifics.
     block: str = "llama"  # llama (exact pre-norm LLaMA) | official (reference code's post-norm block)
     query_init: str = "embed_mean"  # embed_mean | normal | zeros
     # Implementation.
     attention: str = "auto"  # auto | dense | blockwise
-    attention_block_size: int = 128
+    attention_block_size: int = 128  # query/key block size of the blockwise kernel
     dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    scan_layers: bool = False
+    param_dtype: str = "float32"  # storage dtype of params: float32 | bfloat16 | float16
+    scan_layers: bool = False  # run the layer loop as lax.scan (flat compile time in L); same params either way
     remat: str = "none"  # none | full | dots | dots_no_batch
-    # Special token ids (kept for HF round trips and decoding; -1 = none).
-    bos_token_id: int = 256
-    eos_token_id: int = 257
-    pad_token_id: int = 258
+    # Special token ids.
+    bos_token_id: int = 256  # BOS id (-1 = none); kept for HF round trips and decoding
+    eos_token_id: int = 257  # EOS id (-1 = none); ends a generated row
+    pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
     init_from: str = ""  # params checkpoint (from `a3jax convert`) to start from; "" = random init
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 
     @property
     def head_size(self) -> int:
@@ -104,35 +104,35 @@ class ModelConfig:
 class StageConfig:
     """One curriculum stage: a grouping strategy (see a3jax.data.grouping) for a number of steps."""
 
-    strategy: str = "ar"
-    steps: int = 100
+    strategy: str = "ar"  # grouping strategy (docs/data.md): ar, blocks:k, random:k, mix:k:p, sizes:..., infill:...
+    steps: int = 100  # optimizer steps in this stage
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir
-    text_field: str = "text"
+    text_field: str = "text"  # JSONL/Parquet field holding the text
     tokenizer: str = "byte"  # byte | path to a tokenizer.json or a model directory
-    seq_len: int = 256
-    shuffle_seed: int = 0
-    grouping_seed: int = 0
-    anchor_bos: bool = True
+    seq_len: int = 256  # tokens per packed row
+    shuffle_seed: int = 0  # seed of the document order
+    grouping_seed: int = 0  # seed of the per-example groupings (with the global example index)
+    anchor_bos: bool = True  # each document's BOS alone in its first group (off = reference behaviour)
     split: str = "train"  # train | heldout (stdlib: split by file)
-    heldout_fraction: float = 0.05
-    worker_count: int = 0
-    prefetch: int = 2
+    heldout_fraction: float = 0.05  # fraction of documents (by file for file sources) held out for eval
+    worker_count: int = 0  # Grain worker processes (0 = in-process)
+    prefetch: int = 2  # batches prefetched per worker
     max_documents: int = 0  # 0 = all; a cap keeps the demo's epoch short
-    stages: tuple[StageConfig, ...] = (StageConfig("ar", 100),)
-    eval_strategies: tuple[str, ...] = ("ar", "random:4")
+    stages: tuple[StageConfig, ...] = (StageConfig("ar", 100),)  # the curriculum: list of {STRATEGY: STEPS}
+    eval_strategies: tuple[str, ...] = ("ar", "random:4")  # groupings of the held-out eval losses
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    # Axis sizes; -1 fills the devices left over. Product must equal the device count.
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    # logical axis name -> mesh axes (list) or null (replicated)
+    # Axis sizes; the product must equal the device count.
+    data: int = 1  # data-parallel axis size (-1 = the rest of the devices)
+    fsdp: int = -1  # FSDP axis size: params sharded over it, batch too (-1 = the rest)
+    tensor: int = 1  # tensor-parallel axis size: heads, MLP and vocab (-1 = the rest)
+    # logical axis name -> mesh axes (list) or null (replicated); merged over the defaults
     rules: tuple[tuple[str, Any], ...] = (
         ("batch", ("data", "fsdp")),
         ("length", None),
@@ -154,48 +154,48 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = 3e-4
-    end_learning_rate_fraction: float = 0.1
-    warmup_steps: int = 50
+    learning_rate: float = 3e-4  # peak learning rate (AdamW)
+    end_learning_rate_fraction: float = 0.1  # final lr as a fraction of the peak (cosine/linear)
+    warmup_steps: int = 50  # linear warmup steps
     schedule: str = "cosine"  # cosine | linear | constant
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.01  # decoupled weight decay (matrices only; not norms, query_embed)
+    grad_clip: float = 1.0  # global-norm gradient clipping (0 = off)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    global_batch_size: int = 8
+    global_batch_size: int = 8  # rows per optimizer step, over all processes
     microbatches: int = 1  # gradient accumulation inside the step
     steps: int = 0  # 0 = sum of the curriculum's stage steps
-    seed: int = 0
-    z_loss: float = 0.0
+    seed: int = 0  # seed of the init and the step rng
+    z_loss: float = 0.0  # weight of the z-loss (log Z)^2 term
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf instead of stopping
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
+    log_every: int = 10  # steps between console/metrics lines
+    eval_every: int = 100  # steps between held-out evaluations (0 = only at the end)
+    eval_batches: int = 4  # held-out batches per evaluation and strategy
     eval_at_start: bool = False  # also evaluate before the first step (the converted model's baseline)
     peak_flops_per_device: float = 0.0  # 0 = look up from the chip table
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()  # optimizer section
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 100
-    max_to_keep: int = 3
-    async_save: bool = True
+    every: int = 100  # steps between checkpoints (also saved at the end and on SIGTERM/SIGINT)
+    max_to_keep: int = 3  # checkpoints kept (older ones deleted)
+    async_save: bool = True  # write checkpoints in the background
 
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    mesh: MeshConfig = MeshConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()  # model section (or a file name in configs/model/)
+    data: DataConfig = DataConfig()  # data section (or a file name, e.g. curriculum/paper)
+    mesh: MeshConfig = MeshConfig()  # device mesh section
+    train: TrainConfig = TrainConfig()  # training section
+    checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint section
+    run_dir: str = "runs/default"  # where checkpoints, metrics and logs go
 
     def validate(self, where: str = "config") -> None:
         self.model.validate(f"{where}: model")

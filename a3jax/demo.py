@@ -39,11 +39,15 @@ def _final_params(cfg):
     psh = param_shardings(cfg.model, mesh, rules)
     ssh = state_shardings(optimizer, psh, param_shapes(cfg.model), mesh)
     ckpts = RunCheckpoints(cfg.run_dir, cfg.checkpoint, log=lambda m: None)
-    restored = ckpts.restore_latest(abstract_state(optimizer, param_shapes(cfg.model), ssh), None, 1)
-    ckpts.close()
-    if restored is None:
+    step = ckpts.latest_step()
+    if step is None:
         raise RuntimeError(f"no checkpoint under {cfg.run_dir}/checkpoints")
-    return restored[1].params
+    import orbax.checkpoint as ocp
+
+    target = abstract_state(optimizer, param_shapes(cfg.model), ssh)
+    state = ckpts.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    ckpts.close()
+    return state.params
 
 
 def heldout_functions(max_len: int, count: int, heldout_fraction: float = 0.05, seed: int = 0) -> list[dict]:
@@ -95,19 +99,24 @@ def infill_report(cfg, params, tokenizer, items, group_size: int, show: int):
         tokens[r, :len(ids)] = ids
         valid[r, :len(ids)] = True
         known[r, 1 + it["start"]:1 + it["end"]] = False  # +1: BOS
+    tokens[~known] = tokenizer.mask_id  # blanks hold MASK: any left unfilled would show
     report = {}
     for order in ORDERS:
         filled = infill(cfg, params, tokens, known, order=order, group_size=group_size, valid=valid, seed=0)
-        exact, total, rouge = 0, 0, []
+        exact, total, rouge, samples = 0, 0, [], []
         for r, it in enumerate(items):
             truth = it["text"][it["start"]:it["end"]]
             got = tokenizer.decode(filled[r, 1 + it["start"]:1 + it["end"]].tolist())
             exact += sum(a == c for a, c in zip(got, truth))
             total += len(truth)
             rouge.append(scorer.score(truth, got)["rougeL"].fmeasure)
+            samples.append(dict(truth=truth, model=got))
             if r < show:
                 print(f"  [{order:>13}] truth: {truth!r}\n  {'':>15} model: {got!r}")
-        report[order] = dict(exact_chars=exact / max(total, 1), rougeL=float(np.mean(rouge)))
+        report[order] = dict(exact_chars=exact / max(total, 1), rougeL=float(np.mean(rouge)),
+                             unfilled=int((filled[~known] == tokenizer.mask_id).sum()),
+                             changed_known=int((filled[known & valid] != tokens[known & valid]).sum()),
+                             samples=samples)
     return report
 
 
@@ -151,7 +160,8 @@ def run(config_path: str, overrides=(), infill_count: int = 16, show: int = 4) -
     ll_res = likelihood_report(cfg.model, params, cfg.data)
     png = plot_run(cfg.run_dir)
 
-    print(f"\n{'order':>14} {'exact chars':>12} {'ROUGE-L':>8}")
+    print(f"\n{'order':>14} {'exact chars':>12} {'ROUGE-L':>8}  (blank: first body line of {len(items)} "
+          f"held-out functions)")
     for order, r in infill_res.items():
         print(f"{order:>14} {r['exact_chars']:>12.3f} {r['rougeL']:>8.3f}")
     print(f"\n{'grouping':>14} {'nats/token':>11} {'bits/byte':>10}")
