@@ -27,6 +27,15 @@ def target_mask(batch) -> jax.Array:
     return m.astype(jnp.float32)
 
 
+def target_count(batch, stream: str = "query") -> jax.Array:
+    """Number of targets of a batch (the loss normaliser), matching loss_sums' targets."""
+    mask = target_mask(batch)
+    if stream == "content":
+        same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+        return (mask[:, 1:] * same.astype(mask.dtype)).sum()
+    return mask.sum()
+
+
 def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
     """(sum of nll, sum of z-loss term, number of correct argmax predictions) over mask. logits fp32."""
     logits = logits.astype(jnp.float32)
@@ -39,10 +48,18 @@ def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
 
 
 def loss_sums(cfg_model, params, batch, z_loss: float = 0.0, stream: str = "query"):
-    """Forward + summed loss terms of one (micro)batch: dict(nll, z, correct, tokens)."""
+    """Forward + summed loss terms of one (micro)batch: dict(nll, z, correct, tokens).
+
+    stream="query" is the A3 loss (logits at i predict tokens[i]). stream="content" is the plain
+    causal LM baseline (the content stream with groups = positions is exactly LLaMA): logits at i
+    predict tokens[i+1] within the same segment; it needs the AR layout (rows in position order)."""
     logits = apply_model(cfg_model, params, *(batch[k] for k in MODEL_KEYS), stream=stream)
     mask = target_mask(batch)
-    nll, zl, correct = cross_entropy_sums(logits, batch["tokens"], mask, z_loss)
+    targets = batch["tokens"]
+    if stream == "content":
+        same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+        logits, targets, mask = logits[:, :-1], targets[:, 1:], mask[:, 1:] * same.astype(mask.dtype)
+    nll, zl, correct = cross_entropy_sums(logits, targets, mask, z_loss)
     return {"nll": nll, "z": zl, "correct": correct, "tokens": mask.sum()}
 
 

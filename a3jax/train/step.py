@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from a3jax.train.loss import MODEL_KEYS, loss_sums, objective, target_mask
+from a3jax.train.loss import MODEL_KEYS, loss_sums, objective, target_count
 
 BATCH_KEYS = MODEL_KEYS + ("loss_mask",)
 
@@ -35,14 +35,15 @@ def _split_micro(x, k: int):
     return jnp.swapaxes(x, 0, 1)
 
 
-def train_step(cfg, optimizer, schedule, state, batch):
-    """Unjitted step (see make_train_step)."""
+def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
+    """Unjitted step (see make_train_step). stream="content" trains the plain causal LM instead (the
+    AR baseline of bench/train.py; see loss.loss_sums)."""
     mcfg, tcfg = cfg.model, cfg.train
     k = int(tcfg.microbatches)
     batch = {key: batch[key] for key in BATCH_KEYS if key in batch}
-    denom = jnp.maximum(target_mask(batch).sum(), 1.0)
+    denom = jnp.maximum(target_count(batch, stream), 1.0)
     grad_fn = jax.value_and_grad(
-        lambda p, mb: objective(mcfg, p, mb, denom, tcfg.z_loss), has_aux=True)
+        lambda p, mb: objective(mcfg, p, mb, denom, tcfg.z_loss, stream), has_aux=True)
 
     if k == 1:
         (_, sums), grads = grad_fn(state.params, batch)
@@ -80,11 +81,12 @@ def train_step(cfg, optimizer, schedule, state, batch):
     return new_state, metrics
 
 
-def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh):
-    """jit(train_step) with state shardings pinned in and out, the state donated, metrics replicated."""
+def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, stream: str = "query"):
+    """jit(train_step) with state shardings pinned in and out, the state donated, metrics replicated.
+    Call it inside `a3jax.sharding.activate(mesh, rules)` (activation constraints use the rules)."""
     replicated = NamedSharding(mesh, P())
     batch_sh = {key: batch_sharding for key in BATCH_KEYS}
-    return jax.jit(lambda s, b: train_step(cfg, optimizer, schedule, s, b),
+    return jax.jit(lambda s, b: train_step(cfg, optimizer, schedule, s, b, stream),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                    donate_argnums=(0,))
 
