@@ -315,6 +315,8 @@ def _train(cfg: Config, stop: _StopFlag, log, progress_bar, tensorboard, stop_at
         return rec
 
     end = total if stop_at_step is None else min(total, int(stop_at_step))
+    if start >= total:
+        log(f"nothing to do: the run is complete at step {start} of {total} (raise train.steps to continue)")
     # Testing/debugging knob: sleep after every step (the fault tests use it to kill -9 a run
     # reliably between two checkpoints). Not a config key: it must never change results.
     debug_sleep = float(os.environ.get("A3JAX_DEBUG_STEP_SLEEP", "0") or 0)

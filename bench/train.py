@@ -1,0 +1,154 @@
+"""Train-step throughput: the A3 two-stream step vs the plain causal (AR, content stream only) step.
+
+    python bench/train.py [--quick] [--steps 5] [--out bench/results/train.json]
+
+Both steps are the real jitted `a3jax.train.step` (AdamW, clipping, donation, pinned shardings) on the
+same model and the same tokens per step; the AR step runs `apply_model(..., stream="content")` with
+groups = positions and next-token targets, the A3 step the query-stream loss on random groups of 4
+(rows in generation order, as the pipeline emits them). Model FLOPs per token come from
+a3jax.train.metrics (the two-stream formula); MFU is reported against the chip table, or on CPUs
+against a measured fp32 matmul peak of this machine (--peak to override). Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
+from a3jax.model import init_params, param_shapes  # noqa: E402
+from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of  # noqa: E402
+from a3jax.train import metrics as M  # noqa: E402
+from a3jax.train.state import create_state, make_optimizer, state_shardings  # noqa: E402
+from a3jax.train.step import make_train_step  # noqa: E402
+
+SIZES = {
+    # name: model (vocab 260 = the byte tokenizer)
+    "small": ModelConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2,
+                         max_position_embeddings=4096),
+    "tiny": ModelConfig(max_position_embeddings=4096),  # configs/model/tiny.yaml: d=256, L=4, 3.0M params
+}
+
+
+def matmul_peak(n: int = 1024, reps: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s of the default device (a practical CPU 'peak')."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a = f(a) * 1e-3
+    a.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def make_batch(rng, b, t, stream):
+    tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
+    segs = np.ones((b, t), np.int32)
+    if stream == "content":  # AR: groups = positions, rows in position order
+        pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+        groups = pos.copy()
+    else:  # A3: random groups of 4 in random order, rows sorted by group (generation order)
+        pos = np.stack([rng.permutation(t) for _ in range(b)]).astype(np.int32)
+        groups = np.broadcast_to(np.arange(t, dtype=np.int32) // 4, (b, t)).copy()
+    return {"tokens": tokens, "positions": pos, "groups": groups, "segment_ids": segs,
+            "loss_mask": np.ones((b, t), np.int32)}
+
+
+def time_step(mcfg, seq, batch, stream, steps, mesh, rules):
+    cfg = Config(model=mcfg, train=TrainConfig(global_batch_size=batch, optimizer=OptimizerConfig(warmup_steps=1)))
+    opt, sched = make_optimizer(cfg.train.optimizer, 1000)
+    psh = param_shardings(mcfg, mesh, rules)
+    ssh = state_shardings(opt, psh, param_shapes(mcfg), mesh)
+    bsh = batch_sharding(mesh, rules)
+    step = make_train_step(cfg, opt, sched, ssh, bsh, mesh, stream=stream)
+    params = jax.device_put(init_params(mcfg, jax.random.PRNGKey(0)), psh)
+    state = create_state(params, opt, 0, ssh)
+    b = jax.device_put(make_batch(np.random.default_rng(0), batch, seq, stream), bsh)
+    with activate(mesh, rules):
+        t0 = time.perf_counter()
+        state, m = step(state, b)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        state, m = step(state, b)  # one more warm step
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, m = step(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(m["loss"]))
+    return float(np.median(times)), compile_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small,tiny")
+    ap.add_argument("--seqs", default="256,1024")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s per device (default: table or measured)")
+    ap.add_argument("--quick", action="store_true", help="small model, seq 256 only, 3 steps")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json"))
+    a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.seqs, a.steps = "small", "256", 3
+    dev = jax.devices()[0]
+    peak = M.peak_flops_per_device(dev.device_kind, a.peak)
+    peak_src = "override" if a.peak else ("chip table" if peak else "measured fp32 matmul")
+    if peak is None:
+        peak = matmul_peak()
+    mesh_cfg = MeshConfig(data=1, fsdp=-1, tensor=1)
+    mesh, rules = make_mesh(mesh_cfg), rules_of(mesh_cfg)
+    n_dev = jax.device_count()
+    rows = []
+    for size in a.sizes.split(","):
+        for seq in (int(s) for s in a.seqs.split(",")):
+            mcfg = SIZES[size]
+            batch = max(n_dev, a.tokens // seq)
+            res = {"size": size, "seq": seq, "batch": batch,
+                   "params": int(sum(np.prod(s) for s in jax.tree.leaves(
+                       param_shapes(mcfg), is_leaf=lambda x: isinstance(x, tuple))))}
+            for name, stream in (("ar", "content"), ("a3", "query")):
+                dt, comp = time_step(mcfg, seq, batch, stream, a.steps, mesh, rules)
+                tps = batch * seq / dt
+                flops = M.train_flops_per_token(mcfg, seq, name)
+                res[name] = {"step_s": dt, "compile_s": comp, "tokens_per_s": tps,
+                             "flops_per_token": flops, "mfu": flops * tps / (peak * n_dev)}
+            res["time_ratio"] = res["a3"]["step_s"] / res["ar"]["step_s"]
+            res["flops_ratio"] = res["a3"]["flops_per_token"] / res["ar"]["flops_per_token"]
+            rows.append(res)
+            print(f"{size:>6} T={seq:<5} B={batch:<3} AR {res['ar']['step_s'] * 1e3:8.1f} ms "
+                  f"{res['ar']['tokens_per_s']:9,.0f} tok/s MFU {100 * res['ar']['mfu']:5.1f}% | "
+                  f"A3 {res['a3']['step_s'] * 1e3:8.1f} ms {res['a3']['tokens_per_s']:9,.0f} tok/s "
+                  f"MFU {100 * res['a3']['mfu']:5.1f}% | A3/AR time {res['time_ratio']:.2f}x "
+                  f"(FLOPs {res['flops_ratio']:.2f}x)", flush=True)
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": f"{n_dev} x {dev.device_kind} ({dev.platform})",
+        "jax": jax.__version__,
+        "peak_flops_per_device": peak, "peak_source": peak_src,
+        "command": "python bench/train.py" + (" --quick" if a.quick else ""),
+        "dtype": SIZES["small"].dtype, "optimizer": "AdamW + clip (full train step)",
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
