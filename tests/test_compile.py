@@ -83,17 +83,32 @@ def test_compile_tiny_for_v5e_2x2(tmp_path):
     assert format_report(rep).splitlines()[0] == text.splitlines()[0]
 
 
-def test_compile_reports_when_it_does_not_fit(tmp_path):
-    r, rep = _compile(tmp_path, "--topology", "v5e:2x2", "--programs", "decode", "--hbm-gib", "0.0001")
-    assert r.returncode == 3, r.stdout + r.stderr
+def _compile_here(tmp_path, capsys, *args):
+    """In this process (the TPU compiler loads next to the test's CPU backend): cheaper than a subprocess."""
+    from a3jax.compile import cli_main
+
+    cfg = tmp_path / "compile_test.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "report.json"
+    rc = cli_main([str(cfg), "--json", str(out), *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_compile_reports_when_it_does_not_fit(tmp_path, capsys):
+    rc, out, err, rep = _compile_here(tmp_path, capsys, "--topology", "v5e:2x2", "--programs", "decode",
+                                      "--hbm-gib", "0.0001")
+    assert rc == 3, out + err
     assert rep["fits"] is False and rep["programs"]["decode"]["fits"] is False
-    assert "fits: NO" in r.stdout
+    assert "fits: NO" in out
 
 
-def test_compile_errors_name_the_problem(tmp_path):
-    r, _ = _compile(tmp_path, "--topology", "v7x:2x2")
-    assert r.returncode == 1 and "unknown TPU family 'v7x'" in r.stderr
-    r, _ = _compile(tmp_path, "--topology", "v5e:2x2", "--programs", "train,serve")
-    assert r.returncode == 1 and "'serve' is not one of train, prefill, decode" in r.stderr
-    r, _ = _compile(tmp_path, "--topology", "v5e:2x2", "mesh.fsdp=3")
-    assert r.returncode == 1 and "mesh" in r.stderr and "4 devices" in r.stderr
+def test_compile_errors_name_the_problem(tmp_path, capsys):
+    for args, msg in [
+        (["--topology", "v7x:2x2"], "unknown TPU family 'v7x'"),
+        (["--topology", "v5e:2x2", "--programs", "train,serve"], "'serve' is not one of train, prefill, decode"),
+        (["--topology", "v5e:2x2", "mesh.fsdp=3"], "but there are 4 devices"),
+        (["--topology", "v5e:2x2", "model.remat=sometimes"], "model.remat: 'sometimes' is not one of"),
+    ]:
+        rc, out, err, rep = _compile_here(tmp_path, capsys, *args)
+        assert rc == 1 and msg in err and rep is None, (args, err)
