@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Mapping, Optional
 
 ENV_PREFIX = "A3JAX_"
@@ -207,11 +208,13 @@ def _already_initialized(jax) -> bool:
 
 
 def is_main_process() -> bool:
-    """True on process 0 (and in a single-process run): the one that writes logs and run files."""
-    if _PLAN is None or _PLAN.mode == "single":
+    """True on process 0 (and in a single-process run): the one that writes logs and run files.
+    Never starts a JAX backend by itself (safe to call before initialize())."""
+    if _PLAN is not None and _PLAN.mode == "single":
         return True
-    import jax
-
+    jax = sys.modules.get("jax")
+    if jax is None or not _already_initialized(jax):
+        return True
     return jax.process_index() == 0
 
 

@@ -98,9 +98,12 @@ def test_initialize_is_idempotent_and_passes_the_plan(monkeypatch):
     monkeypatch.setattr(dist, "_PLAN", None)
     env = {"A3JAX_COORDINATOR": "127.0.0.1:5555", "A3JAX_NUM_PROCESSES": "2", "A3JAX_PROCESS_ID": "1",
            "A3JAX_INIT_TIMEOUT": "17"}
+    assert dist.is_main_process()  # before initialize: never touches JAX
     first = dist.initialize(env)
     again = dist.initialize({})  # a later call, whatever the environment, returns the first answer
     assert first is again and first.mode == "env"
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert not dist.is_main_process()
     assert calls == [dict(coordinator_address="127.0.0.1:5555", num_processes=2, process_id=1,
                           local_device_ids=None, initialization_timeout=17)]
     monkeypatch.setattr(dist, "_PLAN", None)
