@@ -22,6 +22,11 @@ COMMANDS = {
 }
 
 
+# Commands that run on devices join the multi-process job first (a3jax.distributed: TPU pod, SLURM,
+# A3JAX_* variables; a single process when none is set). `train` does it itself, after its config.
+DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo"}
+
+
 def usage() -> str:
     lines = ["usage: a3jax <command> [args]  (a3jax <command> --help for details)", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
@@ -38,4 +43,12 @@ def main(argv=None) -> int:
         print(f"a3jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if name in DEVICE_COMMANDS and not any(a in ("-h", "--help") for a in rest):
+        from a3jax.distributed import DistributedError, initialize
+
+        try:
+            initialize()
+        except DistributedError as e:
+            print(f"a3jax {name}: {e}", file=sys.stderr)
+            return 1
     return int(getattr(importlib.import_module(module), func)(rest) or 0)

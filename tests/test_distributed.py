@@ -226,3 +226,17 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     for (k, a), (_, b) in zip(ref_state, mp_state):
         assert a.shape == b.shape and a.dtype == b.dtype, k
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(k))
+
+
+def test_device_commands_join_the_job_first_and_report_bad_env(capsys, monkeypatch):
+    """generate/infill/score/eval/demo call distributed.initialize() before anything else: a half-set
+    environment is a clear error naming the missing variables, not a hang or a single-process run."""
+    from a3jax.cli import DEVICE_COMMANDS, main
+
+    monkeypatch.setenv("A3JAX_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.delenv("A3JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("A3JAX_PROCESS_ID", raising=False)
+    for name in sorted(DEVICE_COMMANDS):
+        assert main([name, "--ckpt", "/nonexistent"]) == 1
+        err = capsys.readouterr().err
+        assert f"a3jax {name}:" in err and "A3JAX_NUM_PROCESSES" in err, err
