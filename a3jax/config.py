@@ -332,6 +332,9 @@ def to_dict(obj) -> dict:
 # ----------------------------------------------------------------------------- files and overrides
 
 
+SECTION_FILES = ("model", "data", "mesh", "train", "checkpoint")  # sections that may name a YAML file
+
+
 def _read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
@@ -378,7 +381,7 @@ def load_dict(path: str, _seen=()) -> dict:
     if "base" in data:
         merged = load_dict(_resolve(data.pop("base"), base_dir), _seen + (path,))
     for section, value in data.items():
-        if isinstance(value, str) and section in ("model", "data", "mesh", "train", "checkpoint"):
+        if isinstance(value, str) and section in SECTION_FILES:
             value = _read_yaml(_resolve(value, base_dir, section))
         merged = _merge(merged, {section: value})
     return merged
@@ -396,8 +399,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
         parts = key.strip().split(".")
-        if len(parts) == 1 and parts[0] in ("model",) and isinstance(val, str):
-            val = _read_yaml(_resolve(val, CONFIG_ROOT, parts[0]))
+        if len(parts) == 1 and parts[0] in SECTION_FILES and isinstance(val, str):
+            # `model=llama3.2-1b`, `data=curriculum/paper`: a section file, merged like in a config file.
+            values = _merge(values, {parts[0]: _read_yaml(_resolve(val, CONFIG_ROOT, parts[0]))})
+            continue
         node = values
         for p in parts[:-1]:
             nxt = node.get(p)

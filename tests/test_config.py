@@ -1,6 +1,9 @@
 """Config loading: files, section files, base chains, overrides, and errors that name the key."""
+import os
+
 import pytest
 
+from a3jax.config import CONFIG_ROOT as CONFIG_ROOT_DIR
 from a3jax.config import Config, ConfigError, ModelConfig, apply_overrides, build, load_config, to_dict
 
 
@@ -68,3 +71,13 @@ def test_shipped_model_configs_load():
     assert {"tiny.yaml", "llama3.2-1b.yaml", "llama3.2-3b.yaml", "llama3.1-8b.yaml"} <= set(names)
     for n in names:
         assert isinstance(load_model_config(os.path.join(CONFIG_ROOT, "model", n)), ModelConfig)
+
+
+def test_section_file_overrides_merge():
+    cfg = load_config(os.path.join(CONFIG_ROOT_DIR, "base.yaml"), ["model=llama3.2-1b", "data=curriculum/paper",
+                                                                   "data.seq_len=512"])
+    assert cfg.model.hidden_size == 2048 and cfg.model.rope_type == "llama3"
+    assert [s.steps for s in cfg.data.stages] == [800] * 5 and cfg.data.stages[0].strategy == "ar"
+    assert cfg.data.seq_len == 512 and cfg.data.source == "stdlib"  # merged, not replaced
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(None, ["model=nope-70b"])
