@@ -379,17 +379,14 @@ def cli_main(argv) -> int:
     parser.add_argument("--hbm-gib", type=float, default=0.0)
     parser.add_argument("--json", default="")
     ns = parser.parse_intermixed_args(argv)
-    path, overrides = None, []
-    for a in ns.args:
-        if "=" in a:
-            overrides.append(a)
-        elif path is None:
-            path = a
-        else:
-            print(f"a3jax compile: unexpected argument {a!r} (overrides look like key.sub=value)", file=sys.stderr)
-            return 2
+    from a3jax.config import ConfigError, load_config, split_config_args
+
+    try:
+        path, overrides = split_config_args(ns.args)
+    except ConfigError as e:
+        print(f"a3jax compile: {e}", file=sys.stderr)
+        return 2
     _quiet_libtpu_env(ns.topology)
-    from a3jax.config import ConfigError, load_config
 
     try:
         cfg = load_config(path, overrides)

@@ -413,6 +413,19 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def split_config_args(args) -> tuple[Optional[str], list[str]]:
+    """`CONFIG.yaml key=value ...` (MaxText style) -> (path or None, overrides)."""
+    path, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif path is None:
+            path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r} (overrides look like key.sub=value)")
+    return path, overrides
+
+
 def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> Config:
     """The one entry point: file (optional) + overrides -> validated Config."""
     values = load_dict(path) if path else {}

@@ -35,17 +35,14 @@ def cli_main(argv) -> int:
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="save a checkpoint and exit once this many steps are done (split a run into jobs)")
     ns = parser.parse_args(argv)
-    path, overrides = None, []
-    for a in ns.args:
-        if "=" in a:
-            overrides.append(a)
-        elif path is None:
-            path = a
-        else:
-            print(f"a3jax train: unexpected argument {a!r} (overrides look like key.sub=value)", file=sys.stderr)
-            return 2
+    from a3jax.config import ConfigError, load_config, split_config_args
 
-    from a3jax.config import ConfigError, load_config
+    try:
+        path, overrides = split_config_args(ns.args)
+    except ConfigError as e:
+        print(f"a3jax train: {e}", file=sys.stderr)
+        return 2
+
 
     try:
         cfg = load_config(path, overrides)
