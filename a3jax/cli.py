@@ -33,8 +33,28 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (requirements-dev.txt has it for `a3jax compile`) but no TPU chips here,
+    JAX would still probe the TPU backend and libtpu would log worker/metadata errors on every command.
+    Leave the TPU out of the platforms then; an explicit JAX_PLATFORMS always wins."""
+    import importlib.util
+    import os
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    from a3jax.distributed import tpu_chips_present
+
+    if tpu_chips_present():
+        return
+    cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    if "jax" in sys.modules:  # the chip probe imported jax, which read JAX_PLATFORMS already
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _skip_absent_tpu()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

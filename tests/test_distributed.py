@@ -240,3 +240,23 @@ def test_device_commands_join_the_job_first_and_report_bad_env(capsys, monkeypat
         assert main([name, "--ckpt", "/nonexistent"]) == 1
         err = capsys.readouterr().err
         assert f"a3jax {name}:" in err and "A3JAX_NUM_PROCESSES" in err, err
+
+
+def test_cli_leaves_out_an_absent_tpu_so_libtpu_stays_quiet():
+    """libtpu is a dev requirement (for `a3jax compile`); on a host without TPU chips the CLI must not
+    make JAX probe it (libtpu would log worker/metadata errors on every command)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES",
+                                                             "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY")}
+    code = ("from a3jax.cli import _skip_absent_tpu; _skip_absent_tpu(); import os, jax; "
+            "print(os.environ.get('JAX_PLATFORMS'), jax.devices()[0].platform)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if importlib.util.find_spec("libtpu") is not None:
+        assert out.stdout.split() == ["cpu", "cpu"], out.stdout
+        assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "TPU_ACCELERATOR_TYPE" not in out.stderr, out.stderr
+    else:
+        assert out.stdout.split()[-1] == "cpu"
