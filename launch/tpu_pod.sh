@@ -62,24 +62,8 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 [[ -n "$zone" ]] || die "no zone: pass --zone ZONE or set ZONE"
 [[ -n "$project" ]] || die "no project: pass --project PROJECT or set PROJECT"
 
-# q WORD: WORD quoted for a POSIX shell ('...' unless it is plain).
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./=:,@+%-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-# run CMD...: print it, copy-pastable (dry run), or run it.
-run() {
-  if [[ "$dry_run" == 1 ]]; then
-    local first=1 word
-    for word in "$@"; do
-      [[ $first == 1 ]] || printf ' '
-      first=0
-      q "$word"
-    done
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # q (quoting), run (dry-run aware)
 tpu_args=(--zone="$zone" --project="$project")
 ssh_all() { run gcloud compute tpus tpu-vm ssh "$tpu" "${tpu_args[@]}" --worker=all --command "$1"; }
 

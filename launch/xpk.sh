@@ -60,22 +60,8 @@ die() { echo "xpk.sh: $*" >&2; exit 2; }
 [[ -n "$project" ]] || die "no project: pass --project PROJECT or set PROJECT"
 [[ "$workload" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--workload '$workload' must be lowercase letters, digits and '-'"
 
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./=:,@+%-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-run() {
-  if [[ "$dry_run" == 1 ]]; then
-    local first=1 word
-    for word in "$@"; do
-      [[ $first == 1 ]] || printf ' '
-      first=0
-      q "$word"
-    done
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # q (quoting), run (dry-run aware)
 common=(--cluster "$cluster" --zone "$zone" --project "$project")
 
 if [[ "$action" == delete ]]; then
