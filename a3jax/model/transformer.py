@@ -97,23 +97,26 @@ def _layer(cfg: ModelConfig, p, xc, xq, c_rows: Rows, q_rows: Optional[Rows], ro
     dt = dtype_of(cfg.dtype)
     tc = xc.shape[1]
     # Rows that get updated: content rows (unless skipped) then query rows, stacked for one matmul.
-    parts, ids, ropes = [], [], []
+    # The content rows' normed input also feeds K/V, so each row set is normed once.
+    hc = rms_norm(xc, p["attn_norm"], cfg.rms_norm_eps)
+    parts, normed, ids, ropes = [], [], [], []
     if update_content:
         parts.append(xc)
+        normed.append(hc)
         ids.append((masks.stream_groups(c_rows.groups, masks.CONTENT), c_rows.segments))
         ropes.append(rope_c)
     if xq is not None:
         parts.append(xq)
+        normed.append(rms_norm(xq, p["attn_norm"], cfg.rms_norm_eps))
         ids.append((masks.stream_groups(q_rows.groups, masks.QUERY), q_rows.segments))
         ropes.append(rope_q)
-    x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    stack = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
+    x, h = stack(parts), stack(normed)
     row_groups = jnp.concatenate([g for g, _ in ids], axis=1)
     row_segs = jnp.concatenate([s for _, s in ids], axis=1)
     cos = jnp.concatenate([r[0] for r in ropes], axis=1)
     sin = jnp.concatenate([r[1] for r in ropes], axis=1)
 
-    hc = rms_norm(xc, p["attn_norm"], cfg.rms_norm_eps)
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps) if (xq is not None or not update_content) else hc
     q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
     k = jnp.einsum("bte,ehd->bthd", hc, p["wk"].astype(dt))
     v = jnp.einsum("bte,ehd->bthd", hc, p["wv"].astype(dt))
