@@ -18,17 +18,8 @@ from a3jax.train import metrics as M
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
 from a3jax.train.step import BATCH_KEYS, make_train_step, train_step
 from a3jax.train.trainer import train
-from train_helpers import enable_compile_cache, exact_view, read_jsonl, tiny_config, write_corpus
+from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "alpha.jsonl"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    return enable_compile_cache(str(tmp_path_factory.getbasetemp() / "jax-compile-cache"))
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -21,19 +21,11 @@ from a3jax.sharding import make_mesh, param_shardings, rules_of
 from a3jax.train.checkpointing import RunCheckpoints
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import NonFiniteLossError, train
-from train_helpers import enable_compile_cache, exact_view, read_jsonl, tiny_config, tiny_overrides, write_corpus
+from train_helpers import (compile_cache, corpus, exact_view, read_jsonl, tiny_config,  # noqa: F401 (fixtures)
+                           tiny_overrides)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "alpha.jsonl"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    return enable_compile_cache(str(tmp_path_factory.getbasetemp() / "jax-compile-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from a3jax.config import load_config
 
@@ -68,3 +69,14 @@ def enable_compile_cache(directory: str) -> dict:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+# Module-scoped fixtures shared by the training test modules (import them by name there).
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "alpha.jsonl"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    return enable_compile_cache(str(tmp_path_factory.getbasetemp() / "jax-compile-cache"))
