@@ -139,7 +139,6 @@ class MeshConfig:
         ("act_embed", None),
         ("act_heads", "tensor"),
         ("act_kv_heads", "tensor"),
-        ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
         ("vocab", "tensor"),
         ("embed", "fsdp"),
