@@ -1,6 +1,6 @@
 """A PyTorch re-implementation of the reference A3 code's training forward, for timing only.
 
-It follows the reference semantics and costs as A3-METHOD.md §6 describes them: dense B x L x L float
+It follows the reference semantics and costs as docs/method.md (last section) describes them: dense B x L x L float
 masks for both streams, K/V repeated for GQA, two separate attention passes per layer, the
 post-norm 'official' block, and the Python double loop that builds the unused target mapping on
 every forward. Written here from the description (not copied); bench/ may import torch, a3jax may not.
