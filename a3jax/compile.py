@@ -32,7 +32,21 @@ import os
 import sys
 import time
 
-# HBM per chip (GiB) by topology family.
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from a3jax.config import ConfigError, load_config, split_config_args
+from a3jax.decode.cache import cached_step_logits, prefill
+from a3jax.model import KVCache, param_shapes
+from a3jax.model.layers import dtype_of
+from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, param_shardings, rules_of
+from a3jax.train import metrics as metrics_lib
+from a3jax.train.state import abstract_state, make_optimizer, state_shardings
+from a3jax.train.step import BATCH_KEYS, make_train_step
+
+# HBM per chip (GiB) by topology family, as Google publishes it (v5p "95 GB", v6e "32 GB", ...).
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 FAMILY_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
 PROGRAMS = ("train", "prefill", "decode")
@@ -99,15 +113,18 @@ def _quiet_libtpu_env(topology: str = "") -> None:
     # Compile-only use: several compiles may run side by side (libtpu otherwise takes /tmp/libtpu_lockfile).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; the TPU one is compile-only
+    if "JAX_PLATFORMS" not in os.environ:
+        # The host's own backend; the TPU one is compile-only. JAX read JAX_PLATFORMS when it was
+        # imported, so its config is told too (its backends start later, at the first device query).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
 
 
 def topology_devices(topology: str):
     """The devices of a TPU topology description (compile-only; no TPU needed)."""
     _quiet_libtpu_env(topology)
-    from jax.experimental import topologies
-
     try:
+        # deferred: optional (a dev requirement), and it must load after the environment set above
         import libtpu  # noqa: F401
     except ImportError:
         raise CompileError("`a3jax compile` needs the TPU compiler: pip install libtpu "
@@ -123,20 +140,11 @@ def topology_devices(topology: str):
 
 
 def _abstract(shape, dtype, sharding):
-    import jax
-
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
 def lower_train(cfg, mesh, rules):
     """(lowered, description) of the real train step over `mesh`."""
-    import jax.numpy as jnp
-
-    from a3jax.model import param_shapes
-    from a3jax.sharding import activate, batch_sharding, param_shardings
-    from a3jax.train.state import abstract_state, make_optimizer, state_shardings
-    from a3jax.train.step import BATCH_KEYS, make_train_step
-
     optimizer, schedule = make_optimizer(cfg.train.optimizer, cfg.total_steps)
     pshapes = param_shapes(cfg.model)
     psh = param_shardings(cfg.model, mesh, rules)
@@ -153,41 +161,22 @@ def lower_train(cfg, mesh, rules):
 
 
 def _decode_shardings(cfg, mesh, rules, b, t):
-    from jax.sharding import NamedSharding
-
-    from a3jax.model import KVCache
-    from a3jax.sharding import logical_to_spec
-
+    """(k/v shape, the cache's shardings as a3jax.sharding defines them for the decoder)."""
     m = cfg.model
     kv_shape = (m.num_layers, b, t, m.num_kv_heads, m.head_size)
-    named = lambda names, shape: NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
-    kv = named(("layers", "batch", "cache_length", "kv_heads", "head_dim"), kv_shape)
-    ids = named(("batch", "cache_length"), (b, t))
-    return kv_shape, KVCache(kv, kv, ids, ids), ids
+    return kv_shape, KVCache(**cache_shardings(kv_shape, mesh, rules))
 
 
 def _serving_params(cfg, mesh, rules):
-    from a3jax.model import param_shapes
-    from a3jax.model.layers import dtype_of
-    from a3jax.sharding import param_shardings
-
     dt = dtype_of(cfg.model.param_dtype)
     psh = param_shardings(cfg.model, mesh, rules)
-    import jax
-
     return jax.tree.map(lambda s, sh: _abstract(s, dt, sh), param_shapes(cfg.model), psh,
                         is_leaf=lambda x: isinstance(x, tuple)), psh
 
 
 def lower_prefill(cfg, mesh, rules, b, t):
-    import jax
-    import jax.numpy as jnp
-
-    from a3jax.decode.cache import prefill
-    from a3jax.sharding import activate, batch_sharding
-
     params, psh = _serving_params(cfg, mesh, rules)
-    _, cache_sh, _ = _decode_shardings(cfg, mesh, rules, b, t)
+    _, cache_sh = _decode_shardings(cfg, mesh, rules, b, t)
     bsh = batch_sharding(mesh, rules)
     fn = jax.jit(lambda p, tok, pos, grp: prefill(cfg.model, p, tok, pos, grp),
                  in_shardings=(psh, bsh, bsh, bsh), out_shardings=cache_sh)
@@ -198,17 +187,8 @@ def lower_prefill(cfg, mesh, rules, b, t):
 
 
 def lower_decode(cfg, mesh, rules, b, t, c):
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from a3jax.decode.cache import cached_step_logits
-    from a3jax.model import KVCache
-    from a3jax.model.layers import dtype_of
-    from a3jax.sharding import activate, batch_sharding
-
     params, psh = _serving_params(cfg, mesh, rules)
-    kv_shape, cache_sh, _ = _decode_shardings(cfg, mesh, rules, b, t)
+    kv_shape, cache_sh = _decode_shardings(cfg, mesh, rules, b, t)
     bsh = batch_sharding(mesh, rules)
     rep = NamedSharding(mesh, P())
 
@@ -264,9 +244,6 @@ def analyse(compiled, hbm_bytes: float) -> dict:
 def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0, decode_length: int = 0,
                    group_size: int = 4, hbm_gib: float = 0.0, log=print) -> dict:
     """Compiles `programs` of `cfg` for `topology`; returns the report dict (see the module docstring)."""
-    from a3jax.sharding import make_mesh, rules_of
-    from a3jax.train import metrics as metrics_lib
-
     fam, dims = parse_topology(topology)
     for p in programs:
         if p not in PROGRAMS:
@@ -316,9 +293,6 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
 
 
 def _param_count(mcfg) -> int:
-    from a3jax.model import param_shapes
-    import jax
-
     return sum(_prod(s) for s in jax.tree.leaves(param_shapes(mcfg), is_leaf=lambda x: isinstance(x, tuple)))
 
 
@@ -379,8 +353,6 @@ def cli_main(argv) -> int:
     parser.add_argument("--hbm-gib", type=float, default=0.0)
     parser.add_argument("--json", default="")
     ns = parser.parse_intermixed_args(argv)
-    from a3jax.config import ConfigError, load_config, split_config_args
-
     try:
         path, overrides = split_config_args(ns.args)
     except ConfigError as e:

@@ -31,6 +31,10 @@ from typing import Mapping, Optional
 
 ENV_PREFIX = "A3JAX_"
 
+# JAX is imported only where it is used (deferred on purpose): a3jax.cli asks `tpu_chips_present()`
+# before it decides JAX_PLATFORMS, which JAX reads when it is imported, and a single-process run never
+# needs JAX from this module.
+
 
 class DistributedError(RuntimeError):
     """The environment describes a multi-process job inconsistently; the message names the variable."""
@@ -104,7 +108,7 @@ def slurm_port(env: Mapping[str, str]) -> int:
 def tpu_chips_present() -> bool:
     """True on a Cloud TPU VM (TPU chips on the PCI bus or accel device files)."""
     try:
-        from jax._src import hardware_utils  # private, but it is how JAX itself decides
+        from jax._src import hardware_utils  # deferred (see above); private, but it is how JAX decides
 
         chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
         if chips:
@@ -186,7 +190,7 @@ def initialize(env: Optional[Mapping[str, str]] = None) -> Plan:
         return _PLAN
     plan = plan_from_env(env)
     if plan.mode != "single":
-        import jax
+        import jax  # deferred (see above)
 
         if not _already_initialized(jax):
             timeout = int((env or os.environ).get("A3JAX_INIT_TIMEOUT", "300") or 300)
@@ -220,7 +224,7 @@ def is_main_process() -> bool:
 
 def process_info() -> dict:
     """{process_index, process_count, local_devices, devices, plan} (after initialize())."""
-    import jax
+    import jax  # deferred (see above)
 
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "local_devices": jax.local_device_count(), "devices": jax.device_count(),

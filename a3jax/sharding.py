@@ -1,21 +1,36 @@
-"""Mesh creation and logical-axis shardings for params, batches and caches.
+"""Mesh creation and logical-axis shardings for params, activations, batches and the KV cache.
 
-Logical axis names live on the params (a3jax.model.PARAM_AXES) and on activations; the mapping to the
-mesh axes (data, fsdp, tensor) is `MeshConfig.rules`. A logical axis whose mesh axes do not divide the
-dimension is replicated instead (e.g. 2 kv heads on a tensor axis of 4), so any config runs on any mesh.
+Logical axis names live on the params (a3jax.model's parameter axes), on activations (the model's
+`constrain` calls) and on the KV cache (`CACHE_AXES`); the mapping to the mesh axes (data, fsdp,
+tensor) is `MeshConfig.rules`. Every name goes through one resolver, `logical_to_spec`: a logical axis
+whose mesh axes do not divide the dimension is replicated instead (e.g. 2 kv heads on a tensor axis of
+4), so any config runs on any mesh. Batches use the same rule table (`batch_sharding`).
+
+This module knows nothing of the model: it takes names, shapes and trees of them, so the model can
+import it (for `constrain`) at its top.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
-import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from a3jax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axes of the KV cache (a3jax.model.KVCache) by field: keys/values [layers, batch, cache
+# length, kv heads, head dim] and the slots' group and segment ids [batch, cache length].
+KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = {"k": KV_AXES, "v": KV_AXES, "groups": ("batch", "cache_length"),
+              "segments": ("batch", "cache_length")}
+
+# (mesh, rules) while `activate` is in effect; read by `constrain` when a function is traced.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("a3jax_sharding_active", default=None)
 
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -42,10 +57,8 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
-    # Auto axes: linen init and GSPMD propagation do not work on Explicit axes (JAX-NOTES.md).
+    # Auto axes: linen's param init and GSPMD's sharding propagation do not work on Explicit axes.
     try:
-        from jax.experimental import mesh_utils
-
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # non-TPU topologies: plain reshape is as good
         arr = np.asarray(devices).reshape(shape)
@@ -58,28 +71,34 @@ def rules_of(mesh_cfg: MeshConfig) -> tuple:
 
 @contextlib.contextmanager
 def activate(mesh, rules):
-    """Mesh + logical rules active for tracing (activation constraints resolve against them)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
+    """Mesh + logical rules active for tracing: `constrain` (activations, the KV cache) resolves
+    against them; outside it `constrain` does nothing."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _rule_axes(rules, name, mesh) -> tuple:
+    """Mesh axes the rules give logical `name`, leaving out axes of size 1 (or not in the mesh)."""
+    axes = dict(rules).get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
 def _axis_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def logical_to_spec(names, shape, mesh, rules) -> P:
     """PartitionSpec for logical `names`; axes that do not divide the dim (or repeat) are dropped."""
-    table = dict(rules)
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
     used, out = set(), []
     for name, dim in zip(names, shape):
-        axes = table.get(name) if name is not None else None
-        if isinstance(axes, str):
-            axes = (axes,)
-        if axes:
-            axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        axes = tuple(a for a in _rule_axes(rules, name, mesh) if a not in used)
         if not axes or dim % _axis_size(mesh, axes):
             out.append(None)
             continue
@@ -88,11 +107,35 @@ def logical_to_spec(names, shape, mesh, rules) -> P:
     return P(*out)
 
 
+def constrain(x, names):
+    """Sharding constraint on an activation from its logical axis `names` (one per dim), resolved by
+    `logical_to_spec` against the mesh and rules of the enclosing `activate`; a no-op without one or
+    on a one-device mesh."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
 def tree_shardings(axes_tree, shapes_tree, mesh, rules):
     """NamedShardings for a pytree given its logical-axes tree and shapes tree (same structure)."""
     is_leaf = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
     return jax.tree.map(lambda names, shp: NamedSharding(mesh, logical_to_spec(names, shp, mesh, rules)),
                         axes_tree, shapes_tree, is_leaf=is_leaf)
+
+
+def cache_shardings(kv_shape, mesh, rules) -> dict:
+    """NamedShardings of the KV cache fields (k, v, groups, segments; see CACHE_AXES) for keys/values
+    of shape kv_shape [layers, batch, length, kv_heads, head_dim]: `KVCache(**cache_shardings(...))`."""
+    shapes = {"k": tuple(kv_shape), "v": tuple(kv_shape), "groups": tuple(kv_shape[1:3]),
+              "segments": tuple(kv_shape[1:3])}
+    return {f: NamedSharding(mesh, logical_to_spec(CACHE_AXES[f], shapes[f], mesh, rules)) for f in CACHE_AXES}
+
+
+# Param placement. These need the model's parameter table, and a3jax.model imports this module at its
+# top (for `constrain`), so they import a3jax.model when called: the one deferred import, which
+# keeps the two modules free of an import cycle.
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules):
@@ -104,12 +147,11 @@ def param_shardings(cfg: ModelConfig, mesh, rules):
 
 
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
-    """Batch arrays [B, T, ...]: batch over the data axes, the rest replicated."""
-    names = ("batch",) + (None,) * (ndim - 1)
-    spec = dict(rules).get("batch")
-    spec = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    spec = tuple(a for a in spec if mesh.shape.get(a, 1) > 1)
-    return NamedSharding(mesh, P(spec if spec else None, *([None] * (ndim - 1))))
+    """Batch arrays [B, T, ...]: the batch dim over the mesh axes of the `batch` rule, the rest
+    replicated. Unlike `logical_to_spec` nothing is dropped: a global batch the data axes do not
+    divide is an error, not a silently replicated batch."""
+    axes = _rule_axes(rules, "batch", mesh)
+    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
 
 
 def shard_params(params, cfg: ModelConfig, mesh, rules):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from a3jax.compile import CompileError, HBM_GIB, accelerator_type, format_report, parse_topology
+from a3jax.compile import (CompileError, HBM_GIB, accelerator_type, analyse, cli_main, format_report,
+                           parse_topology)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,11 +32,50 @@ def test_parse_topology_and_accelerator_types():
     assert accelerator_type("v5p", (4, 4, 4)) == "v5p-128"
     assert accelerator_type("v4", (2, 2, 2)) == "v4-16"
     assert accelerator_type("v6e", (4, 4)) == "v6e-16"
-    assert HBM_GIB == {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
     for bad, msg in [("v5p", "FAMILY:SHAPE"), ("v9:2x2", "unknown TPU family 'v9'"), ("v5e:2xq", "shape '2xq'"),
                      ("v5e:0x2", "bad shape")]:
         with pytest.raises(CompileError, match=msg):
             parse_topology(bad)
+
+
+# HBM per chip as Google's Cloud TPU pages publish it (v4: 32 GiB; v5e: 16 GB; v5p: 95 GB; v6e
+# (Trillium): 32 GB), reached through the names a user types, aliases included.
+PUBLISHED_HBM_GIB = [("v4:2x2x1", 32), ("v5e:2x2", 16), ("v5litepod:4x4", 16), ("v5p:4x4x4", 95),
+                     ("v6e:4x4", 32), ("v6:2x2", 32)]
+
+
+@pytest.mark.parametrize("topology, gib", PUBLISHED_HBM_GIB)
+def test_hbm_per_chip_is_the_published_size(topology, gib):
+    family, _ = parse_topology(topology)
+    assert HBM_GIB[family] == gib
+
+
+class _Compiled:
+    """Stands in for a compiled program: fixed memory and cost analyses."""
+
+    def __init__(self, temp):
+        self.temp = temp
+
+    def memory_analysis(self):
+        gib = 2 ** 30
+        return type("Mem", (), dict(argument_size_in_bytes=10 * gib, output_size_in_bytes=3 * gib,
+                                    alias_size_in_bytes=2 * gib, temp_size_in_bytes=self.temp,
+                                    generated_code_size_in_bytes=gib))()
+
+    def cost_analysis(self):
+        return [{"flops": 123.0, "bytes accessed": 456.0}]
+
+
+def test_fit_verdict_against_a_hand_computed_total():
+    gib = 2 ** 30
+    # Live at once: 10 (arguments) + 3 (outputs) - 2 (outputs aliased to donated arguments) + 4 (temps)
+    # + 1 (code) = 16 GiB: exactly a v5e chip.
+    r = analyse(_Compiled(temp=4 * gib), 16 * gib)
+    assert r["total"] == 16 * gib and r["fits"] is True and r["headroom_fraction"] == 0.0
+    assert (r["flops_xla"], r["bytes_accessed_xla"]) == (123.0, 456.0)
+    over = analyse(_Compiled(temp=4 * gib + 1), 16 * gib)
+    assert over["total"] == 16 * gib + 1 and over["fits"] is False and over["headroom_fraction"] < 0
+    assert analyse(_Compiled(temp=4 * gib + 1), 95 * gib)["headroom_fraction"] == pytest.approx(1 - 16 / 95)
 
 
 def _compile(tmp_path, *args):
@@ -85,8 +125,6 @@ def test_compile_tiny_for_v5e_2x2(tmp_path):
 
 def _compile_here(tmp_path, capsys, *args):
     """In this process (the TPU compiler loads next to the test's CPU backend): cheaper than a subprocess."""
-    from a3jax.compile import cli_main
-
     cfg = tmp_path / "compile_test.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "report.json"

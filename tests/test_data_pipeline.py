@@ -5,10 +5,11 @@ import grain
 import numpy as np
 import pytest
 
-from a3jax.config import DataConfig, StageConfig
+from a3jax.config import DataConfig, MeshConfig, StageConfig
 from a3jax.data import (ByteTokenizer, build_rows, make_eval_batches, make_train_dataset,
                         make_train_iterator, to_global_batch)
 from a3jax.data.checks import check_batch
+from a3jax.sharding import rules_of
 
 TOK = ByteTokenizer()
 KEYS = ("tokens", "positions", "groups", "segment_ids", "loss_mask", "stage", "example_index")
@@ -209,7 +210,7 @@ def test_to_global_batch_sharded_over_data_axes(corpus_dir):
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     b = next(make_train_iterator(cfg_for(corpus_dir), 8))
-    g = to_global_batch(b, mesh)
+    g = to_global_batch(b, mesh, rules_of(MeshConfig()))
     assert set(g) == set(b)
     for k in b:
         assert g[k].shape == b[k].shape and g[k].dtype == np.int32

@@ -3,15 +3,19 @@ run on loopback (launch/local.sh -> a3jax train -> initialize()) checked against
 devices: same losses, same final params, per-process Grain iterator states saved and restored."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from a3jax import distributed as dist
+from a3jax.cli import DEVICE_COMMANDS, main
 from a3jax.distributed import DistributedError, Plan, first_slurm_host, plan_from_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,8 +94,6 @@ def test_tpu_vm_is_auto_discovered():
 
 
 def test_initialize_is_idempotent_and_passes_the_plan(monkeypatch):
-    import jax
-
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
@@ -159,9 +161,6 @@ def _train_records(run_dir) -> dict:
 
 def _load_state(path) -> list:
     """All arrays of a saved TrainState as numpy, whatever mesh wrote them."""
-    import jax
-    import orbax.checkpoint as ocp
-
     ck = ocp.PyTreeCheckpointer()
     meta = ck.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
@@ -231,8 +230,6 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
 def test_device_commands_join_the_job_first_and_report_bad_env(capsys, monkeypatch):
     """generate/infill/score/eval/demo call distributed.initialize() before anything else: a half-set
     environment is a clear error naming the missing variables, not a hang or a single-process run."""
-    from a3jax.cli import DEVICE_COMMANDS, main
-
     monkeypatch.setenv("A3JAX_COORDINATOR", "127.0.0.1:1")
     monkeypatch.delenv("A3JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("A3JAX_PROCESS_ID", raising=False)
@@ -245,10 +242,6 @@ def test_device_commands_join_the_job_first_and_report_bad_env(capsys, monkeypat
 def test_cli_leaves_out_an_absent_tpu_so_libtpu_stays_quiet():
     """libtpu is a dev requirement (for `a3jax compile`); on a host without TPU chips the CLI must not
     make JAX probe it (libtpu would log worker/metadata errors on every command)."""
-    import importlib.util
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES",
                                                              "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY")}
     code = ("from a3jax.cli import _skip_absent_tpu; _skip_absent_tpu(); import os, jax; "

@@ -4,7 +4,7 @@ See docs/data.md. Entry points used by the trainer, the decoder and the CLI:
 
     make_train_iterator(data_cfg, global_batch_size, process_index=0, process_count=1, start_step=0)
     make_eval_batches(data_cfg, batch_size, strategy, num_batches)
-    to_global_batch(batch, mesh, data_axes=("data", "fsdp"))
+    to_global_batch(batch, mesh, rules)     sharded as a3jax.sharding.batch_sharding(mesh, rules)
     load_tokenizer(spec); make_groups(strategy, length, rng); stage_for_step(stages, step)
     pack_documents(docs, seq_len, tokenizer, ...); make_row(text, tokenizer, ...)
     prepare(source, tokenizer, out_dir, num_workers); prepare.cli_main(argv)

@@ -25,7 +25,13 @@ batches are exactly those of the uninterrupted run.
 """
 from __future__ import annotations
 
+import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from a3jax.sharding import batch_sharding
 
 from .grouping import example_rng, parse_strategy, stage_for_step, validate_stages
 from .packing import PackedRows, layout_row, plan_packing
@@ -81,8 +87,6 @@ def _check_batch(global_batch_size: int, process_index: int, process_count: int)
 def make_train_dataset(data_cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1,
                        start_step: int = 0, rows: PackedRows | None = None):
     """The per-process `grain.IterDataset` of training batches (see the module docstring)."""
-    import grain
-
     local = _check_batch(global_batch_size, process_index, process_count)
     validate_stages(data_cfg.stages)
     rows = rows if rows is not None else build_rows(data_cfg)
@@ -97,14 +101,10 @@ def make_train_dataset(data_cfg, global_batch_size: int, process_index: int = 0,
 
 
 def _to_iter(ds, data_cfg):
-    import grain
-
     prefetch = max(0, int(data_cfg.prefetch))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=max(1, prefetch))
     it_ds = ds.to_iter_dataset(read)
     if data_cfg.worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -140,20 +140,17 @@ def make_eval_batches(data_cfg, batch_size: int, strategy: str, num_batches: int
     return out
 
 
-def to_global_batch(batch: dict, mesh, data_axes=("data", "fsdp")) -> dict:
-    """Per-process numpy batch -> global jax.Arrays, batch dim sharded over the mesh's `data_axes`.
+def to_global_batch(batch: dict, mesh, rules) -> dict:
+    """Per-process numpy batch -> global jax.Arrays sharded as `a3jax.sharding.batch_sharding(mesh,
+    rules)`, the sharding the train and eval steps pin their batch to (the batch dim over the mesh
+    axes of the `batch` rule).
 
-    Axes not in the mesh are ignored; JAX infers the global shape from the sharding (the local batch
-    times the number of processes the data axes span).
+    JAX infers the global shape from the sharding (the local batch times the number of processes the
+    batch axes span).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        spec = P(axes if axes else None, *([None] * (v.ndim - 1))) if v.ndim else P()
-        sharding = NamedSharding(mesh, spec)
+        sharding = batch_sharding(mesh, rules, v.ndim) if v.ndim else NamedSharding(mesh, P())
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out

@@ -18,18 +18,19 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
 from typing import Optional
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
 
-from .sources import PREPARED_META, SkipStats, read_file_documents, resolve_files, tokenize_texts
+from .sources import (PREPARED_FORMAT, PREPARED_META, PREPARED_VERSION, SkipStats, read_file_documents,
+                      resolve_files, tokenize_texts)
 from .tokenizers import load_tokenizer
-
-FORMAT = "a3jax-arrayrecord"
-VERSION = 1
 
 _WORKER_TOKENIZER = None  # set once per worker process by _init_worker
 
@@ -46,23 +47,9 @@ def _tokenize_file(job):
     return [(k, a.astype(dtype).tobytes()) for (k, _), a in zip(docs, ids)], skips
 
 
-def read_meta(directory: str) -> dict:
-    path = os.path.join(directory, PREPARED_META)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"not a prepared data directory (no {PREPARED_META}): {directory}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-    return meta
-
-
 def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, text_field: str = "text",
             docs_per_shard: int = 10000, max_documents: int = 0, progress: bool = True) -> dict:
     """Tokenizes `source` into ArrayRecord shards under `out_dir`; returns the written metadata."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm import tqdm
-
     t0 = time.time()
     tok = load_tokenizer(tokenizer)  # fail early (missing file, missing BOS/EOS) in this process
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<i4")
@@ -94,8 +81,6 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
     pool: Optional[cf.ProcessPoolExecutor] = None
     try:
         if num_workers and num_workers > 1:
-            import multiprocessing as mp
-
             pool = cf.ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"),
                                           initializer=_init_worker, initargs=(tokenizer,))
             results = pool.map(_tokenize_file, jobs, chunksize=max(1, min(64, len(jobs) // (4 * num_workers))))
@@ -122,7 +107,7 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
     np.savez(os.path.join(out_dir, "index.npz"), keys=np.asarray(keys, dtype=str),
              lengths=np.asarray(lengths, np.int64))
     meta = {
-        "format": FORMAT, "version": VERSION, "source": source, "tokenizer": tok.spec,
+        "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "source": source, "tokenizer": tok.spec,
         "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         "dtype": dtype.str, "index": "index.npz", "shards": shards, "num_documents": len(keys),
         "num_tokens": int(sum(lengths)), "num_files": len(files), "skipped": skips.counts,

@@ -33,11 +33,16 @@ import os
 import sysconfig
 from typing import Iterator, Optional, Sequence
 
+import grain
 import numpy as np
+import pyarrow.parquet as pq
 
 STDLIB_EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                                  "__pycache__"})
+# A prepared directory (written by a3jax.data.prepare, read here): its metadata file and format.
 PREPARED_META = "a3jax_data.json"
+PREPARED_FORMAT = "a3jax-arrayrecord"
+PREPARED_VERSION = 1
 SPLITS = ("train", "heldout", "all")
 
 
@@ -211,10 +216,6 @@ def read_file_documents(path: str, key: str, text_field: str = "text",
                 docs.append((k, text))
     elif kind == "parquet":
         try:
-            import pyarrow.parquet as pq
-        except ImportError as e:  # pragma: no cover - pyarrow is in requirements.txt
-            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-        try:
             schema = pq.read_schema(path)
         except Exception:
             skips.add("unreadable_parquet", key)
@@ -281,13 +282,23 @@ class Corpus:
         return int(self.offsets[-1])
 
 
+def read_meta(directory: str) -> dict:
+    """The metadata of a prepared directory; raises if it is not one (or of another format)."""
+    path = os.path.join(directory, PREPARED_META)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a prepared data directory (no {PREPARED_META}): {directory}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != PREPARED_FORMAT:
+        raise ValueError(f"{path}: unknown format {meta.get('format')!r} (expected {PREPARED_FORMAT!r})")
+    return meta
+
+
 class ArrayRecordCorpus:
     """Pre-tokenized documents in ArrayRecord shards written by `prepare`, read lazily by index."""
 
     def __init__(self, directory: str, split: str = "all", heldout_fraction: float = 0.0,
                  max_documents: int = 0):
-        from .prepare import read_meta
-
         check_split(split)
         self.directory = directory
         self.meta = read_meta(directory)
@@ -308,8 +319,6 @@ class ArrayRecordCorpus:
 
     def _src(self):
         if self._source is None:
-            import grain
-
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return self._source
 

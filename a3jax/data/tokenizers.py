@@ -22,6 +22,7 @@ import os
 from typing import Iterable, Optional
 
 import numpy as np
+from tokenizers import Tokenizer
 
 
 class TokenizerError(ValueError):
@@ -63,8 +64,6 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` loaded from tokenizer.json, with special ids from the files next to it."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer not found: {path}")
         if os.path.isdir(path):

@@ -5,13 +5,16 @@ position in the row): k/v [L, B, T, Hkv, D], plus group ids and segment ids [B, 
 `a3jax.model.KVCache`. An uncommitted slot has segment 0 and is invisible under the visibility rule
 (a3jax.masks), so no separate validity mask is needed.
 
-Exactness (A3-METHOD.md §4): the content state of a committed group depends only on that group and
+Exactness (docs/method.md): the content state of a committed group depends only on that group and
 earlier ones, so its keys/values never change once computed. Each decoding step therefore
   1. runs the tokens committed at the previous step as content rows (a new, later group id) against
      the cache, producing their keys/values, and in the same pass
   2. runs the query rows of the positions asked about now (group id one later still) against the
      cache plus those new content rows,
 then writes the new keys/values into their slots. `cached_step_logits` is that one step.
+
+Under an active mesh (`a3jax.sharding.activate`) every cache built here is laid out as
+`a3jax.sharding.CACHE_AXES` defines; on one device that is a no-op.
 """
 from __future__ import annotations
 
@@ -20,15 +23,22 @@ import dataclasses
 import jax.numpy as jnp
 
 from a3jax.config import ModelConfig
+from a3jax.model import KVCache, Rows, apply_model, lm_logits, run_rows
+from a3jax.model.attention import choose_kernel
 from a3jax.model.layers import dtype_of
-from a3jax.model.transformer import KVCache, Rows, lm_logits, run_rows
+from a3jax.sharding import CACHE_AXES, constrain
+
+
+def _laid_out(cache: KVCache) -> KVCache:
+    """The cache constrained to the sharding of CACHE_AXES (nothing without an active mesh)."""
+    return KVCache(*(constrain(a, CACHE_AXES[f]) for f, a in zip(KVCache._fields, cache)))
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     dt = dtype_of(cfg.dtype)
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size)
     z = jnp.zeros((batch, length), jnp.int32)
-    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), z, z)
+    return _laid_out(KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), z, z))
 
 
 def _rows_of(pos, groups, segment_id, length):
@@ -50,7 +60,7 @@ def write(cache: KVCache, kv, pos, groups, segment_id=1) -> KVCache:
     v = cache.v.at[:, rows, slot].set(kv[1].astype(cache.v.dtype), mode="drop")
     g = cache.groups.at[rows, slot].set(jnp.broadcast_to(groups, (b, c)).astype(jnp.int32), mode="drop")
     s = cache.segments.at[rows, slot].set(jnp.full((b, c), segment_id, jnp.int32), mode="drop")
-    return KVCache(k, v, g, s)
+    return _laid_out(KVCache(k, v, g, s))
 
 
 def prefill(cfg: ModelConfig, params, tokens, known_pos, known_groups) -> KVCache:
@@ -70,9 +80,10 @@ def cached_step_logits(cfg: ModelConfig, params, cache: KVCache, tokens, new_pos
     positions asked about, with group id q_group > new_group. Returns (logits [B, Q, V] float32,
     updated cache)."""
     b, t = tokens.shape
-    if cfg.attention == "auto" and new_pos.shape[1] + q_pos.shape[1] <= 256:
-        # a few rows against the cache: one dense masked matmul beats the blockwise loop
-        cfg = dataclasses.replace(cfg, attention="dense")
+    # One kernel for the whole step: every layer's rows see the cache's slots plus the new content rows.
+    num_keys = cache.groups.shape[1] + new_pos.shape[1]
+    kind = choose_kernel(cfg, num_keys, step_rows=new_pos.shape[1] + q_pos.shape[1])
+    cfg = dataclasses.replace(cfg, attention=kind)
     c_rows, c_safe = _rows_of(new_pos, new_group, 1, t)
     c_tok = jnp.take_along_axis(tokens, c_safe, axis=1)
     q_rows, _ = _rows_of(jnp.where(q_valid, q_pos, -1), q_group, 1, t)
@@ -84,8 +95,6 @@ def cached_step_logits(cfg: ModelConfig, params, cache: KVCache, tokens, new_pos
 def full_step_logits(cfg: ModelConfig, params, tokens, groups, segments, q_pos):
     """The uncached baseline: one full forward (both streams over all T rows) with the given group ids;
     returns the query-stream logits at q_pos [B, Q] (clamped; callers mask invalid slots)."""
-    from a3jax.model.transformer import apply_model
-
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits = apply_model(cfg, params, tokens, positions, groups, segments, "query")

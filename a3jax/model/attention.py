@@ -170,10 +170,25 @@ def attention(kind: str, q, k, v, q_groups, q_segments, k_groups, k_segments, bl
     raise ValueError(f"unknown attention kind {kind!r}")
 
 
-def choose_kernel(cfg, num_keys: int) -> str:
-    """`auto`: blockwise from 128 keys up, dense below. On CPU the blockwise fwd+bwd was faster even
-    at 128-256 keys (its hand-written backward keeps less than autodiff of the dense softmax) and its
-    memory is linear in T; for a few dozen keys the dense single matmul wins. See docs/benchmarks.md."""
+# The `auto` policy's thresholds (see choose_kernel).
+BLOCKWISE_MIN_KEYS = 128
+DENSE_MAX_STEP_ROWS = 256
+
+
+def choose_kernel(cfg, num_keys: int, step_rows: int | None = None) -> str:
+    """The kernel for `cfg.attention`; the one place `auto` is resolved.
+
+    `num_keys`: the keys each row attends over. `step_rows`: for one cached decoding step (rows run
+    against a KV cache), the number of those rows (new content rows plus query rows); None for a
+    forward over a whole layout (training, prefill, the uncached decoder).
+
+    `auto`: a cached step of at most 256 rows runs dense (a few rows against the cache: one masked
+    matmul beats the blockwise loop); otherwise blockwise from 128 keys up, dense below. On CPU the
+    blockwise fwd+bwd was faster even at 128-256 keys (its hand-written backward keeps less than
+    autodiff of the dense softmax) and its memory is linear in T; for a few dozen keys the dense single
+    matmul wins. See docs/benchmarks.md."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "blockwise" if num_keys >= 128 else "dense"
+    if step_rows is not None and step_rows <= DENSE_MAX_STEP_ROWS:
+        return "dense"
+    return "blockwise" if num_keys >= BLOCKWISE_MIN_KEYS else "dense"

@@ -24,6 +24,7 @@ from a3jax import masks
 from a3jax.config import ModelConfig
 from a3jax.model import attention as attn_lib
 from a3jax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin, swiglu_mlp
+from a3jax.sharding import constrain
 
 # Logical axis names of every parameter (used for sharding and by the converters).
 PARAM_AXES = {
@@ -88,7 +89,7 @@ class KVCache(NamedTuple):
 
 
 def _constrain(x, names):
-    return nn.with_logical_constraint(x, names)
+    return constrain(x, names)
 
 
 def _layer(cfg: ModelConfig, p, xc, xq, c_rows: Rows, q_rows: Optional[Rows], rope_c, rope_q,

@@ -214,7 +214,7 @@ def _train(cfg: Config, stop: _StopFlag, log, progress_bar, tensorboard, stop_at
                 except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
                     sink.message(f"[a3jax train] eval under {strat!r} disabled: {type(e).__name__}: {e}")
                     continue
-                eval_sets[strat] = [to_global_batch({k: _local_rows(b, pi, pc)[k] for k in BATCH_KEYS}, mesh)
+                eval_sets[strat] = [to_global_batch({k: _local_rows(b, pi, pc)[k] for k in BATCH_KEYS}, mesh, rules)
                                     for b in bs]
         out = {}
         for strat, batches in eval_sets.items():
@@ -335,7 +335,7 @@ def _train(cfg: Config, stop: _StopFlag, log, progress_bar, tensorboard, stop_at
                 sink.message(f"[a3jax train] step {step}: curriculum stage {stage} ({strategy})")
                 prev_stage = stage
             gsize = mean_group_size(batch)
-            gb = to_global_batch({k: batch[k] for k in BATCH_KEYS}, mesh)
+            gb = to_global_batch({k: batch[k] for k in BATCH_KEYS}, mesh, rules)
             with activate(mesh, rules):
                 state, m = step_fn(state, gb)
             if pending is not None:
