@@ -29,7 +29,7 @@ import numpy as np
 from a3jax.config import Config, ConfigError, save_yaml, to_dict
 from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of
 from a3jax.train import metrics as metrics_lib
-from a3jax.train.checkpointing import ARCH_FIELDS, RunCheckpoints, check_compatible
+from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from a3jax.train.step import BATCH_KEYS, make_eval_step, make_train_step
 
