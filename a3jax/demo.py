@@ -30,7 +30,7 @@ def _final_params(cfg):
     from a3jax.model import param_shapes
     from a3jax.sharding import make_mesh, param_shardings, rules_of
     from a3jax.config import MeshConfig
-    from a3jax.train.checkpointing import RunCheckpoints
+    from a3jax.checkpoint import RunCheckpoints
     from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -39,14 +39,13 @@ def _final_params(cfg):
     psh = param_shardings(cfg.model, mesh, rules)
     ssh = state_shardings(optimizer, psh, param_shapes(cfg.model), mesh)
     ckpts = RunCheckpoints(cfg.run_dir, cfg.checkpoint, log=lambda m: None)
-    step = ckpts.latest_step()
-    if step is None:
-        raise RuntimeError(f"no checkpoint under {cfg.run_dir}/checkpoints")
-    import orbax.checkpoint as ocp
-
-    target = abstract_state(optimizer, param_shapes(cfg.model), ssh)
-    state = ckpts.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    ckpts.close()
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise RuntimeError(f"no checkpoint under {cfg.run_dir}/checkpoints")
+        state = ckpts.restore_state(step, abstract_state(optimizer, param_shapes(cfg.model), ssh))
+    finally:
+        ckpts.close()
     return state.params
 
 

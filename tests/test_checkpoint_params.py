@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -11,8 +12,10 @@ from hf_models import make_hf_llama
 from test_convert_common import tree_bit_exact
 
 from a3jax.checkpoint import CheckpointError, load_model_config, load_params, save_params
-from a3jax.config import MeshConfig
+from a3jax.config import MeshConfig, save_yaml
 from a3jax.convert import from_hf
+from a3jax.model import forward
+from a3jax.sharding import activate, make_mesh, param_shardings, rules_of
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +44,6 @@ def test_save_load_one_device_exact(converted):
 
 
 def test_restore_on_2x4_mesh_identical_logits(converted, tmp_path):
-    from a3jax.model import forward
-    from a3jax.sharding import activate, make_mesh, param_shardings, rules_of
-
     ck, cfg, params = converted
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     rules = rules_of(MeshConfig())
@@ -78,8 +78,6 @@ def test_load_with_dtype_cast(converted):
     ck, cfg, params = converted
     cfg16, p16 = load_params(ck, dtype="bfloat16")
     assert cfg16.param_dtype == "bfloat16" and p16["embed"].dtype == jax.numpy.bfloat16
-    import ml_dtypes
-
     np.testing.assert_array_equal(np.asarray(p16["embed"]), params["embed"].astype(ml_dtypes.bfloat16))
 
 
@@ -104,8 +102,6 @@ def test_load_errors_name_the_path(tmp_path, converted):
     d = tmp_path / "mismatch"
     d.mkdir()
     os.symlink(os.path.join(ck, "params"), d / "params")
-    from a3jax.config import save_yaml
-
     save_yaml(dataclasses.replace(cfg, num_layers=cfg.num_layers + 1), str(d / "model.yaml"))
     with pytest.raises(CheckpointError, match="does not match model.yaml") as e:
         load_params(str(d))

@@ -2,24 +2,28 @@
 accumulation, curriculum stages in the logs, plot and CLI."""
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
-from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig, load_config
+from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from a3jax.data import make_train_iterator, stage_for_step
-from a3jax.model import param_shapes
-from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of, shard_params
+from a3jax.data.checks import mean_group_size
+from a3jax.model import init_params, param_shapes
+from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of
 from a3jax.train import metrics as M
+from a3jax.train.cli import cli_main as train_main
+from a3jax.train.plot import cli_main as plot_main
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
-from a3jax.train.step import BATCH_KEYS, make_train_step, train_step
-from a3jax.train.trainer import train
+from a3jax.train.step import BATCH_KEYS, make_train_step
+from a3jax.train.trainer import CheckpointPolicy, batch_stage, train
 from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)
-
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -67,12 +71,102 @@ def test_flops_formula_and_peak_table():
     assert M.peak_flops_per_device("cpu", override=1e12) == 1e12
 
 
+def _step_metrics(loss, nonfinite=0, grad_norm=1.0):
+    return {"loss": loss, "accuracy": 0.5, "grad_norm": grad_norm, "lr": 1e-3, "z_loss": 0.0, "param_norm": 2.0,
+            "nonfinite": nonfinite}
+
+
+def test_metrics_window_record_and_resume_from_progress():
+    """The log record of a window (non-finite steps left out of the means, running totals) and a window
+    rebuilt from a checkpoint's progress dict (JSON) giving the same record as the uninterrupted one."""
+    make = lambda progress=None, start=0: M.MetricsWindow(100, n_devices=2, flops_per_token=6.0, peak_flops=1e3,  # noqa: E731
+                                                          start_step=start, progress=progress)
+    w = make(start=3)
+    assert w.tokens_seen == 300 and w.progress()["window"] == []
+    w.add(4, 0, _step_metrics(3.0), 1.0)
+    w.add(5, 1, _step_metrics(float("nan"), nonfinite=1), 2.0)
+    saved = json.loads(json.dumps(w.progress()))  # what a checkpoint at step 5 holds
+    w.add(6, 1, _step_metrics(1.0, grad_norm=0.5), 4.0)
+    resumed = make(progress=saved, start=5)
+    resumed.add(6, 1, _step_metrics(1.0, grad_norm=0.5), 4.0)
+    timing = ("step_time_s", "tokens_per_s", "tokens_per_s_per_device", "mfu")
+    rec, rec2 = w.record(6, 1, "random:4"), resumed.record(6, 1, "random:4")
+    assert {k: v for k, v in rec.items() if k not in timing} == {k: v for k, v in rec2.items() if k not in timing}
+    assert rec["loss"] == 2.0 and rec["stage_loss"] == {"0": 3.0, "1": 1.0}  # the NaN step is left out
+    assert rec["group_size"] == pytest.approx(7 / 3) and rec["grad_norm"] == 0.5
+    assert rec["skipped_nonfinite"] == 1 and rec["tokens_seen"] == 600
+    # step times: two of the three steps (the first of the process includes the compile)
+    assert rec["step_time_s"] > 0 and rec["mfu"] == pytest.approx(6.0 * rec["tokens_per_s"] / 2e3)
+    assert rec2["step_time_s"] is None and rec2["mfu"] is None  # the resumed window timed only its first step
+    assert w.steps == [] and w.step_times == []  # a record empties the window
+    line = M.log_line(rec, 10)
+    assert line.startswith("step 6/10 stage 1 (random:4) loss 2.0000 gnorm 0.500 lr 1.00e-03 ")
+    assert "tok/s" in line and "mfu" in line and "tok/s" not in M.log_line(rec2, 10)
+
+
+def test_metrics_reader_skips_torn_lines_and_splits_kinds(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write('{"step": 1, "kind": "train", "loss": 2.0}\n{"step": 1, "kind": "eval", "loss": {"ar": 3.0}}\n'
+                '{"step": 2, "kind": "tr')  # a line torn by a kill
+    assert [r["kind"] for r in M.read_records(str(tmp_path / "metrics.jsonl"))] == ["train", "eval"]
+    train_recs, eval_recs = M.read_metrics(str(tmp_path))
+    assert [r["loss"] for r in train_recs] == [2.0] and eval_recs[0]["loss"] == {"ar": 3.0}
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        M.read_metrics(str(tmp_path / "nowhere"))
+
+
+class _FakeCheckpoints:
+    directory = "/run/checkpoints"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, data_iter, config_dict, progress):
+        if step in self.saved:
+            return False
+        self.saved.append(step)
+        return True
+
+
+class _Quiet:
+    def message(self, line):
+        pass
+
+
+def test_checkpoint_policy_when_to_save():
+    ck = _FakeCheckpoints()
+    policy = CheckpointPolicy(ck, every=4, total=10, end=6, config_dict={}, sink=_Quiet(), last_good=2)
+    assert [s for s in range(1, 11) if policy.after_step(s)] == [4, 8, 10]  # every 4 and the last step
+    assert policy.at_planned_stop(6, interrupted=0) and not policy.at_planned_stop(6, interrupted=15)
+    assert not CheckpointPolicy(ck, 4, 10, 10, {}, _Quiet()).at_planned_stop(10, 0)  # the end is saved anyway
+    assert not CheckpointPolicy(ck, 0, 10, 10, {}, _Quiet()).periodic(5)  # every=0: only at the end
+    assert policy.last_good_text() == "last good checkpoint: /run/checkpoints/2"
+    policy.save(4, None, None, {})
+    policy.save(4, None, None, {})  # exists: not saved again
+    assert ck.saved == [4] and policy.last_good == 4
+    assert CheckpointPolicy(ck, 4, 10, 10, {}, _Quiet()).last_good_text() == "no checkpoint saved yet"
+
+
+def test_batch_stage_comes_from_the_batch():
+    assert batch_stage({"stage": np.array([2, 2, 2], np.int32)}, 7) == 2
+    with pytest.raises(RuntimeError, match="step 7 has no 'stage' field"):
+        batch_stage({"tokens": np.zeros((3, 4))}, 7)
+    with pytest.raises(RuntimeError, match=r"mixes curriculum stages \[0, 1\]"):
+        batch_stage({"stage": np.array([0, 1, 1])}, 7)
+
+
+def test_mean_group_size_counts_runs_of_segment_and_group():
+    seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]], np.int32)
+    grp = np.array([[0, 1, 1, 2, 2, 3], [0, 1, 1, 1, 2, 2]], np.int32)  # groups (seg, grp): 3 + 2 real
+    assert mean_group_size({"segment_ids": seg, "groups": grp}) == pytest.approx(9 / 5)
+    # a group id shared across a segment boundary is two groups
+    assert mean_group_size({"segment_ids": np.array([[1, 2]]), "groups": np.array([[0, 0]])}) == 1.0
+
+
 # ----------------------------------------------------------------------------- step equivalences
 
 
 def _setup(corpus, mesh_cfg, microbatches=1, devices=None, batch=8, sgd=False):
-    import optax
-
     cfg = tiny_config("/unused", corpus, **{"train.microbatches": microbatches, "train.global_batch_size": batch,
                                             "train.optimizer.warmup_steps": 0})
     mesh = make_mesh(mesh_cfg, devices)
@@ -88,8 +182,6 @@ def _setup(corpus, mesh_cfg, microbatches=1, devices=None, batch=8, sgd=False):
 
 
 def _host_params(cfg):
-    from a3jax.model import init_params
-
     return jax.device_get(init_params(cfg.model, jax.random.PRNGKey(0)))
 
 
@@ -183,8 +275,6 @@ def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
     assert evals[1]["loss"]["ar"] < first - 2.0
     assert out["step"] == 30 and out["stage"] == 2 and out["eval"]["ar"] == evals[1]["loss"]["ar"]
     # the final checkpoint holds fp32 params and optimizer state although compute was bf16
-    import orbax.checkpoint as ocp
-
     meta = ocp.StandardCheckpointer().metadata(os.path.join(cfg.run_dir, "checkpoints", "30", "state"))
     tree = getattr(meta, "item_metadata", meta)
     dtypes = {str(getattr(x, "dtype", "")) for x in jax.tree.leaves(dict(tree)["params"])}
@@ -193,17 +283,13 @@ def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
         assert recs[-1][key] is not None and recs[-1][key] > 0
     assert os.listdir(os.path.join(cfg.run_dir, "tensorboard"))
     # a3jax plot draws it
-    from a3jax.train.plot import cli_main as plot_main
-
     assert plot_main([cfg.run_dir]) == 0
     png = os.path.join(cfg.run_dir, "loss.png")
     assert os.path.getsize(png) > 10_000 and open(png, "rb").read(4) == b"\x89PNG"
 
 
 def test_cli_help_and_bad_override(capsys):
-    from a3jax.train.cli import cli_main
-
-    assert cli_main(["--help"]) == 0
+    assert train_main(["--help"]) == 0
     assert "a3jax train" in capsys.readouterr().out
-    assert cli_main(["train.no_such_key=1"]) == 1
+    assert train_main(["train.no_such_key=1"]) == 1
     assert "no_such_key" in capsys.readouterr().err

@@ -15,10 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from a3jax.checkpoint import RunCheckpoints
 from a3jax.config import MeshConfig
 from a3jax.model import param_shapes
 from a3jax.sharding import make_mesh, param_shardings, rules_of
-from a3jax.train.checkpointing import RunCheckpoints
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import NonFiniteLossError, train
 from train_helpers import (compile_cache, corpus, exact_view, read_jsonl, tiny_config,  # noqa: F401 (fixtures)
@@ -116,8 +116,7 @@ def test_restore_other_mesh_and_corrupt_latest_falls_back(reference, corpus, tmp
     shapes = param_shapes(reference.model)
     ssh = state_shardings(opt, param_shardings(reference.model, mesh, rules), shapes, mesh)
     ck = RunCheckpoints(str(run), reference.checkpoint)
-    state = ck.mngr.restore(6, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state(opt, shapes, ssh))))["state"]
+    state = ck.restore_state(6, abstract_state(opt, shapes, ssh))
     ck.close()
     w = state.params["layers"]["w_gate"]
     assert w.sharding.spec == ssh.params["layers"]["w_gate"].spec and len(w.addressable_shards) == 8

@@ -5,16 +5,16 @@ import jax
 import numpy as np
 import pytest
 
+from a3jax.checkpoint import load_params, save_params
+from a3jax.config import ConfigError
+from a3jax.convert import from_hf
+from a3jax.demo import _final_params
+from a3jax.train import train
 from hf_models import make_hf_llama
 from train_helpers import tiny_config, write_corpus
 
 
 def test_training_starts_from_converted_hf_weights(tmp_path):
-    from a3jax.checkpoint import load_params, save_params
-    from a3jax.convert import from_hf
-    from a3jax.demo import _final_params
-    from a3jax.train import train
-
     # A HF LLaMA over the byte vocabulary (260), converted and saved as a params checkpoint.
     make_hf_llama(tmp_path / "hf", vocab=260, hidden=32, layers=2, heads=4, kv_heads=2, inter=64)
     mcfg, hf_params = from_hf(str(tmp_path / "hf"))
@@ -40,8 +40,6 @@ def test_training_starts_from_converted_hf_weights(tmp_path):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b), err_msg=str(path))
 
     # A checkpoint whose architecture differs from the run's model is refused, naming the key.
-    from a3jax.config import ConfigError
-
     bad = dataclasses.replace(cfg, run_dir=str(tmp_path / "run2"),
                               model=dataclasses.replace(cfg.model, num_layers=3))
     with pytest.raises(ConfigError, match="num_layers"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -62,8 +63,6 @@ def enable_compile_cache(directory: str) -> dict:
     processes): the training tests compile the same tiny step many times (one per train() call and
     per subprocess); with the cache each distinct program is compiled once per session. Cached
     executables are the same programs, so results (and bit-exactness checks) are unaffected."""
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -81,3 +81,16 @@ def check_row(row: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: 
             fail(f"segment {s}: loss_mask must be 1 everywhere but the leading BOS")
         segments.append({"positions": p, "groups": g - g.min(), "tokens": t[by_pos]})
     return segments
+
+
+def mean_group_size(batch: dict) -> float:
+    """Mean number of real (non-padding) tokens per group in a batch: 1.0 under AR, about k under
+    blocks:k / random:k. The trainer logs it as a live check that the curriculum stage is what the data
+    delivers. Rows are in the sorted layout (by segment, then group), so a group is a run of equal
+    (segment, group) ids."""
+    seg, grp = np.asarray(batch["segment_ids"]), np.asarray(batch["groups"])
+    real = seg != 0
+    new = np.ones_like(real)
+    new[:, 1:] = (seg[:, 1:] != seg[:, :-1]) | (grp[:, 1:] != grp[:, :-1])
+    n_groups = int((new & real).sum())
+    return float(real.sum()) / max(n_groups, 1)

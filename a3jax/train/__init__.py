@@ -1,6 +1,6 @@
-"""Training: state + optimizer (state.py), loss (loss.py), jitted step (step.py), run checkpoints
-(checkpointing.py), metrics / MFU (metrics.py), the loop (trainer.py), `a3jax train` (cli.py) and
-`a3jax plot` (plot.py). See docs/train.md.
+"""Training: state + optimizer (state.py), loss (loss.py), jitted step (step.py), metrics / MFU and
+the log window (metrics.py), the loop (trainer.py), `a3jax train` (cli.py) and `a3jax plot`
+(plot.py); run checkpoints are a3jax.checkpoint.run. See docs/train.md.
 
     from a3jax.train import train
     final = train(cfg)          # cfg: a3jax.config.Config; resumes from cfg.run_dir if it has checkpoints

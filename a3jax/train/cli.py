@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
+
+from a3jax.config import ConfigError, load_config, split_config_args
+from a3jax.distributed import DistributedError, initialize, is_main_process
+from a3jax.train.trainer import NonFiniteLossError, train
 
 USAGE = """\
 usage: a3jax train [CONFIG.yaml] [key.sub=value ...]
@@ -35,29 +38,21 @@ def cli_main(argv) -> int:
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="save a checkpoint and exit once this many steps are done (split a run into jobs)")
     ns = parser.parse_args(argv)
-    from a3jax.config import ConfigError, load_config, split_config_args
-
     try:
         path, overrides = split_config_args(ns.args)
     except ConfigError as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 2
-
-
     try:
         cfg = load_config(path, overrides)
     except ConfigError as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
-    from a3jax.distributed import DistributedError, initialize
-
     try:
         initialize()  # multi-process pods / SLURM / launch/local.sh; single process when nothing is set
     except DistributedError as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
-    from a3jax.train.trainer import NonFiniteLossError, train
-
     try:
         result = train(cfg, progress_bar=False if ns.no_progress else None, stop_at_step=ns.stop_at_step)
     except (ConfigError, NonFiniteLossError) as e:
@@ -65,8 +60,6 @@ def cli_main(argv) -> int:
         return 1
     if result.get("interrupted"):
         return 128 + int(result["interrupted"])
-    from a3jax.distributed import is_main_process
-
     if is_main_process():
         print(f"[a3jax train] done: step {result['step']} loss {result['loss']:.4f}"
               + "".join(f" eval[{k}] {v:.4f}" for k, v in (result.get("eval") or {}).items()), flush=True)

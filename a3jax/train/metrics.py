@@ -22,13 +22,20 @@ D head dim, M MLP width, V vocab, T sequence length:
 MFU = (train FLOPs per token * tokens per second) / (peak FLOP/s per device * number of devices).
 The peak is `train.peak_flops_per_device` when set, else looked up from PEAK_FLOPS by the device kind
 (dense bf16 numbers from the vendors' data sheets); unknown chips (e.g. CPUs) give no MFU.
+
+MetricsWindow holds what the trainer logs every train.log_every steps (and saves in a checkpoint's
+`progress` item); MetricsSink writes it; read_metrics reads RUN_DIR/metrics.jsonl back.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s per chip (per device JAX sees). Matched by substring of device_kind, lowercase;
 # longer keys are tried first.
@@ -104,20 +111,14 @@ class MetricsSink:
             return
         os.makedirs(run_dir, exist_ok=True)
         if os.path.exists(self.path):
-            keep = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line torn by a kill
-                    if int(rec.get("step", 0)) <= start_step:
-                        keep.append(json.dumps(rec))
+            keep = [json.dumps(rec) for rec in read_records(self.path) if int(rec.get("step", 0)) <= start_step]
             with open(self.path + ".tmp", "w") as f:
                 f.write("".join(k + "\n" for k in keep))
             os.replace(self.path + ".tmp", self.path)
         self.file = open(self.path, "a")
         if tensorboard:
+            # deferred: tensorboardX takes ~1.3 s to import and only runs that write TensorBoard
+            # events need it (not `a3jax plot`, which reads metrics through this module)
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
@@ -125,8 +126,6 @@ class MetricsSink:
         if progress_bar is None:
             progress_bar = sys.stderr.isatty()
         if progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
     def write(self, record: dict) -> None:
@@ -183,3 +182,118 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file, in order; a line torn by a kill is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of RUN_DIR/metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found (is {run_dir} a run directory?)")
+    train, evals = [], []
+    for rec in read_records(path):
+        (evals if rec.get("kind") == "eval" else train).append(rec)
+    return train, evals
+
+
+class MetricsWindow:
+    """The steps since the last log line and the running totals, turned into one train record per
+    log line.
+
+    Holds the per-step metrics of the window, the window's step times (wall clock between the ends of
+    consecutive steps, leaving out this process's first step, which includes the compile, and whatever
+    follows `restart_clock`: eval, saving), the tokens seen and the number of skipped non-finite steps.
+    `progress()` is what a run checkpoint saves; a window built from it (`progress=`) continues where
+    the saved one stopped, so a resumed run logs the records an uninterrupted run logs (timings aside).
+    """
+
+    def __init__(self, tokens_per_step: int, n_devices: int = 1, flops_per_token: float = 0.0,
+                 peak_flops: Optional[float] = None, start_step: int = 0, progress: Optional[dict] = None,
+                 process_count: int = 1):
+        progress = progress or {}
+        self.tokens_per_step = int(tokens_per_step)
+        self.n_devices = int(n_devices)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.process_count = int(process_count)
+        self.steps: list[dict] = list(progress.get("window", []))
+        self.tokens_seen = int(progress.get("tokens_seen", start_step * self.tokens_per_step))
+        self.skipped_nonfinite = int(progress.get("skipped_nonfinite", 0))
+        self.step_times: list[float] = []
+        self._clock = time.perf_counter()
+        self._first_step = True
+
+    def progress(self) -> dict:
+        return {"window": self.steps, "tokens_seen": self.tokens_seen, "process_count": self.process_count,
+                "skipped_nonfinite": self.skipped_nonfinite}
+
+    def restart_clock(self) -> None:
+        """Time from now on is step time again (call after eval or a save)."""
+        self._clock = time.perf_counter()
+
+    def add(self, step: int, stage: int, m: dict, group_size: float) -> None:
+        """Step `step` (the optimizer steps done after it) finished with the host metrics `m`."""
+        now = time.perf_counter()
+        if not self._first_step:
+            self.step_times.append(now - self._clock)
+        self._first_step = False
+        self._clock = now
+        self.tokens_seen += self.tokens_per_step
+        if int(m["nonfinite"]):
+            self.skipped_nonfinite += 1
+        self.steps.append({"step": step, "stage": stage, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "z_loss": float(m["z_loss"]),
+                           "param_norm": float(m["param_norm"]), "nonfinite": int(m["nonfinite"]),
+                           "group_size": group_size})
+
+    def mean_loss(self) -> float:
+        """Mean loss of the steps in the window (NaN when empty)."""
+        return float(np.mean([w["loss"] for w in self.steps])) if self.steps else float("nan")
+
+    def record(self, step: int, stage: int, strategy: str) -> dict:
+        """The metrics.jsonl train record of the window ending at `step`; empties the window. Means
+        leave out non-finite steps (unless every step was non-finite)."""
+        window = self.steps
+        good = [w for w in window if not w["nonfinite"]] or window
+        mean = lambda key, ws=good: float(np.mean([w[key] for w in ws])) if ws else float("nan")  # noqa: E731
+        stage_loss = {}
+        for st in sorted({w["stage"] for w in good}):
+            stage_loss[str(st)] = mean("loss", [w for w in good if w["stage"] == st])
+        step_time = float(np.mean(self.step_times)) if self.step_times else None
+        tps = self.tokens_per_step / step_time if step_time else None
+        n_dev, peak = self.n_devices, self.peak_flops
+        rec = {
+            "step": step, "kind": "train", "stage": stage, "strategy": strategy,
+            "loss": mean("loss"), "stage_loss": stage_loss, "accuracy": mean("accuracy"),
+            "grad_norm": window[-1]["grad_norm"], "lr": window[-1]["lr"], "param_norm": window[-1]["param_norm"],
+            "z_loss": mean("z_loss"), "group_size": mean("group_size", window),
+            "skipped_nonfinite": self.skipped_nonfinite, "tokens_seen": self.tokens_seen,
+            "step_time_s": step_time, "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / n_dev if tps else None,
+            "mfu": (self.flops_per_token * tps / (peak * n_dev)) if (tps and peak) else None,
+        }
+        self.steps = []
+        self.step_times = []
+        return rec
+
+
+def log_line(rec: dict, total_steps: int) -> str:
+    """The console line of a train record."""
+    line = (f"step {rec['step']}/{total_steps} stage {rec['stage']} ({rec['strategy']}) loss {rec['loss']:.4f} "
+            f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e}")
+    if rec["tokens_per_s"]:
+        line += f" {rec['tokens_per_s']:,.0f} tok/s {rec['step_time_s'] * 1e3:.0f} ms/step"
+    if rec["mfu"] is not None:
+        line += f" mfu {100 * rec['mfu']:.1f}%"
+    return line

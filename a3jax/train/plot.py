@@ -4,27 +4,14 @@ RUN_DIR/metrics.jsonl into RUN_DIR/loss.png (matplotlib, Agg backend: no display
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-
-def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found (is {run_dir} a run directory?)")
-    train, evals = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            (evals if rec.get("kind") == "eval" else train).append(rec)
-    return train, evals
+from a3jax.train.metrics import read_metrics
 
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
+    # deferred: matplotlib is heavy and only drawing needs it
     import matplotlib
 
     matplotlib.use("Agg")

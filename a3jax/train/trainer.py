@@ -6,6 +6,11 @@
     data.eval_strategies entry) -> checkpoints (every checkpoint.every steps, at the end, on SIGTERM /
     SIGINT).
 
+The loop (`_Trainer.run`) is short; its pieces are named: `Evaluator` (eval sets built once, run every
+train.eval_every steps), `metrics.MetricsWindow` (the log window and its totals, saved in and restored
+from the checkpoint's `progress` item), `CheckpointPolicy` (when to save). Each step's curriculum stage
+is the one its batch carries (the pipeline computes it); the trainer does not derive it again.
+
 Multi-process: every process runs this same function on its own data shard
 (make_train_iterator(process_index, process_count)); files other than checkpoints are written by
 process 0 only; Orbax writes checkpoints from every process.
@@ -25,11 +30,16 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible, load_params
 from a3jax.config import Config, ConfigError, save_yaml, to_dict
-from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of
+from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
+from a3jax.data.checks import mean_group_size
+from a3jax.model import param_shapes, query_embed_init
+from a3jax.sharding import (activate, batch_sharding, init_params_sharded, make_mesh, param_shardings,
+                            rules_of)
 from a3jax.train import metrics as metrics_lib
-from a3jax.train.checkpointing import ARCH_FIELDS, RunCheckpoints, check_compatible
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from a3jax.train.step import BATCH_KEYS, make_eval_step, make_train_step
 
@@ -66,23 +76,16 @@ class _StopFlag:
 
     def is_set(self) -> bool:
         if jax.process_count() > 1:  # a preemption notice may reach only some hosts: agree on it
-            from jax.experimental import multihost_utils
-
             return bool(multihost_utils.process_allgather(np.int32(self.signum)).max())
         return bool(self.signum)
 
 
 def _initial_params(cfg: Config, mesh, rules, log):
     """Random init into the shardings, or params from model.init_from (a3jax.checkpoint)."""
-    from a3jax.model import param_shapes, query_embed_init
-    from a3jax.sharding import init_params_sharded
-
     mcfg = cfg.model
     shardings = param_shardings(mcfg, mesh, rules)
     if not mcfg.init_from:
         return init_params_sharded(mcfg, jax.random.PRNGKey(cfg.train.seed), mesh, rules)
-    from a3jax.checkpoint import load_params  # lazy: the weights module is only needed here
-
     loaded_cfg, params = load_params(mcfg.init_from, mesh, rules, dtype="float32")  # fp32 master weights
     want = param_shapes(mcfg)
     mismatch = [f"{k}: checkpoint {getattr(loaded_cfg, k)!r} vs config {getattr(mcfg, k)!r}"
@@ -115,16 +118,88 @@ def _local_rows(batch: dict, pi: int, pc: int) -> dict:
     return {k: v[pi * n:(pi + 1) * n] for k, v in batch.items()}
 
 
-def mean_group_size(batch: dict) -> float:
-    """Mean number of target-bearing tokens per group in this process's batch (1.0 under AR; about
-    k under blocks:k / random:k): a live check that the curriculum stage is what the data delivers.
-    Rows are sorted by (segment, group), so groups are runs of equal (segment, group) ids."""
-    seg, grp = np.asarray(batch["segment_ids"]), np.asarray(batch["groups"])
-    real = seg != 0
-    new = np.ones_like(real)
-    new[:, 1:] = (seg[:, 1:] != seg[:, :-1]) | (grp[:, 1:] != grp[:, :-1])
-    n_groups = int((new & real).sum())
-    return float(real.sum()) / max(n_groups, 1)
+def batch_stage(batch: dict, step: int) -> int:
+    """The curriculum stage of a training batch: the pipeline's per-example `stage` field (a batch is
+    one global step, so one stage)."""
+    if "stage" not in batch:
+        raise RuntimeError(f"the training batch of step {step} has no 'stage' field (keys: {sorted(batch)}); "
+                           f"the trainer needs a3jax.data.make_train_iterator's batches, which carry "
+                           f"each example's curriculum stage")
+    stages = np.unique(np.asarray(batch["stage"]))
+    if len(stages) != 1:
+        raise RuntimeError(f"the training batch of step {step} mixes curriculum stages {stages.tolist()}")
+    return int(stages[0])
+
+
+class Evaluator:
+    """Held-out loss per data.eval_strategies entry: `evaluator(step, params) -> {strategy: loss}`,
+    also written to metrics.jsonl and the console. The eval batches (train.eval_batches deterministic
+    global batches of the held-out split; each process keeps its rows) are built at the first call and
+    reused; a strategy whose batches cannot be built (e.g. an empty held-out split) is reported then
+    and left out."""
+
+    def __init__(self, cfg: Config, eval_fn, mesh, rules, sink: metrics_lib.MetricsSink):
+        self.cfg, self.eval_fn, self.mesh, self.rules, self.sink = cfg, eval_fn, mesh, rules, sink
+        self.sets: Optional[dict] = None
+
+    def _build(self) -> dict:
+        cfg, (pi, pc) = self.cfg, (jax.process_index(), jax.process_count())
+        sets = {}
+        for strat in cfg.data.eval_strategies:
+            try:
+                bs = make_eval_batches(cfg.data, cfg.train.global_batch_size, strat, max(1, cfg.train.eval_batches))
+            except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
+                self.sink.message(f"[a3jax train] eval under {strat!r} disabled: {type(e).__name__}: {e}")
+                continue
+            sets[strat] = [to_global_batch({k: _local_rows(b, pi, pc)[k] for k in BATCH_KEYS}, self.mesh, self.rules)
+                           for b in bs]
+        return sets
+
+    def __call__(self, step: int, params) -> dict:
+        if self.sets is None:
+            self.sets = self._build()
+        out = {}
+        for strat, batches in self.sets.items():
+            nll = tok = 0.0
+            for b in batches:
+                with activate(self.mesh, self.rules):
+                    r = jax.device_get(self.eval_fn(params, b))
+                nll += float(r["nll"])
+                tok += float(r["tokens"])
+            out[strat] = nll / max(tok, 1.0)
+        if out:
+            self.sink.write({"step": step, "kind": "eval", "loss": out})
+            self.sink.console("eval @ %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in out.items())))
+        return out
+
+
+class CheckpointPolicy:
+    """When the run saves (docs/checkpoints.md): every checkpoint.every steps, after the last step
+    (train.steps), at stop_at_step when that stops the run short of the end, and on a signal. Saving a
+    step that exists is a no-op; `last_good` is the newest step saved or restored by this run."""
+
+    def __init__(self, ckpts: RunCheckpoints, every: int, total: int, end: int, config_dict: dict,
+                 sink: metrics_lib.MetricsSink, last_good: Optional[int] = None):
+        self.ckpts, self.every, self.total, self.end = ckpts, int(every), int(total), int(end)
+        self.config_dict, self.sink, self.last_good = config_dict, sink, last_good
+
+    def periodic(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def after_step(self, step: int) -> bool:
+        return self.periodic(step) or step == self.total
+
+    def at_planned_stop(self, step: int, interrupted: int) -> bool:
+        return step == self.end and self.end < self.total and not interrupted
+
+    def save(self, step: int, state, data_iter, progress: dict) -> None:
+        if self.ckpts.save(step, state, data_iter, self.config_dict, progress):
+            self.last_good = step
+            self.sink.message(f"[a3jax train] checkpoint {step} -> {self.ckpts.directory}/{step}")
+
+    def last_good_text(self) -> str:
+        return (f"last good checkpoint: {self.ckpts.directory}/{self.last_good}" if self.last_good is not None
+                else "no checkpoint saved yet")
 
 
 def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool = True,
@@ -150,231 +225,162 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
     # Handlers first: a preemption notice during startup (restore, compile) is honoured after the first step.
     stop = _StopFlag().install()
     try:
-        return _train(cfg, stop, log, progress_bar, tensorboard, stop_at_step)
+        trainer = _Trainer(cfg, log, progress_bar, tensorboard, stop_at_step)
+        try:
+            trainer.run(stop)
+            trainer.ckpts.wait()
+        finally:
+            trainer.sink.close()
+            trainer.ckpts.close()
+        return trainer.result()
     finally:
         stop.uninstall()
 
 
-def _train(cfg: Config, stop: _StopFlag, log, progress_bar, tensorboard, stop_at_step) -> dict:
-    from a3jax.data import make_eval_batches, make_train_iterator, stage_for_step, to_global_batch
-    from a3jax.model import param_shapes
+class _Trainer:
+    """One run's setup (mesh, state, iterator, jitted steps, pieces) and its loop."""
 
-    pi, pc = jax.process_index(), jax.process_count()
-    main = pi == 0
-    run_dir = os.path.abspath(cfg.run_dir)
-    tcfg = cfg.train
-    total = cfg.total_steps
-    gbs = tcfg.global_batch_size
-    seq = cfg.data.seq_len
-    mesh = make_mesh(cfg.mesh)
-    rules = rules_of(cfg.mesh)
-    optimizer, schedule = make_optimizer(tcfg.optimizer, total)
-    pshapes = param_shapes(cfg.model)
-    psh = param_shardings(cfg.model, mesh, rules)
-    ssh = state_shardings(optimizer, psh, pshapes, mesh)
-    bsh = batch_sharding(mesh, rules)
-    log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "
-        f"{pc} process(es); {total} steps of {gbs} x {seq} tokens")
+    def __init__(self, cfg: Config, log, progress_bar, tensorboard, stop_at_step):
+        pi, pc = jax.process_index(), jax.process_count()
+        self.cfg, self.log = cfg, log
+        self.run_dir = os.path.abspath(cfg.run_dir)
+        tcfg = cfg.train
+        self.total = total = cfg.total_steps
+        self.end = total if stop_at_step is None else min(total, int(stop_at_step))
+        gbs, seq = tcfg.global_batch_size, cfg.data.seq_len
+        self.mesh = mesh = make_mesh(cfg.mesh)
+        self.rules = rules = rules_of(cfg.mesh)
+        optimizer, schedule = make_optimizer(tcfg.optimizer, total)
+        pshapes = param_shapes(cfg.model)
+        psh = param_shardings(cfg.model, mesh, rules)
+        ssh = state_shardings(optimizer, psh, pshapes, mesh)
+        bsh = batch_sharding(mesh, rules)
+        log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "
+            f"{pc} process(es); {total} steps of {gbs} x {seq} tokens")
 
-    ckpts = RunCheckpoints(run_dir, cfg.checkpoint, log=log)
-    make_iter = lambda start: make_train_iterator(cfg.data, gbs, pi, pc, start_step=start)
-    restored = ckpts.restore_latest(
-        abstract_state(optimizer, pshapes, ssh), make_iter, pc,
-        check_config=lambda saved, step: check_compatible(saved, cfg, step, ckpts.directory))
-    if restored is not None:
-        start, state, it, progress = restored
-        log(f"resumed from checkpoint {start} ({ckpts.directory}/{start})")
-    else:
-        start, progress = 0, {}
-        state = create_state(_initial_params(cfg, mesh, rules, log), optimizer, tcfg.seed, ssh)
-        it = make_iter(0)
-        log("initialised " + (f"from {cfg.model.init_from}" if cfg.model.init_from else "at random")
-            + f": {sum(int(np.prod(s)) for s in jax.tree.leaves(pshapes, is_leaf=lambda x: isinstance(x, tuple))):,} params")
-    last_good = start if restored is not None else None
-
-    step_fn = make_train_step(cfg, optimizer, schedule, ssh, bsh, mesh)
-    eval_fn = make_eval_step(cfg, psh, bsh, mesh)
-    sink = metrics_lib.MetricsSink(run_dir, start, total, enabled=main, tensorboard=tensorboard,
-                                   progress_bar=progress_bar)
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tcfg.peak_flops_per_device)
-    flops_tok = metrics_lib.train_flops_per_token(cfg.model, seq, "a3")
-    n_dev = jax.device_count()
-    config_dict = to_dict(cfg)
-
-    # Eval batches are built once (deterministic), per process its rows of each global batch.
-    eval_sets = None
-
-    def run_eval(step: int) -> dict:
-        nonlocal eval_sets
-        if eval_sets is None:
-            eval_sets = {}
-            for strat in cfg.data.eval_strategies:
-                try:
-                    bs = make_eval_batches(cfg.data, gbs, strat, max(1, tcfg.eval_batches))
-                except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
-                    sink.message(f"[a3jax train] eval under {strat!r} disabled: {type(e).__name__}: {e}")
-                    continue
-                eval_sets[strat] = [to_global_batch({k: _local_rows(b, pi, pc)[k] for k in BATCH_KEYS}, mesh, rules)
-                                    for b in bs]
-        out = {}
-        for strat, batches in eval_sets.items():
-            nll = tok = 0.0
-            for b in batches:
-                with activate(mesh, rules):
-                    r = jax.device_get(eval_fn(state.params, b))
-                nll += float(r["nll"])
-                tok += float(r["tokens"])
-            out[strat] = nll / max(tok, 1.0)
-        if out:
-            sink.write({"step": step, "kind": "eval", "loss": out})
-            sink.console("eval @ %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in out.items())))
-        return out
-
-    # Per-step records since the last log line (restored from the checkpoint so averages match).
-    window = list(progress.get("window", []))
-    tokens_seen = int(progress.get("tokens_seen", start * gbs * seq))
-    skipped_total = int(progress.get("skipped_nonfinite", 0))
-
-    def progress_dict():
-        return {"window": window, "tokens_seen": tokens_seen, "process_count": pc,
-                "skipped_nonfinite": skipped_total}
-
-    def save(step: int) -> None:
-        nonlocal last_good
-        if ckpts.save(step, state, it, config_dict, progress_dict()):
-            last_good = step
-            sink.message(f"[a3jax train] checkpoint {step} -> {ckpts.directory}/{step}")
-
-    last_record: dict = {}
-    last_eval: dict = {}
-    pending = None  # (step index, stage, strategy, device metrics) of the step in flight
-    t_last = time.perf_counter()
-    timed = []  # step times of the window, excluding the first step of this process (compile)
-    first_step_of_process = True
-    interrupted = 0
-
-    def finish(p) -> None:
-        """Fetches the metrics of step p (after its dispatch the next step is already queued)."""
-        nonlocal t_last, tokens_seen, skipped_total, first_step_of_process
-        s, stage, strategy, m, gsize = p
-        m = jax.device_get(m)
-        now = time.perf_counter()
-        dt = now - t_last
-        t_last = now
-        if not first_step_of_process:
-            timed.append(dt)
-        first_step_of_process = False
-        tokens_seen += gbs * seq
-        if int(m["nonfinite"]):
-            where = (f"last good checkpoint: {ckpts.directory}/{last_good}" if last_good is not None
-                     else "no checkpoint saved yet")
-            if not tcfg.skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {s + 1} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}, "
-                    f"stage {stage} {strategy!r}); the update was not applied and nothing more is saved; "
-                    f"{where}. Set train.skip_nonfinite=true to skip such steps.")
-            skipped_total += 1
-            sink.message(f"[a3jax train] step {s + 1}: non-finite loss {float(m['loss'])}, update skipped")
-        window.append({"step": s + 1, "stage": stage, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                       "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "z_loss": float(m["z_loss"]),
-                       "param_norm": float(m["param_norm"]), "nonfinite": int(m["nonfinite"]),
-                       "group_size": gsize})
-        sink.console("", advance=1)
-
-    def write_log(step: int, stage: int, strategy: str) -> dict:
-        nonlocal timed
-        good = [w for w in window if not w["nonfinite"]] or window
-        mean = lambda key, ws=good: float(np.mean([w[key] for w in ws])) if ws else float("nan")
-        stage_loss = {}
-        for st in sorted({w["stage"] for w in good}):
-            stage_loss[str(st)] = mean("loss", [w for w in good if w["stage"] == st])
-        step_time = float(np.mean(timed)) if timed else None
-        tps = gbs * seq / step_time if step_time else None
-        rec = {
-            "step": step, "kind": "train", "stage": stage, "strategy": strategy,
-            "loss": mean("loss"), "stage_loss": stage_loss, "accuracy": mean("accuracy"),
-            "grad_norm": window[-1]["grad_norm"], "lr": window[-1]["lr"], "param_norm": window[-1]["param_norm"],
-            "z_loss": mean("z_loss"), "group_size": mean("group_size", window), "skipped_nonfinite": skipped_total, "tokens_seen": tokens_seen,
-            "step_time_s": step_time, "tokens_per_s": tps,
-            "tokens_per_s_per_device": tps / n_dev if tps else None,
-            "mfu": (flops_tok * tps / (peak * n_dev)) if (tps and peak) else None,
-        }
-        sink.write(rec)
-        line = (f"step {step}/{total} stage {stage} ({strategy}) loss {rec['loss']:.4f} "
-                f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e}")
-        if tps:
-            line += f" {tps:,.0f} tok/s {step_time * 1e3:.0f} ms/step"
-        if rec["mfu"] is not None:
-            line += f" mfu {100 * rec['mfu']:.1f}%"
-        if sink.bar is not None:
-            sink.console("", postfix=f"loss {rec['loss']:.3f} st {stage}")
+        self.ckpts = RunCheckpoints(self.run_dir, cfg.checkpoint, log=log)
+        make_iter = lambda start: make_train_iterator(cfg.data, gbs, pi, pc, start_step=start)  # noqa: E731
+        restored = self.ckpts.restore_latest(
+            abstract_state(optimizer, pshapes, ssh), make_iter, pc,
+            check_config=lambda saved, step: check_compatible(saved, cfg, step, self.ckpts.directory))
+        if restored is not None:
+            self.start, self.state, self.it, progress = restored
+            self.resumed_from = self.start
+            log(f"resumed from checkpoint {self.start} ({self.ckpts.directory}/{self.start})")
         else:
-            sink.console(line)
-        window.clear()
-        timed = []
-        return rec
+            self.start, progress, self.resumed_from = 0, {}, None
+            self.state = create_state(_initial_params(cfg, mesh, rules, log), optimizer, tcfg.seed, ssh)
+            self.it = make_iter(0)
+            n_params = sum(int(np.prod(s)) for s in jax.tree.leaves(pshapes, is_leaf=lambda x: isinstance(x, tuple)))
+            log("initialised " + (f"from {cfg.model.init_from}" if cfg.model.init_from else "at random")
+                + f": {n_params:,} params")
 
-    end = total if stop_at_step is None else min(total, int(stop_at_step))
-    if start >= total:
-        log(f"nothing to do: the run is complete at step {start} of {total} (raise train.steps to continue)")
-    # Testing/debugging knob: sleep after every step (the fault tests use it to kill -9 a run
-    # reliably between two checkpoints). Not a config key: it must never change results.
-    debug_sleep = float(os.environ.get("A3JAX_DEBUG_STEP_SLEEP", "0") or 0)
-    step = start
-    try:
-        if start == 0 and tcfg.eval_every > 0 and tcfg.eval_at_start:
-            last_eval = run_eval(0)
-        prev_stage = stage_for_step(cfg.data.stages, start)[0] if start < total else None
+        self.step_fn = make_train_step(cfg, optimizer, schedule, ssh, bsh, mesh)
+        eval_fn = make_eval_step(cfg, psh, bsh, mesh)
+        self.sink = metrics_lib.MetricsSink(self.run_dir, self.start, total, enabled=pi == 0,
+                                            tensorboard=tensorboard, progress_bar=progress_bar)
+        self.evaluate = Evaluator(cfg, eval_fn, mesh, rules, self.sink)
+        self.checkpoints = CheckpointPolicy(self.ckpts, cfg.checkpoint.every, total, self.end, to_dict(cfg),
+                                            self.sink, last_good=self.resumed_from)
+        # Per-step records since the last log line, restored from the checkpoint so averages match.
+        self.window = metrics_lib.MetricsWindow(
+            gbs * seq, n_devices=jax.device_count(),
+            flops_per_token=metrics_lib.train_flops_per_token(cfg.model, seq, "a3"),
+            peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tcfg.peak_flops_per_device),
+            start_step=self.start, progress=progress, process_count=pc)
+        self.strategies = [st.strategy for st in cfg.data.stages]  # stage index -> its strategy (for logs)
+        self.step = self.start
+        self.last_record: dict = {}
+        self.last_eval: dict = {}
+        self.interrupted = 0
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: _StopFlag) -> None:
+        tcfg, total, end, sink = self.cfg.train, self.total, self.end, self.sink
+        if self.start >= total:
+            self.log(f"nothing to do: the run is complete at step {self.start} of {total} "
+                     f"(raise train.steps to continue)")
+        # Testing/debugging knob: sleep after every step (the fault tests use it to kill -9 a run
+        # reliably between two checkpoints). Not a config key: it must never change results.
+        debug_sleep = float(os.environ.get("A3JAX_DEBUG_STEP_SLEEP", "0") or 0)
+        if self.start == 0 and tcfg.eval_every > 0 and tcfg.eval_at_start:
+            self.last_eval = self.evaluate(0, self.state.params)
+        pending = None  # (step index, stage, device metrics, group size) of the step in flight
+        prev_stage = None
+        step = self.start
         while step < end:
-            batch = next(it)
-            stage, strategy = stage_for_step(cfg.data.stages, step)
-            if "stage" in batch and int(batch["stage"][0]) != stage:
-                raise RuntimeError(f"data pipeline gave a stage-{int(batch['stage'][0])} batch at step {step}, "
-                                   f"the curriculum says stage {stage}")
-            if stage != prev_stage:
-                sink.message(f"[a3jax train] step {step}: curriculum stage {stage} ({strategy})")
-                prev_stage = stage
+            batch = next(self.it)
+            stage = batch_stage(batch, step)
+            if prev_stage is not None and stage != prev_stage:
+                sink.message(f"[a3jax train] step {step}: curriculum stage {stage} ({self.strategies[stage]})")
+            prev_stage = stage
             gsize = mean_group_size(batch)
-            gb = to_global_batch({k: batch[k] for k in BATCH_KEYS}, mesh, rules)
-            with activate(mesh, rules):
-                state, m = step_fn(state, gb)
+            gb = to_global_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh, self.rules)
+            with activate(self.mesh, self.rules):
+                self.state, m = self.step_fn(self.state, gb)
             if pending is not None:
-                finish(pending)
-            pending = (step, stage, strategy, m, gsize)
-            step += 1
+                self._finish(*pending)  # the step before: its metrics are ready while this one runs
+            pending = (step, stage, m, gsize)
+            step = self.step = step + 1
             log_now = step % max(1, tcfg.log_every) == 0 or step == total
             eval_now = tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or step == total)
-            ckpt_now = cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0
+            ckpt_now = self.checkpoints.periodic(step)
             stop_now = stop.is_set()
             if log_now or eval_now or ckpt_now or stop_now or step == end:
-                finish(pending)
+                self._finish(*pending)
                 pending = None
             if log_now:
-                last_record = write_log(step, stage, strategy)
+                self.last_record = self._log(step, stage)
             if eval_now:
-                last_eval = run_eval(step)
-            if ckpt_now or step == total:
-                save(step)
+                self.last_eval = self.evaluate(step, self.state.params)
+            if self.checkpoints.after_step(step):
+                self._save(step)
             if log_now or eval_now or ckpt_now:
-                t_last = time.perf_counter()  # eval / save time is not step time
+                self.window.restart_clock()  # eval / save time is not step time
             if debug_sleep:
                 time.sleep(debug_sleep)
             if stop_now:
-                interrupted = stop.signum
-                sink.message(f"[a3jax train] signal {interrupted} at step {step}: saving and exiting")
-                save(step)
+                self.interrupted = stop.signum
+                sink.message(f"[a3jax train] signal {self.interrupted} at step {step}: saving and exiting")
+                self._save(step)
                 break
-        if step == end and end < total and not interrupted:
-            save(step)
-        ckpts.wait()
-    finally:
-        sink.close()
-        ckpts.close()
-    result = dict(last_record)
-    result.update({"step": int(step), "eval": last_eval, "interrupted": int(interrupted),
-                   "resumed_from": restored[0] if restored is not None else None, "run_dir": run_dir,
-                   "last_checkpoint": last_good})
-    if "loss" not in result and window:
-        result["loss"] = float(np.mean([w["loss"] for w in window]))
-    result.setdefault("loss", math.nan)
-    return result
+        if self.checkpoints.at_planned_stop(step, self.interrupted):
+            self._save(step)
+
+    # ------------------------------------------------------------------ the pieces the loop calls
+    def _finish(self, s: int, stage: int, m, gsize: float) -> None:
+        """Fetches the metrics of step index s into the window (after its dispatch the next step is
+        already queued); a non-finite step stops the run or, with train.skip_nonfinite, is reported."""
+        m = jax.device_get(m)
+        self.window.add(s + 1, stage, m, gsize)
+        if int(m["nonfinite"]):
+            if not self.cfg.train.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {s + 1} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}, stage {stage} {self.strategies[stage]!r}); the update was "
+                    f"not applied and nothing more is saved; {self.checkpoints.last_good_text()}. "
+                    f"Set train.skip_nonfinite=true to skip such steps.")
+            self.sink.message(f"[a3jax train] step {s + 1}: non-finite loss {float(m['loss'])}, update skipped")
+        self.sink.console("", advance=1)
+
+    def _log(self, step: int, stage: int) -> dict:
+        rec = self.window.record(step, stage, self.strategies[stage])
+        self.sink.write(rec)
+        if self.sink.bar is not None:
+            self.sink.console("", postfix=f"loss {rec['loss']:.3f} st {stage}")
+        else:
+            self.sink.console(metrics_lib.log_line(rec, self.total))
+        return rec
+
+    def _save(self, step: int) -> None:
+        self.checkpoints.save(step, self.state, self.it, self.window.progress())
+
+    def result(self) -> dict:
+        result = dict(self.last_record)
+        result.update({"step": int(self.step), "eval": self.last_eval, "interrupted": int(self.interrupted),
+                       "resumed_from": self.resumed_from, "run_dir": self.run_dir,
+                       "last_checkpoint": self.checkpoints.last_good})
+        if "loss" not in result and self.window.steps:
+            result["loss"] = self.window.mean_loss()
+        result.setdefault("loss", math.nan)
+        return result

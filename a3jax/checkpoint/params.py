@@ -8,7 +8,7 @@ Layout of a params checkpoint directory CKPT:
 
 `load_params` restores straight onto a mesh: the targets are jax.ShapeDtypeStruct leaves carrying the
 NamedShardings of a3jax.sharding.param_shardings, so every host reads only its own shards and no full
-host copy is made. The training CheckpointManager (state + data iterator) lives in a3jax.train.
+host copy is made. Run checkpoints (train state + data iterator) are a3jax.checkpoint.run.
 """
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
 from a3jax import config as config_lib
 from a3jax.config import ConfigError, ModelConfig
+from a3jax.model import param_shapes
+from a3jax.model.layers import dtype_of
+from a3jax.sharding import param_shardings, rules_of
 
 PARAMS_ITEM = "params"
 MODEL_YAML = "model.yaml"
@@ -31,6 +36,10 @@ class CheckpointError(ValueError):
 
 def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
 
 
 def is_params_checkpoint(ckpt_dir: str) -> bool:
@@ -50,27 +59,21 @@ def load_model_config(ckpt_dir: str) -> ModelConfig:
 
 
 def _save_registry():
-    import numpy as np
-    from orbax.checkpoint import type_handlers
-    from orbax.checkpoint._src.serialization import type_handler_registry as reg
-
-    handlers = [(t, h) for t, h in reg._DEFAULT_TYPE_HANDLERS if t is not np.ndarray]
-    return reg.create_type_handler_registry((np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-                                            *handlers)
+    """Orbax's default type handlers (public API: supported_types / get_type_handler), except that host
+    numpy arrays are written without a defensive deep copy."""
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(*[
+        (t, th.NumpyHandler(deepcopy_host_arrays=False) if t is np.ndarray else th.get_type_handler(t))
+        for t in th.supported_types()])
 
 
 def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) -> str:
     """Writes params (numpy or jax arrays, sharded or not) with Orbax and the config YAML beside them.
     Every process must call it with the same (global) params. Returns the absolute checkpoint path."""
-    import orbax.checkpoint as ocp
-
-    from a3jax.model.transformer import param_shapes
-
     d = _abs(ckpt_dir)
     want = param_shapes(cfg)
     got = jax.tree.map(lambda x: tuple(x.shape), params)
-    if jax.tree.structure(want, is_leaf=lambda x: isinstance(x, tuple)) != jax.tree.structure(
-            got, is_leaf=lambda x: isinstance(x, tuple)) or want != got:
+    if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or want != got:
         raise CheckpointError(f"{d}: params do not match the config (expected shapes {want}, got {got})")
     item = os.path.join(d, PARAMS_ITEM)
     if os.path.exists(item) and not force:
@@ -91,21 +94,15 @@ def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) ->
 
 def param_targets(cfg: ModelConfig, mesh=None, rules=None, dtype: Optional[str] = None):
     """jax.ShapeDtypeStruct tree with the target shardings (mesh + logical rules, or one device)."""
-    from a3jax.model.layers import dtype_of
-    from a3jax.model.transformer import param_shapes
-
     dt = dtype_of(dtype or cfg.param_dtype)
     shapes = param_shapes(cfg)
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
     if mesh is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt, sharding=sharding), shapes, is_leaf=is_shape)
-    from a3jax.sharding import param_shardings, rules_of
-
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt, sharding=sharding), shapes, is_leaf=_is_shape)
     if rules is None:
         rules = rules_of(config_lib.MeshConfig())
     shardings = param_shardings(cfg, mesh, rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings, is_leaf=is_shape)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes, shardings, is_leaf=_is_shape)
 
 
 def _flat_shapes(tree, prefix=""):
@@ -120,8 +117,6 @@ def _flat_shapes(tree, prefix=""):
 
 def check_against_config(ckptr, item: str, cfg: ModelConfig) -> None:
     """Compares the stored array shapes with the config's; every mismatch is named in one error."""
-    from a3jax.model.transformer import param_shapes
-
     try:
         meta = ckptr.metadata(item)
         meta = getattr(meta, "item_metadata", meta)
@@ -140,22 +135,15 @@ def check_against_config(ckptr, item: str, cfg: ModelConfig) -> None:
 
 
 def _host_targets(cfg: ModelConfig):
-    import numpy as np
-
-    from a3jax.convert.hf import _np_dtype
-    from a3jax.model.transformer import param_shapes
-
-    dt = _np_dtype(cfg.param_dtype)
+    dt = np.dtype(dtype_of(cfg.param_dtype))
     # np.zeros of a large array is lazily mapped: untouched targets cost no resident memory.
-    return jax.tree.map(lambda s: np.zeros(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(lambda s: np.zeros(s, dt), param_shapes(cfg), is_leaf=_is_shape)
 
 
 def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None, host: bool = False):
     """(cfg, params) from a params checkpoint, restored onto `mesh` with the logical `rules`
     (default: MeshConfig's) or onto one device when mesh is None; host=True gives numpy arrays instead
     (one host copy, e.g. for exporting). dtype casts while restoring (the returned cfg's param_dtype follows)."""
-    import orbax.checkpoint as ocp
-
     d = _abs(ckpt_dir)
     cfg = load_model_config(d)
     item = os.path.join(d, PARAMS_ITEM)

@@ -25,7 +25,10 @@ import os
 import shutil
 import time
 
+import grain
 import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from a3jax.config import ConfigError
 
@@ -46,17 +49,10 @@ class _FrozenState:
         return self._state
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
 class RunCheckpoints:
     """Thin wrapper over ocp.CheckpointManager with the trainer's items and fault handling."""
 
     def __init__(self, run_dir: str, ckpt_cfg, log=print):
-        ocp = _ocp()
         self.run_dir = os.path.abspath(run_dir)
         self.directory = os.path.join(self.run_dir, "checkpoints")
         self.bad_directory = os.path.join(self.run_dir, "checkpoints_bad")
@@ -81,9 +77,6 @@ class RunCheckpoints:
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, data_iter, config_dict: dict, progress: dict) -> bool:
         """Starts an (async) save of `step`; returns False (and saves nothing) if `step` exists."""
-        import grain
-
-        ocp = _ocp()
         if step in self.steps():
             return False
         # Snapshot the mutable parts now: the save may finish in a background thread while the loop
@@ -104,9 +97,11 @@ class RunCheckpoints:
         self.mngr.close()
 
     # ------------------------------------------------------------------ restore
-    def read_config(self, step: int) -> dict:
-        ocp = _ocp()
-        return self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    def restore_state(self, step: int, state_target):
+        """The TrainState of checkpoint `step` alone (no data iterator, no bookkeeping), restored into
+        `state_target` (e.g. train.state.abstract_state(...): its shardings say where the arrays go)."""
+        out = self.mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))
+        return out["state"]
 
     def restore_latest(self, state_target, make_iterator, process_count: int, check_config=None):
         """Newest restorable checkpoint -> (step, state, iterator, progress) or None when there is none.
@@ -117,9 +112,6 @@ class RunCheckpoints:
         check_config(saved_config_dict, step) may raise ConfigError (incompatible run): that is not
         corruption, so it propagates and nothing is moved.
         """
-        import grain
-
-        ocp = _ocp()
         steps = self.steps()
         failures = []
         for step in reversed(steps):
@@ -173,8 +165,6 @@ class RunCheckpoints:
                     shutil.move(src, dst)
                     self.log(f"moved unreadable checkpoint {s} to {dst}")
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("a3jax_checkpoint_quarantine")
         self.mngr.reload()
 
