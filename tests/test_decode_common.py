@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from a3jax.config import ModelConfig
-from a3jax.model.transformer import param_shapes
+from a3jax.model import ParamSpec, param_specs, query_embed_init
+from a3jax.model.params import NORMAL, ONES
 
 # init_std 0.5 gives peaked distributions, so greedy choices are not decided by float rounding.
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -19,18 +20,20 @@ TINY_BYTE = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, nu
 
 @functools.lru_cache(maxsize=None)
 def tiny(cfg: ModelConfig = TINY, seed: int = 0):
-    """(cfg, params): the tree of a3jax.model.init_params, drawn with numpy (flax's init runs the
-    model op by op, which costs tens of seconds on a loaded 2-core machine)."""
+    """(cfg, params): the tree of a3jax.model.init_params, each param drawn per its spec in the param
+    table but with numpy (flax's init runs the model op by op, which costs tens of seconds on a loaded
+    2-core machine)."""
     rng = np.random.default_rng(seed)
 
-    def draw(path, shape):
-        name = path[-1].key
-        if name.endswith("norm"):
-            return jnp.ones(shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, cfg.init_std, shape), jnp.float32)
+    def draw(spec):  # in sorted-name order, so the numbers do not depend on the table's order
+        if spec.init == ONES:
+            return jnp.ones(spec.shape, jnp.float32)
+        if spec.init != NORMAL:
+            return None  # the query vector, made from the embedding below
+        return jnp.asarray(rng.normal(0.0, cfg.init_std, spec.shape), jnp.float32)
 
-    params = jax.tree_util.tree_map_with_path(draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    params["query_embed"] = params["embed"].mean(0)  # query_init="embed_mean"
+    params = jax.tree.map(draw, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+    params["query_embed"] = query_embed_init(cfg, params["embed"])
     return cfg, params
 
 

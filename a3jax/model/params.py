@@ -111,7 +111,8 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 def decay_mask(tree):
     """True for the leaves that get weight decay, per the table; `tree` is any tree with the params'
-    structure (params, grads, shapes). A name that is not in the table is an error, not a guess."""
+    structure and array leaves (params, grads, ShapeDtypeStructs). A name that is not in the table is
+    an error, not a guess."""
     def decayed(path, _):
         entry = _TABLE
         for key in path:
