@@ -15,8 +15,6 @@ layer loop):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -126,12 +124,15 @@ def decay_mask(tree):
 
 
 def embed_mean(embed, chunk: int = 8192):
-    """Mean token embedding [E] in float32, summed `chunk` rows at a time so a big bf16 table never has
-    a full float32 copy. numpy input (the converters, on the host) accumulates in float64; jax input
-    (init, possibly traced) in float32."""
-    acc_dtype = np.float64 if isinstance(embed, np.ndarray) else jnp.float32
-    sums = (embed[s:s + chunk].astype(acc_dtype).sum(axis=0) for s in range(0, embed.shape[0], chunk))
-    return (functools.reduce(operator.add, sums) / embed.shape[0]).astype(np.float32)
+    """Mean token embedding [E] in float32. On the host (numpy, the converters) it is summed `chunk` rows
+    at a time in float64, so a big bf16 table never gets a full float32 copy; a jax array (init, the
+    trainer) takes one reduction, into which XLA fuses the cast under jit."""
+    if not isinstance(embed, np.ndarray):
+        return jnp.mean(embed.astype(jnp.float32), axis=0)
+    acc = np.zeros(embed.shape[1], np.float64)
+    for s in range(0, embed.shape[0], chunk):
+        acc += embed[s:s + chunk].astype(np.float64).sum(axis=0)
+    return (acc / embed.shape[0]).astype(np.float32)
 
 
 def query_embed_init(cfg: ModelConfig, embed, rng=None):
