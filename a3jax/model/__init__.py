@@ -1,4 +1,4 @@
-"""Public model surface: `A3Transformer`, `forward`, `init_params`, input validation."""
+"""Public model surface: `A3Transformer`, `forward`, `init_params`, input validation, the param table."""
 from __future__ import annotations
 
 import functools

@@ -22,7 +22,8 @@ from a3jax.config import ModelConfig
 from a3jax.model import attention as attn_lib
 from a3jax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin, swiglu_mlp
 from a3jax.model.params import initializer, param_specs
-from a3jax.model.params import param_shapes  # noqa: F401  (a3jax/checkpoint.py imports it from here for now)
+# Re-exported for a3jax/checkpoint.py and bench/decode.py, which import it from here; a3jax.model is the home.
+from a3jax.model.params import param_shapes  # noqa: F401
 
 
 class Rows(NamedTuple):
