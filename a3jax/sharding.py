@@ -139,11 +139,9 @@ def cache_shardings(kv_shape, mesh, rules) -> dict:
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules):
-    from a3jax.model import PARAM_AXES, param_shapes
+    from a3jax.model import param_axes, param_shapes
 
-    shapes = param_shapes(cfg)
-    axes = {k: v for k, v in PARAM_AXES.items() if k in shapes}
-    return tree_shardings(axes, shapes, mesh, rules)
+    return tree_shardings(param_axes(cfg), param_shapes(cfg), mesh, rules)
 
 
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:

@@ -22,28 +22,14 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import ModelConfig  # noqa: E402
 from a3jax.decode import infill  # noqa: E402
-from a3jax.model.transformer import param_shapes  # noqa: E402
+from a3jax.model import numpy_init  # noqa: E402
 
 CFG = ModelConfig(max_position_embeddings=2048)  # defaults = configs' tiny shape
 PROMPT = 16
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        if path[-1].key.endswith("norm"):
-            return jnp.ones(shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, cfg.init_std, shape), jnp.float32)
-
-    p = jax.tree_util.tree_map_with_path(draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    p["query_embed"] = p["embed"].mean(0)
-    return p
 
 
 def timed(fn, repeat=1):
@@ -63,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--uncached-steps", type=int, default=6)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.json"))
     args = ap.parse_args(argv)
-    params = random_params(CFG)
+    params = numpy_init(CFG)
     rows = []
     hdr = (f"{'order':<14} {'blanks':>6} {'k':>2} {'steps':>5} {'cached s':>9} {'cached tok/s':>12} "
            f"{'uncached s/step':>15} {'uncached s (extrap.)':>20} {'speedup':>8}")

@@ -12,7 +12,6 @@ against a measured fp32 matmul peak of this machine (--peak to override). Prints
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os

@@ -1,11 +1,10 @@
 """Random tiny HF LLaMA checkpoints made locally with transformers (never downloaded)."""
-import os
 
 
 def make_hf_llama(path, *, tie=False, rope_scaling=None, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2,
                   inter=112, dtype="float32", seed=0, max_shard_size=None, safe=True, head_dim=None):
-    import torch
-    import transformers
+    import torch  # deferred: torch is optional
+    import transformers  # deferred: transformers is optional
 
     torch.manual_seed(seed)
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -31,7 +30,7 @@ def make_hf_llama(path, *, tie=False, rope_scaling=None, vocab=96, hidden=64, la
 
 
 def hf_logits(model, tokens):
-    import torch
+    import torch  # deferred: torch is optional
 
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()

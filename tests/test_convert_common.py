@@ -4,11 +4,12 @@ import os
 
 import numpy as np
 
+from a3jax.convert.hf import TensorReader
+from hf_models import make_hf_llama
+
 
 def read_all(model_dir):
     """key -> numpy array of every tensor in a model directory (any supported layout)."""
-    from a3jax.convert.hf import TensorReader
-
     r = TensorReader(model_dir)
     try:
         return {k: r.read(k) for k in r.file_of}
@@ -41,9 +42,7 @@ def make_official(path, *, fmt="safetensors", tie=False, dtype="float32", seed=1
                   heads=4, kv_heads=2, inter=112):
     """A reference-code style checkpoint: HF LLaMA config.json + state dict with model.query_embed [1,1,E]
     (the reference model's state_dict names), written with torch/safetensors directly."""
-    import torch
-
-    from hf_models import make_hf_llama
+    import torch  # deferred: torch is optional
 
     model = make_hf_llama(path, tie=tie, dtype=dtype, seed=seed, vocab=vocab, hidden=hidden, layers=layers,
                           heads=heads, kv_heads=kv_heads, inter=inter)
@@ -58,7 +57,7 @@ def make_official(path, *, fmt="safetensors", tie=False, dtype="float32", seed=1
     if fmt == "bin":
         torch.save(sd, os.path.join(path, "pytorch_model.bin"))
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # deferred: torch is optional
 
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json")) as f:
@@ -70,8 +69,8 @@ def safetensors_to_bin(path, shards=1):
     """Rewrites a HF directory's safetensors as PyTorch .bin (transformers 5 always writes safetensors;
     this is transformers 4's `safe_serialization=False` layout: pytorch_model.bin, or
     pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json)."""
-    import torch
-    from safetensors.torch import load_file
+    import torch  # deferred: torch is optional
+    from safetensors.torch import load_file  # deferred: torch is optional
 
     sd = {}
     for f in sorted(os.listdir(path)):
@@ -96,8 +95,6 @@ def safetensors_to_bin(path, shards=1):
 
 def make_checkpoint(path, layout, **kw):
     """make_hf_llama in one of the layouts: single/sharded x safetensors/bin."""
-    from hf_models import make_hf_llama
-
     sharded = layout.startswith("sharded")
     model = make_hf_llama(path, max_shard_size="20KB" if sharded else None, **kw)
     if layout.endswith("bin"):

@@ -5,17 +5,16 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from hf_models import make_hf_llama
-from test_convert_common import make_checkpoint, read_all
+from test_convert_common import make_checkpoint, make_official, read_all
 
 from a3jax.convert import ConversionError, from_hf, from_official
 from a3jax.convert.cli import cli_main
 
 
 def _rewrite(src, tensors):
-    from safetensors.numpy import save_file
-
     for f in os.listdir(src):
         if f.endswith(".safetensors") or f.endswith(".index.json"):
             os.remove(os.path.join(src, f))
@@ -46,7 +45,7 @@ def test_missing_tensors_in_sharded_bin(tmp_path):
     make_checkpoint(src, "sharded-bin", seed=2)
     index = json.loads((src / "pytorch_model.bin.index.json").read_text())
     # Drop one shard's entries from disk: rewrite it empty, so its keys go missing.
-    import torch
+    import torch  # deferred: torch is optional
 
     name = sorted(set(index["weight_map"].values()))[0]
     lost = sorted(k for k, v in index["weight_map"].items() if v == name)
@@ -145,8 +144,6 @@ def test_tied_config_with_different_lm_head_refused(tmp_path):
 
 
 def test_official_missing_query_embed_and_bad_shape(tmp_path):
-    from test_convert_common import make_official
-
     src = tmp_path / "ref"
     make_official(src, fmt="safetensors")
     t = read_all(str(src))

@@ -3,14 +3,18 @@ exported directory, dtype casts, query_embed and tokenizer files, the CLI end to
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from hf_models import hf_logits, make_hf_llama
 from test_convert_common import assert_bit_exact, make_checkpoint, read_all, tree_bit_exact
 
+from a3jax.checkpoint import load_model_config, load_params
 from a3jax.convert import from_hf, to_hf
-from a3jax.convert.hf import QUERY_EMBED_FILE
+from a3jax.convert.cli import cli_main
+from a3jax.convert.hf import QUERY_EMBED_FILE, config_from_hf, config_to_hf
+from a3jax.model import forward, init_params
 
 LAYOUTS = ["single-safetensors", "sharded-safetensors", "single-bin", "sharded-bin"]
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -49,9 +53,7 @@ def test_roundtrip_hf_a3_hf_bit_exact(tmp_path, layout, tie, dtype):
 
 
 def test_exported_dir_loads_in_transformers_same_logits_as_content_stream(tmp_path):
-    import transformers
-
-    from a3jax.model import forward
+    import transformers  # deferred: transformers is optional
 
     tokens = np.array([[1, 5, 9, 17, 33, 65, 2, 40, 41, 42, 7, 8]], np.int32)
     for tie, rope in ((False, LLAMA3_ROPE), (True, None)):
@@ -74,8 +76,6 @@ def test_exported_dir_loads_in_transformers_same_logits_as_content_stream(tmp_pa
 
 def test_config_json_readable_by_transformers4_style_keys(tmp_path):
     """The exported config carries both forms: rope_parameters (v5) and rope_theta + rope_scaling (v4)."""
-    from a3jax.convert.hf import config_from_hf, config_to_hf
-
     src = tmp_path / "hf"
     make_hf_llama(src, rope_scaling=LLAMA3_ROPE, seed=2)
     cfg, _ = from_hf(str(src))
@@ -89,7 +89,7 @@ def test_config_json_readable_by_transformers4_style_keys(tmp_path):
 
 
 def test_dtype_casts_match_torch(tmp_path):
-    import torch
+    import torch  # deferred: torch is optional
 
     src = tmp_path / "hf"
     model = make_hf_llama(src, dtype="float32", seed=4)
@@ -111,10 +111,6 @@ def test_dtype_casts_match_torch(tmp_path):
 
 def test_params_layout_matches_init_params(tmp_path):
     """from_hf gives exactly the tree (names, shapes) that the model declares."""
-    import jax
-
-    from a3jax.model import init_params
-
     src = tmp_path / "hf"
     make_hf_llama(src, seed=6, head_dim=32)  # head_dim != hidden/heads
     cfg, params = from_hf(str(src))
@@ -128,9 +124,6 @@ def test_params_layout_matches_init_params(tmp_path):
 
 
 def test_cli_hf_to_a3_to_hf(tmp_path, capsys):
-    from a3jax.checkpoint import load_params
-    from a3jax.convert.cli import cli_main
-
     src = tmp_path / "hf"
     make_hf_llama(src, dtype="bfloat16", seed=7, max_shard_size="20KB")
     (src / "tokenizer.json").write_text('{"fake": "tokenizer"}')
@@ -158,9 +151,6 @@ def test_cli_hf_to_a3_to_hf(tmp_path, capsys):
 
 
 def test_cli_dtype_flag_and_help(tmp_path, capsys):
-    from a3jax.checkpoint import load_model_config
-    from a3jax.convert.cli import cli_main
-
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])
     assert e.value.code == 0

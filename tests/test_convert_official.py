@@ -1,6 +1,7 @@
 """Reference-A3-code checkpoints <-> a3jax: bit-exact round trips (.safetensors and .bin), block official,
 and the a3jax forward with block official against an independent numpy re-implementation of the
 reference code's two-stream decoder layer."""
+import dataclasses
 import os
 
 import numpy as np
@@ -8,7 +9,10 @@ import pytest
 
 from test_convert_common import assert_bit_exact, make_official, read_all
 
+from a3jax.checkpoint import load_model_config
 from a3jax.convert import ConversionError, from_hf, from_official, to_hf, to_official
+from a3jax.convert.cli import cli_main
+from a3jax.model import forward
 
 
 @pytest.mark.parametrize("fmt,tie,dtype", [("safetensors", False, "float32"), ("bin", False, "bfloat16"),
@@ -29,9 +33,6 @@ def test_official_roundtrip_bit_exact(tmp_path, fmt, tie, dtype):
 
 
 def test_official_cli_roundtrip_across_formats(tmp_path, capsys):
-    from a3jax.checkpoint import load_model_config
-    from a3jax.convert.cli import cli_main
-
     src = tmp_path / "ref"
     make_official(src, fmt="bin", dtype="bfloat16")
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
@@ -52,8 +53,6 @@ def test_block_mismatch_refused(tmp_path):
     cfg, params = from_official(str(src))
     with pytest.raises(ConversionError, match="to_official"):
         to_hf(cfg, params, str(tmp_path / "hf"))
-    import dataclasses
-
     with pytest.raises(ConversionError, match="to_hf"):
         to_official(dataclasses.replace(cfg, block="llama"), params, str(tmp_path / "o"))
     # The HF reader does not silently drop the reference code's query vector.
@@ -118,8 +117,6 @@ def reference_forward(sd, hf, tokens, groups, stream):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_block_official_matches_numpy_reference(tmp_path, tie):
-    from a3jax.model import forward
-
     src = tmp_path / "ref"
     _, hf, sd = make_official(src, fmt="safetensors", tie=tie, seed=11)
     cfg, params = from_official(str(src))
@@ -132,8 +129,6 @@ def test_block_official_matches_numpy_reference(tmp_path, tie):
         ref = reference_forward(sd, hf, tokens, groups, stream)
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     # And the llama block would differ: the check can fail.
-    import dataclasses
-
     llama = np.asarray(forward(dataclasses.replace(cfg, block="llama"), params, tokens[None],
                                groups=groups[None], stream="query"))[0]
     assert np.abs(llama - reference_forward(sd, hf, tokens, groups, "query")).max() > 1e-2

@@ -1,12 +1,10 @@
 """Shared tiny model for the decode / score / eval tests (imported by them; holds no tests itself)."""
 import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from a3jax.config import ModelConfig
-from a3jax.model.transformer import param_shapes
+from a3jax.model import numpy_init
 
 # init_std 0.5 gives peaked distributions, so greedy choices are not decided by float rounding.
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -19,19 +17,8 @@ TINY_BYTE = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, nu
 
 @functools.lru_cache(maxsize=None)
 def tiny(cfg: ModelConfig = TINY, seed: int = 0):
-    """(cfg, params): the tree of a3jax.model.init_params, drawn with numpy (flax's init runs the
-    model op by op, which costs tens of seconds on a loaded 2-core machine)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        name = path[-1].key
-        if name.endswith("norm"):
-            return jnp.ones(shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, cfg.init_std, shape), jnp.float32)
-
-    params = jax.tree_util.tree_map_with_path(draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    params["query_embed"] = params["embed"].mean(0)  # query_init="embed_mean"
-    return cfg, params
+    """(cfg, params): random params of the table drawn on the host (a3jax.model.numpy_init)."""
+    return cfg, numpy_init(cfg, seed)
 
 
 def batch(b=3, t=20, n_blank=9, seed=0, vocab=60):

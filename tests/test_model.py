@@ -1,6 +1,7 @@
 """The two-stream model: HF parity, the visibility rule's consequences, layouts, kernels, sharding."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from a3jax.config import MeshConfig, ModelConfig
-from a3jax.model import InputError, forward, init_params
+import a3jax.model as m
+from a3jax import masks
+from a3jax import sharding as sh
+from a3jax.config import ConfigError, MeshConfig, ModelConfig
+from a3jax.convert import from_hf
+from a3jax.model import (A3Transformer, InputError, apply_model, decay_mask, dtype_of, forward, init_params,
+                         numpy_dtype, param_axes, param_shapes, param_specs, query_embed_init, validate_inputs)
+from a3jax.model.params import embed_mean
 from hf_models import hf_logits, make_hf_llama
 
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -37,8 +44,6 @@ def params():
     dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, kv_heads=1),
 ])
 def test_content_stream_matches_hf_llama(tmp_path, kw):
-    from a3jax.convert import from_hf
-
     model = make_hf_llama(tmp_path, **kw)
     cfg, p = from_hf(str(tmp_path))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48))
@@ -131,8 +136,10 @@ def test_first_group_sees_nothing_and_equals_query_vector_prediction(params):
     tokens = np.random.default_rng(4).integers(0, SMALL.vocab_size, (1, 10))
     groups = np.array([[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]])
     out = np.asarray(forward(SMALL, params, tokens, groups=groups))
-    # Both first-group rows see no key: their logits differ only through RoPE position, and changing
-    # every token leaves them unchanged.
+    # Both first-group query rows see no key, so their attention output is zero in every layer: they
+    # are a function of query_embed alone. RoPE only rotates q and k, so their position does not enter
+    # either: both rows have the same logits, and changing every token leaves them unchanged.
+    np.testing.assert_allclose(out[0, 0], out[0, 1], atol=1e-6)
     other = np.asarray(forward(SMALL, params, (tokens + 5) % SMALL.vocab_size, groups=groups))
     np.testing.assert_allclose(out[0, :2], other[0, :2], atol=1e-6)
     assert np.abs(out[0, 2:] - other[0, 2:]).max() > 1e-4
@@ -156,8 +163,6 @@ def _sorted_layout(rng, b, t, nseg=2, group_size=3):
 
 @pytest.mark.parametrize("stream", ["query", "content"])
 def test_dense_equals_blockwise_forward_and_grad(params, stream):
-    from a3jax.model import apply_model
-
     rng = np.random.default_rng(5)
     tokens, positions, groups, segs = _sorted_layout(rng, 2, 45)
     blk = dataclasses.replace(SMALL, attention="blockwise")
@@ -180,8 +185,6 @@ def test_dense_equals_blockwise_forward_and_grad(params, stream):
 
 
 def test_block_ranges_skip_hidden_blocks_on_sorted_layout():
-    from a3jax import masks
-
     t, blk = 64, 8
     g = jnp.arange(t)[None]
     s = jnp.ones((1, t), jnp.int32)
@@ -194,8 +197,6 @@ def test_block_ranges_skip_hidden_blocks_on_sorted_layout():
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
                                      dict(scan_layers=True, remat="dots_no_batch")])
 def test_scan_and_remat_match_unrolled(params, variant):
-    from a3jax.model import apply_model
-
     rng = np.random.default_rng(6)
     tokens, positions, groups, segs = _sorted_layout(rng, 2, 30)
     other = dataclasses.replace(SMALL, **variant)
@@ -233,8 +234,6 @@ def test_official_block_differs_and_llama_block_is_default(params):
 # ----------------------------------------------------------------------------- sharding
 
 def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
-    from a3jax import sharding as sh
-
     assert jax.device_count() == 8
     cfg = dataclasses.replace(SMALL, num_kv_heads=4, hidden_size=64, intermediate_size=128)
     p = init_params(cfg, jax.random.PRNGKey(1))
@@ -252,9 +251,6 @@ def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
 
 
 def test_mesh_mismatch_is_a_clear_error():
-    from a3jax import sharding as sh
-    from a3jax.config import ConfigError
-
     with pytest.raises(ConfigError, match="3\\*1\\*1 = 3 but there are 8 devices"):
         sh.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     with pytest.raises(ConfigError, match="cannot be split"):
@@ -264,8 +260,6 @@ def test_mesh_mismatch_is_a_clear_error():
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_raises_before_compiling(params, monkeypatch):
-    import a3jax.model as m
-
     def boom(*a, **k):
         raise AssertionError("compiled despite bad input")
 
@@ -287,3 +281,59 @@ def test_bad_input_raises_before_compiling(params, monkeypatch):
         forward(SMALL, params, tok, stream="both")
     with pytest.raises(InputError, match="tokens must be \\[batch, length\\]"):
         forward(SMALL, params, np.zeros(8, np.int32))
+
+
+def test_bad_position_names_the_one_out_of_range():
+    cfg = dataclasses.replace(SMALL, max_position_embeddings=8)
+    tok = np.zeros((1, 2), np.int32)
+    with pytest.raises(InputError, match="position -1 is outside"):  # 5 is in range
+        validate_inputs(cfg, tok, positions=np.array([[-1, 5]]))
+    with pytest.raises(InputError, match="position 9 is outside"):
+        validate_inputs(cfg, tok, positions=np.array([[3, 9]]))
+    with pytest.raises(InputError, match="position (-2|9) is outside"):
+        validate_inputs(cfg, tok, positions=np.array([[-2, 9]]))
+    validate_inputs(cfg, tok, positions=np.array([[0, 7]]))
+
+
+# ----------------------------------------------------------------------------- the param table
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_word_embeddings=True, param_dtype="bfloat16")])
+def test_module_declares_exactly_the_param_table(kw):
+    cfg = dataclasses.replace(SMALL, **kw)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    boxed = jax.eval_shape(lambda r: A3Transformer(cfg).init(r, dummy, dummy, dummy, dummy + 1), jax.random.PRNGKey(0))
+    declared = boxed["params"]
+    is_shape = lambda x: isinstance(x, tuple)
+    assert jax.tree.map(lambda a: a.shape, nn.meta.unbox(declared)) == param_shapes(cfg)
+    assert all(a.dtype == dtype_of(cfg.param_dtype) for a in jax.tree.leaves(nn.meta.unbox(declared)))
+    names = jax.tree.map(lambda b: b.names, declared, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert names == param_axes(cfg)
+    assert ("lm_head" in param_shapes(cfg)) == (not cfg.tie_word_embeddings)
+    for spec, shape in zip(jax.tree.leaves(param_specs(cfg)), jax.tree.leaves(param_shapes(cfg), is_leaf=is_shape)):
+        assert len(spec.axes) == len(shape) == len(spec.shape)
+
+
+def test_decay_mask_comes_from_the_table():
+    mask = decay_mask(jax.tree.map(np.zeros, param_shapes(SMALL), is_leaf=lambda x: isinstance(x, tuple)))
+    assert mask == jax.tree.map(lambda s: s.decay, param_specs(SMALL))
+    assert mask["layers"]["wq"] and not mask["layers"]["attn_norm"] and not mask["query_embed"]
+    with pytest.raises(KeyError, match="not in the param table"):
+        decay_mask({"layers": {"extra_norm": np.zeros(3)}})
+
+
+@pytest.mark.parametrize("query_init", ["embed_mean", "normal", "zeros"])
+def test_query_embed_init_same_on_host_and_device(query_init):
+    cfg = dataclasses.replace(SMALL, query_init=query_init)
+    embed = np.random.default_rng(0).standard_normal((SMALL.vocab_size, SMALL.hidden_size)).astype(np.float32)
+    host = query_embed_init(cfg, embed)
+    dev = query_embed_init(cfg, jnp.asarray(embed), jax.random.PRNGKey(0))
+    assert isinstance(host, np.ndarray) and host.shape == (SMALL.hidden_size,) and host.dtype == np.float32
+    np.testing.assert_allclose(host, np.asarray(dev), atol=1e-6)
+    bf16 = query_embed_init(cfg, embed.astype(numpy_dtype("bfloat16")))
+    assert isinstance(bf16, np.ndarray) and bf16.dtype == np.dtype(jnp.bfloat16)
+
+
+def test_embed_mean_chunks_match_the_full_mean():
+    embed = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
+    np.testing.assert_allclose(embed_mean(embed, chunk=7), embed.astype(np.float64).mean(0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embed_mean(jnp.asarray(embed))), embed.mean(0), atol=1e-6)

@@ -22,8 +22,7 @@ import orbax.checkpoint as ocp
 
 from a3jax import config as config_lib
 from a3jax.config import ConfigError, ModelConfig
-from a3jax.model import param_shapes
-from a3jax.model.layers import dtype_of
+from a3jax.model import dtype_of, numpy_dtype, param_shapes
 from a3jax.sharding import param_shardings, rules_of
 
 PARAMS_ITEM = "params"
@@ -135,7 +134,7 @@ def check_against_config(ckptr, item: str, cfg: ModelConfig) -> None:
 
 
 def _host_targets(cfg: ModelConfig):
-    dt = np.dtype(dtype_of(cfg.param_dtype))
+    dt = numpy_dtype(cfg.param_dtype)
     # np.zeros of a large array is lazily mapped: untouched targets cost no resident memory.
     return jax.tree.map(lambda s: np.zeros(s, dt), param_shapes(cfg), is_leaf=_is_shape)
 

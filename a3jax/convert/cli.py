@@ -6,6 +6,10 @@ import os
 import sys
 import time
 
+from a3jax.checkpoint import CheckpointError, load_params, save_params
+from a3jax.convert.hf import ConversionError, copy_tokenizer_files, count_params, from_hf, human_bytes, to_hf
+from a3jax.convert.official import from_official, to_official
+
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -70,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(action: str, cfg, params, seconds: float, out: str, extra: str = "") -> None:
-    from a3jax.convert.hf import count_params, human_bytes
-
     n = count_params(params)
     nbytes = sum(int(x.size) * x.dtype.itemsize for x in _leaves(params))
     print(f"{action}: {n:,} parameters ({n / 1e9:.3f} B), {cfg.param_dtype}, {human_bytes(nbytes)}, "
@@ -87,10 +89,6 @@ def _leaves(tree):
 
 
 def _to_a3(args, official: bool) -> int:
-    from a3jax.checkpoint import CheckpointError, save_params
-    from a3jax.convert.hf import copy_tokenizer_files, from_hf
-    from a3jax.convert.official import from_official
-
     item = os.path.join(args.out, "params")
     if os.path.exists(item) and not args.force:
         raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
@@ -107,10 +105,6 @@ def _to_a3(args, official: bool) -> int:
 
 
 def _from_a3(args, official: bool) -> int:
-    from a3jax.checkpoint import load_params
-    from a3jax.convert.hf import copy_tokenizer_files, to_hf
-    from a3jax.convert.official import to_official
-
     t0 = time.perf_counter()
     cfg, params = load_params(args.ckpt, host=True)  # numpy: one host copy, written tensor by tensor
     if official:
@@ -124,9 +118,6 @@ def _from_a3(args, official: bool) -> int:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from a3jax.checkpoint import CheckpointError
-    from a3jax.convert.hf import ConversionError
-
     try:
         if args.command == "hf-to-a3":
             return _to_a3(args, official=False)

@@ -19,8 +19,12 @@ import time
 from typing import Callable, Iterable, Optional
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from a3jax.config import ConfigError, ModelConfig
+from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
 
 class ConversionError(ValueError):
@@ -151,7 +155,7 @@ def hf_layer_keys(cfg: ModelConfig, i: int, prefix: str = "model.") -> dict:
 
 
 def hf_layer_shapes(cfg: ModelConfig) -> dict:
-    V, E, M = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    E, M = cfg.hidden_size, cfg.intermediate_size
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     return {"attn_norm": (E,), "mlp_norm": (E,), "wq": (H * D, E), "wk": (K * D, E), "wv": (K * D, E),
             "wo": (E, H * D), "w_gate": (M, E), "w_up": (M, E), "w_down": (E, M)}
@@ -239,19 +243,17 @@ def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, official: bo
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # deferred: torch is only needed for .bin checkpoints
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.contiguous().view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
     return t.contiguous().numpy()
 
 
 def _import_torch(path: str):
     try:
-        import torch
+        import torch  # deferred: torch is only needed for .bin checkpoints
     except ImportError as e:
         raise ConversionError(f"{path}: reading PyTorch .bin checkpoints needs torch (pip install torch, the CPU "
                               f"wheel is enough), or convert the checkpoint to safetensors first") from e
@@ -313,8 +315,6 @@ class TensorReader:
 
     def _headers(self, path: str):
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
             try:
                 with safe_open(path, "numpy") as f:
                     return [(k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()]
@@ -344,8 +344,6 @@ class TensorReader:
     def read(self, key: str) -> np.ndarray:
         path = self.file_of[key]
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
             try:  # open per tensor: the mapping (and its resident pages) is released right after
                 with safe_open(path, "numpy") as f:
                     return f.get_tensor(key)
@@ -358,12 +356,6 @@ class TensorReader:
 
     def close(self):
         self._bin_cache = None
-
-
-def _np_dtype(name: str):
-    import ml_dtypes
-
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
 _SRC_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "float32": "float32",
@@ -379,24 +371,6 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
     return name
 
 
-def _embed_mean(embed: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Mean token embedding in fp64 accumulation, chunked (no full fp32 copy of the table)."""
-    acc = np.zeros(embed.shape[1], np.float64)
-    for s in range(0, embed.shape[0], chunk):
-        acc += embed[s:s + chunk].astype(np.float64).sum(axis=0)
-    return (acc / embed.shape[0]).astype(np.float32)
-
-
-def init_query_embed(cfg: ModelConfig, embed: np.ndarray) -> np.ndarray:
-    """cfg.query_init on the host: embed_mean (default), normal (reference code), zeros."""
-    dt = embed.dtype
-    if cfg.query_init == "embed_mean":
-        return _embed_mean(embed).astype(dt)
-    if cfg.query_init == "normal":
-        return np.random.default_rng(0).standard_normal(cfg.hidden_size).astype(np.float32).astype(dt)
-    return np.zeros((cfg.hidden_size,), dt)
-
-
 def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, official: bool = False,
                      progress: bool = False) -> tuple[ModelConfig, dict]:
     """Validates all keys/shapes first, then fills preallocated params tensor by tensor.
@@ -410,8 +384,7 @@ def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str
                               f"{reader.dtypes['model.embed_tokens.weight']}; pass dtype=bf16|fp32")
     dtype = dtype or src
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
-    npdt = _np_dtype(dtype)
-    from a3jax.model.transformer import param_shapes
+    npdt = numpy_dtype(dtype)
 
     def alloc(tree):
         return {k: alloc(v) if isinstance(v, dict) else np.empty(v, npdt) for k, v in tree.items()}
@@ -419,8 +392,6 @@ def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str
     params = alloc(param_shapes(cfg))
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(reader.file_of), unit="tensor", dynamic_ncols=True)
     for path in reader.files:
         if bar is not None:
@@ -456,8 +427,6 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict, where: str, dtype=No
     """Builds the a3jax params tree from an in-memory dict of HF tensors (no query_embed);
     every missing/unexpected/mis-shaped key is reported together."""
     check_tensor_shapes(cfg, {k: tuple(np.shape(v)) for k, v in tensors.items()}, where)
-    from a3jax.model.transformer import param_shapes
-
     shapes = param_shapes(cfg)
     plan = key_plan(cfg)
     params = {"layers": {n: [None] * cfg.num_layers for n in shapes["layers"]}}
@@ -494,8 +463,6 @@ def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
     path = os.path.join(model_dir, QUERY_EMBED_FILE)
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(path, "numpy") as f:
             q = f.get_tensor("query_embed")
@@ -516,7 +483,7 @@ def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **
     reader = TensorReader(hf_dir)
     cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=False, progress=progress)
     q = read_query_embed(hf_dir, cfg)
-    params["query_embed"] = (init_query_embed(cfg, params["embed"]) if q is None
+    params["query_embed"] = (query_embed_init(cfg, params["embed"]) if q is None
                              else q.astype(params["embed"].dtype))
     return cfg, params
 
@@ -593,7 +560,7 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, base: str = "model") -> list[str]:
     """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`,
     streaming one tensor at a time."""
-    npdt = _np_dtype(resolve_dtype(dtype) or cfg.param_dtype)
+    npdt = numpy_dtype(resolve_dtype(dtype) or cfg.param_dtype)
     plan = key_plan(cfg, official)
     items = hf_tensors_of(cfg, params, official)
     nbytes = {k: int(np.prod(plan[k].shape)) * np.dtype(npdt).itemsize for k, _ in items}
@@ -637,15 +604,13 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
                               f"export this model with to_official / `a3jax convert a3-to-official`")
-    from safetensors.numpy import save_file
-
     dtype = resolve_dtype(dtype) or cfg.param_dtype
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
     write_safetensors(cfg, params, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
-    q = np.ascontiguousarray(_host(params["query_embed"]).astype(_np_dtype(dtype)))
+    q = np.ascontiguousarray(_host(params["query_embed"]).astype(numpy_dtype(dtype)))
     save_file({"query_embed": q}, os.path.join(out_dir, QUERY_EMBED_FILE), metadata={"format": "pt"})
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, out_dir)

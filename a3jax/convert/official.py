@@ -19,8 +19,8 @@ import numpy as np
 
 from a3jax.config import ModelConfig
 from a3jax.convert.hf import (ConversionError, TensorReader, config_from_hf, config_to_hf, copy_tokenizer_files,
-                              hf_tensors_of, load_params_lazy, read_config_json, resolve_dtype, write_safetensors,
-                              _np_dtype)
+                              hf_tensors_of, load_params_lazy, read_config_json, resolve_dtype, write_safetensors)
+from a3jax.model import numpy_dtype
 
 
 def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = False, **config_overrides):
@@ -33,7 +33,7 @@ def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = 
 
 
 def _numpy_to_torch(w: np.ndarray):
-    import torch
+    import torch  # deferred: torch is only needed for .bin checkpoints
 
     if w.dtype.name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(w).view(np.int16)).view(torch.bfloat16)
@@ -59,10 +59,10 @@ def to_official(cfg: ModelConfig, params, out_dir: str, fmt: str = "safetensors"
         write_safetensors(cfg, params, out_dir, official=True, max_shard_bytes=max_shard_bytes, dtype=dtype)
     else:
         try:
-            import torch
+            import torch  # deferred: torch is only needed for .bin checkpoints
         except ImportError as e:
             raise ConversionError("writing .bin checkpoints needs torch; use fmt='safetensors'") from e
-        npdt = _np_dtype(dtype)
+        npdt = numpy_dtype(dtype)
         sd = {k: _numpy_to_torch(t().astype(npdt, copy=False)) for k, t in hf_tensors_of(cfg, params, official=True)}
         torch.save(sd, os.path.join(out_dir, "pytorch_model.bin"))
     if tokenizer_dir:

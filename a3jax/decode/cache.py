@@ -23,9 +23,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from a3jax.config import ModelConfig
-from a3jax.model import KVCache, Rows, apply_model, lm_logits, run_rows
-from a3jax.model.attention import choose_kernel
-from a3jax.model.layers import dtype_of
+from a3jax.model import KVCache, Rows, apply_model, choose_kernel, dtype_of, lm_logits, run_rows
 from a3jax.sharding import CACHE_AXES, constrain
 
 

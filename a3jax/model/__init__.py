@@ -1,4 +1,4 @@
-"""Public model surface: `A3Transformer`, `forward`, `init_params`, input validation."""
+"""Public model surface: `A3Transformer`, `forward`, `init_params`, input validation, the param table."""
 from __future__ import annotations
 
 import functools
@@ -9,11 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from a3jax.config import ModelConfig
-from a3jax.model.transformer import (PARAM_AXES, A3Transformer, KVCache, Rows, apply_model, lm_logits,
-                                     param_shapes, query_embed_init, run_rows)
+from a3jax.model.attention import choose_kernel
+from a3jax.model.layers import dtype_of, numpy_dtype
+from a3jax.model.params import (ParamSpec, decay_mask, numpy_init, param_axes, param_shapes, param_specs,
+                                query_embed_init)
+from a3jax.model.transformer import A3Transformer, KVCache, Rows, apply_model, lm_logits, run_rows
 
-__all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "PARAM_AXES",
-           "KVCache", "Rows", "apply_model", "lm_logits", "param_shapes", "query_embed_init", "run_rows"]
+__all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "InputError",
+           "KVCache", "Rows", "apply_model", "lm_logits", "run_rows",
+           "ParamSpec", "param_specs", "param_shapes", "param_axes", "decay_mask", "query_embed_init",
+           "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel"]
 
 
 class InputError(ValueError):
@@ -40,14 +45,14 @@ def validate_inputs(cfg: ModelConfig, tokens, positions=None, groups=None, segme
     if positions is not None and _is_concrete(positions):
         p = np.asarray(positions)
         if p.size and (p.min() < 0 or p.max() >= cfg.max_position_embeddings):
-            raise InputError(f"position {int(p.max() if p.max() >= 0 else p.min())} is outside "
-                             f"[0, max_position_embeddings={cfg.max_position_embeddings})")
+            bad = int(p.min()) if p.min() < 0 else int(p.max())  # the one that is out of range
+            raise InputError(f"position {bad} is outside [0, max_position_embeddings={cfg.max_position_embeddings})")
     elif positions is None and tshape[1] > cfg.max_position_embeddings:
         raise InputError(f"length {tshape[1]} exceeds max_position_embeddings={cfg.max_position_embeddings}")
 
 
 def default_layout(tokens, positions=None, groups=None, segment_ids=None):
-    """Fills DESIGN.md's defaults: positions = groups = arange(T) (left-to-right AR), one segment."""
+    """Fills the defaults of docs/design.md: positions = groups = arange(T) (left-to-right AR), one segment."""
     b, t = np.shape(tokens)
     ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = ar if positions is None else jnp.asarray(positions, jnp.int32)

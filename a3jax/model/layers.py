@@ -7,11 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The dtype names configs and checkpoints use. jnp.bfloat16 is ml_dtypes.bfloat16, a numpy dtype too,
+# so the host code (converters, checkpoints) derives its numpy dtypes from this table.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def dtype_of(name: str):
+    """The jax dtype of a dtype name ("float32", "bfloat16", "float16")."""
     return DTYPES[name]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name (bfloat16 as ml_dtypes.bfloat16), for host arrays."""
+    return np.dtype(dtype_of(name))
 
 
 def rms_norm(x, weight, eps: float):

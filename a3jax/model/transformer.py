@@ -1,11 +1,8 @@
 """The two-stream A3 LLaMA.
 
-Params (the 'params' collection; per-layer weights stacked on a leading `layers` axis, so the same
-tree serves the scanned and the unrolled layer loop and converts to HF by slicing):
-
-    embed [V, E]            query_embed [E]          final_norm [E]         lm_head [E, V] (untied)
-    layers/attn_norm [L, E]  wq [L, E, H, D]  wk, wv [L, E, Hkv, D]  wo [L, H, D, E]
-    layers/mlp_norm [L, E]   w_gate, w_up [L, E, M]  w_down [L, M, E]
+Params: the 'params' collection, laid out by the table in a3jax/model/params.py (per-layer weights
+stacked on a leading `layers` axis, so the same tree serves the scanned and the unrolled layer loop
+and converts to HF by slicing). The linen module declares exactly that table.
 
 The core is `run_rows`: content rows (which produce keys/values and are updated) and query rows
 (which only read) go through every layer together. Training stacks the T content and T query rows
@@ -24,52 +21,8 @@ from a3jax import masks
 from a3jax.config import ModelConfig
 from a3jax.model import attention as attn_lib
 from a3jax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin, swiglu_mlp
+from a3jax.model.params import initializer, param_specs
 from a3jax.sharding import constrain
-
-# Logical axis names of every parameter (used for sharding and by the converters).
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "query_embed": ("embed",),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "layers": {
-        "attn_norm": ("layers", "embed"),
-        "wq": ("layers", "embed", "heads", "head_dim"),
-        "wk": ("layers", "embed", "kv_heads", "head_dim"),
-        "wv": ("layers", "embed", "kv_heads", "head_dim"),
-        "wo": ("layers", "heads", "head_dim", "embed"),
-        "mlp_norm": ("layers", "embed"),
-        "w_gate": ("layers", "embed", "mlp"),
-        "w_up": ("layers", "embed", "mlp"),
-        "w_down": ("layers", "mlp", "embed"),
-    },
-}
-
-
-def param_shapes(cfg: ModelConfig) -> dict:
-    L, E, H, K, D, M, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                           cfg.head_size, cfg.intermediate_size, cfg.vocab_size)
-    shapes = {
-        "embed": (V, E), "query_embed": (E,), "final_norm": (E,),
-        "layers": {
-            "attn_norm": (L, E), "wq": (L, E, H, D), "wk": (L, E, K, D), "wv": (L, E, K, D),
-            "wo": (L, H, D, E), "mlp_norm": (L, E), "w_gate": (L, E, M), "w_up": (L, E, M),
-            "w_down": (L, M, E),
-        },
-    }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (E, V)
-    return shapes
-
-
-def query_embed_init(cfg: ModelConfig, embed, rng):
-    """The learned query vector's start: mean token embedding (default), N(0, 1) as the reference
-    code, or zeros."""
-    if cfg.query_init == "embed_mean":
-        return jnp.mean(embed.astype(jnp.float32), axis=0).astype(embed.dtype)
-    if cfg.query_init == "normal":
-        return jax.random.normal(rng, (cfg.hidden_size,), embed.dtype)
-    return jnp.zeros((cfg.hidden_size,), embed.dtype)
 
 
 class Rows(NamedTuple):
@@ -238,41 +191,40 @@ def apply_model(cfg: ModelConfig, params, tokens, positions, groups, segment_ids
     raise ValueError(f"stream must be 'query' or 'content', got {stream!r}")
 
 
-class _StackedLayers(nn.Module):
-    """Declares the per-layer weights, stacked on the leading `layers` axis."""
+def _declare(module: nn.Module, cfg: ModelConfig, path: tuple = ()) -> dict:
+    """Declares the level `path` of the param table on `module`, in table order (flax draws each
+    param's key by its rank in the scope); a nested level becomes a submodule of that name."""
+    specs = param_specs(cfg)
+    for name in path:
+        specs = specs[name]
+    pdt = dtype_of(cfg.param_dtype)
+    out = {}
+    for name, spec in specs.items():
+        if isinstance(spec, dict):
+            out[name] = _ParamGroup(cfg, path + (name,), name=name)()
+        else:
+            init = nn.with_logical_partitioning(initializer(cfg, spec, out), spec.axes)
+            out[name] = module.param(name, init, spec.shape, pdt)
+    return out
+
+
+class _ParamGroup(nn.Module):
+    """A nested level of the param table (`layers`: the stacked per-layer weights)."""
 
     cfg: ModelConfig
+    level: tuple  # its path in the table (flax reserves `path`)
 
     @nn.compact
     def __call__(self):
-        pdt = dtype_of(self.cfg.param_dtype)
-        out = {}
-        for name, shape in param_shapes(self.cfg)["layers"].items():
-            init = nn.initializers.ones if name.endswith("norm") else nn.initializers.normal(self.cfg.init_std)
-            out[name] = self.param(name, nn.with_logical_partitioning(init, PARAM_AXES["layers"][name]), shape, pdt)
-        return out
+        return _declare(self, self.cfg, self.level)
 
 
 class A3Transformer(nn.Module):
-    """Linen module: declares the params (with logical axis names) and calls `apply_model`."""
+    """Linen module: declares the params of the table (with logical axis names) and calls `apply_model`."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens, positions, groups, segment_ids, stream: str = "query"):
-        cfg = self.cfg
-        pdt = dtype_of(cfg.param_dtype)
-        shapes = param_shapes(cfg)
-        normal = nn.initializers.normal(cfg.init_std)
-
-        def declare(name, init):
-            return self.param(name, nn.with_logical_partitioning(init, PARAM_AXES[name]), shapes[name], pdt)
-
-        params = {"embed": declare("embed", normal)}
-        params["query_embed"] = declare(
-            "query_embed", lambda rng, shape, dtype: query_embed_init(cfg, params["embed"], rng).astype(dtype))
-        params["final_norm"] = declare("final_norm", nn.initializers.ones)
-        if not cfg.tie_word_embeddings:
-            params["lm_head"] = declare("lm_head", normal)
-        params["layers"] = _StackedLayers(cfg, name="layers")()
-        return apply_model(cfg, params, tokens, positions, groups, segment_ids, stream)
+        params = _declare(self, self.cfg)
+        return apply_model(self.cfg, params, tokens, positions, groups, segment_ids, stream)

@@ -5,10 +5,9 @@ moments, fp32), step (int32 scalar) and rng (uint32[2] raw key, so Orbax stores 
 array). Everything that changes during training lives here and nowhere else, so a checkpoint of this
 tree plus the data iterator state is the whole run.
 
-Optimizer: global-norm clipping, then AdamW with a warmup + decay schedule. Weight decay applies to
-matrices only (the projections, the MLP, the embedding and the lm_head); the RMSNorm scales and the
-learned `query_embed` vector are not decayed (GPT-2/LLaMA practice: decay 2-D weights, not gains or
-biases; the per-layer norm scales are stacked to [L, E] here, so the mask is by name, not by ndim).
+Optimizer: global-norm clipping, then AdamW with a warmup + decay schedule. Which params get weight
+decay is the param table's `decay` column (a3jax/model/params.py): the matrices (the projections, the
+MLP, the embedding and the lm_head), not the RMSNorm scales or the learned `query_embed` vector.
 """
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from a3jax.config import ConfigError, OptimizerConfig
-
-NO_DECAY_NAMES = ("query_embed",)  # plus every param whose name ends in "norm"
+from a3jax.model import decay_mask
 
 
 @flax.struct.dataclass
@@ -53,21 +51,13 @@ def make_schedule(opt: OptimizerConfig, total_steps: int):
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), tail], [warm])
 
 
-def decay_mask(params):
-    """True for params that get weight decay (matrices), False for norm scales and query_embed."""
-    def decayed(path, _):
-        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-        return not (name.endswith("norm") or name in NO_DECAY_NAMES)
-
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
 def make_optimizer(opt: OptimizerConfig, total_steps: int):
     """(optax optimizer, schedule)."""
     schedule = make_schedule(opt, total_steps)
     parts = []
     if opt.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(opt.grad_clip))
+    # decay_mask (from the param table) maps the param tree to True where AdamW decays.
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts), schedule
