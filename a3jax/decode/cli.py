@@ -116,6 +116,14 @@ def _common(ap):
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
+def _decode_options(args, group_size: int) -> dict:
+    """The keyword options `_common` adds, as infill/generate take them (group_size: the default)."""
+    return dict(order=args.order or "left_to_right", group_size=args.group_size or group_size,
+                temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
+                top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
+                mode=args.mode, return_info=True)
+
+
 def _fail(prog, e) -> int:
     print(f"a3jax {prog}: error: {e}", file=sys.stderr)
     return 2
@@ -139,11 +147,7 @@ def infill_main(argv) -> int:
         ids, known, spans = parse_masked(text, tok)
         cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
-        res = infill(cfg, params, ids[None], known[None], order=args.order or "left_to_right",
-                     group_size=args.group_size or 4, temperature=args.temperature, seed=args.seed,
-                     use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
-                     threshold=args.threshold, prompt_group_size=args.prompt_group_size, mode=args.mode,
-                     return_info=True)
+        res = infill(cfg, params, ids[None], known[None], **_decode_options(args, group_size=4))
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("infill", e)
@@ -174,12 +178,8 @@ def generate_main(argv) -> int:
         seqs = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
         cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
-        new, res = generate(cfg, params, seqs, args.max_new_tokens, order=args.order or "left_to_right",
-                            group_size=args.group_size or 1, temperature=args.temperature, seed=args.seed,
-                            use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
-                            threshold=args.threshold, prompt_group_size=args.prompt_group_size,
-                            mode=args.mode, stop_at_eos=not args.no_eos, eos_token_id=tok.eos_id,
-                            return_info=True)
+        new, res = generate(cfg, params, seqs, args.max_new_tokens, stop_at_eos=not args.no_eos,
+                            eos_token_id=tok.eos_id, **_decode_options(args, group_size=1))
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("generate", e)
