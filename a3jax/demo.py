@@ -20,6 +20,16 @@ import time
 
 import numpy as np
 
+from a3jax.checkpoint import save_params
+from a3jax.config import load_config
+from a3jax.data import load_tokenizer, make_eval_batches
+from a3jax.data.rows import blank_rows, placeholder_id
+from a3jax.data.sources import SkipStats, iter_documents
+from a3jax.decode import infill
+from a3jax.score import log_likelihood
+from a3jax.train.plot import plot_run
+from a3jax.train.trainer import train
+
 ORDERS = ("left_to_right", "random", "confidence")
 
 
@@ -52,8 +62,6 @@ def _final_params(cfg):
 def heldout_functions(max_len: int, count: int, heldout_fraction: float = 0.05, seed: int = 0) -> list[dict]:
     """Small functions from the held-out stdlib files: text (ASCII, fits max_len bytes with BOS/EOS)
     and one blanked span: the body's first line after its indentation."""
-    from a3jax.data.sources import SkipStats, iter_documents
-
     found = []
     for _, text in iter_documents("stdlib", "text", "heldout", heldout_fraction, SkipStats()):
         try:
@@ -83,22 +91,14 @@ def heldout_functions(max_len: int, count: int, heldout_fraction: float = 0.05, 
 
 
 def infill_report(cfg, params, tokenizer, items, group_size: int, show: int):
-    from rouge_score import rouge_scorer
-
-    from a3jax.decode import infill
+    from rouge_score import rouge_scorer  # deferred: rouge_score imports nltk (~2 s)
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     t = max(len(it["text"]) for it in items) + 2
-    b = len(items)
-    tokens = np.full((b, t), tokenizer.pad_id, np.int32)
-    known = np.ones((b, t), bool)
-    valid = np.zeros((b, t), bool)
-    for r, it in enumerate(items):
-        ids = [tokenizer.bos_id] + list(tokenizer.encode(it["text"]))
-        tokens[r, :len(ids)] = ids
-        valid[r, :len(ids)] = True
-        known[r, 1 + it["start"]:1 + it["end"]] = False  # +1: BOS
-    tokens[~known] = tokenizer.mask_id  # blanks hold MASK: any left unfilled would show
+    place = placeholder_id(tokenizer)  # blanks hold it: any left unfilled would show
+    rows = [([tokenizer.bos_id] + list(tokenizer.encode(it["text"])), 1 + it["start"], it["end"] - it["start"])
+            for it in items]  # 1 +: BOS
+    tokens, known, valid = blank_rows(rows, t, tokenizer.pad_id, place)
     report = {}
     for order in ORDERS:
         filled = infill(cfg, params, tokens, known, order=order, group_size=group_size, valid=valid, seed=0)
@@ -113,16 +113,13 @@ def infill_report(cfg, params, tokenizer, items, group_size: int, show: int):
             if r < show:
                 print(f"  [{order:>13}] truth: {truth!r}\n  {'':>15} model: {got!r}")
         report[order] = dict(exact_chars=exact / max(total, 1), rougeL=float(np.mean(rouge)),
-                             unfilled=int((filled[~known] == tokenizer.mask_id).sum()),
+                             unfilled=int((filled[~known] == place).sum()),
                              changed_known=int((filled[known & valid] != tokens[known & valid]).sum()),
                              samples=samples)
     return report
 
 
 def likelihood_report(cfg, params, data_cfg, batches: int = 2, batch_size: int = 8):
-    from a3jax.data import make_eval_batches
-    from a3jax.score import log_likelihood
-
     out = {}
     for strategy in ("ar", "random:4"):
         ll, n = 0.0, 0
@@ -135,12 +132,6 @@ def likelihood_report(cfg, params, data_cfg, batches: int = 2, batch_size: int =
 
 
 def run(config_path: str, overrides=(), infill_count: int = 16, show: int = 4) -> dict:
-    from a3jax.checkpoint import save_params
-    from a3jax.config import load_config
-    from a3jax.data import load_tokenizer
-    from a3jax.train.plot import plot_run
-    from a3jax.train.trainer import train
-
     cfg = load_config(config_path, list(overrides))
     t0 = time.time()
     print(f"== 1. training {cfg.run_dir}: {len(cfg.data.stages)} curriculum stages, {cfg.total_steps} steps "

@@ -1,10 +1,11 @@
-"""Exact log-likelihood of any grouping in one forward pass (A3-METHOD.md §1, §4), and `a3jax score`.
+"""Exact log-likelihood of any grouping in one forward pass (docs/method.md), and `a3jax score`.
 
     log P(x) = sum_k sum_{i in G_k} log p(x_i | x_{G_1..G_{k-1}})
 
 Every conditional is the query-stream prediction at i (it sees exactly the earlier groups), so one
 forward pass with the grouping's ids gives all of them; `log_likelihood` sums them over the target,
-non-padding positions.
+non-padding positions. `score_rows` is the batched scorer of (ids, groups, target) rows that
+`score_texts`, `a3jax score` and the evaluation tasks (a3jax.eval) share.
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
+from a3jax.data import rows as rows_lib
+from a3jax.data.tokenizers import load_tokenizer
+from a3jax.model import InputError, apply_model, default_layout, validate_inputs
 
 
 class ScoreError(ValueError):
@@ -26,19 +31,17 @@ class ScoreError(ValueError):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _token_logprobs(cfg, params, tokens, positions, groups, segment_ids):
-    from a3jax.model.transformer import apply_model
-
+def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
+    """Per-position log p(tokens[i] | earlier groups) [B, T] and whether tokens[i] is the argmax."""
     logits = apply_model(cfg, params, tokens, positions, groups, segment_ids, "query")
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return tok_lp, jnp.argmax(logits, axis=-1) == tokens
 
 
 def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, positions=None):
     """Per-position log p(tokens[i] | earlier groups) [B, T] float32 (padding positions included;
     mask them yourself, or use log_likelihood)."""
-    from a3jax.model import InputError, default_layout, validate_inputs
-
     tokens = np.asarray(tokens)
     groups = np.asarray(groups)
     if tokens.ndim == 1:
@@ -50,7 +53,7 @@ def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, 
     except InputError as e:
         raise ScoreError(str(e)) from None
     tok, pos, grp, seg = default_layout(tokens, positions, groups, segment_ids)
-    return _token_logprobs(cfg, params, tok, pos, grp, seg)
+    return _logp_and_greedy(cfg, params, tok, pos, grp, seg)[0]
 
 
 def log_likelihood(cfg: ModelConfig, params, tokens, groups, segment_ids=None, target_mask=None,
@@ -75,7 +78,7 @@ def log_likelihood(cfg: ModelConfig, params, tokens, groups, segment_ids=None, t
     return np.asarray(jnp.sum(jnp.where(jnp.asarray(keep), lp, 0.0), axis=-1))
 
 
-# ----------------------------------------------------------------------------- text helpers
+# ----------------------------------------------------------------------------- rows and texts
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -86,57 +89,54 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b if b >= n else -(-n // 256) * 256
 
 
-def groups_for(strategy: str, length: int, seed: int, index: int = 0, anchor_bos: bool = True) -> np.ndarray:
-    """Group ids for one document under a grouping strategy of a3jax.data.grouping ('ar',
-    'blocks:k', 'random:k', ...), deterministic in (seed, index)."""
-    from a3jax.data.grouping import example_rng, group_document
-
-    return group_document(strategy, length, example_rng(seed, index), anchor_bos=anchor_bos)
+def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0):
+    """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
+    greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
+    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket."""
+    out = []
+    limit = cfg.max_position_embeddings
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        longest = max(len(r[0]) for r in chunk)
+        if longest > limit:
+            raise ScoreError(f"a sequence of {longest} tokens exceeds max_position_embeddings={limit}")
+        lay = rows_lib.pad_rows(chunk, min(bucket(longest), limit), batch_size, pad_id)
+        try:
+            validate_inputs(cfg, lay.tokens, lay.positions, lay.groups, lay.segment_ids)
+        except InputError as e:
+            raise ScoreError(str(e)) from None
+        lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                      jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
+        lp, greedy = np.asarray(lp), np.asarray(greedy)
+        for i in range(len(chunk)):
+            m = lay.loss_mask[i] != 0
+            out.append((float(lp[i][m].sum()), bool(greedy[i][m].all())))
+    return out
 
 
 def score_texts(cfg: ModelConfig, params, tokenizer, texts, strategy: str = "ar", seed: int = 0,
                 batch_size: int = 8):
     """Per text: dict(tokens, log_likelihood, nll_per_token, ppl, bits_per_byte). BOS is prepended and
-    conditioned on (not scored); the grouping strategy orders the text's tokens after it."""
-    out = []
-    items = []
+    conditioned on (not scored); the grouping strategy orders the text's tokens after it (text i
+    draws from example index i)."""
+    rows = []
     for i, text in enumerate(texts):
-        ids = [tokenizer.bos_id] + list(tokenizer.encode(text))
-        if len(ids) > cfg.max_position_embeddings:
-            raise ScoreError(f"text {i} has {len(ids)} tokens with BOS, more than max_position_embeddings="
+        row = rows_lib.text_row(tokenizer.bos_id, tokenizer.encode(text), strategy, seed, i)
+        if len(row[0]) > cfg.max_position_embeddings:
+            raise ScoreError(f"text {i} has {len(row[0])} tokens with BOS, more than max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        g = groups_for(strategy, len(ids), seed, i, anchor_bos=True)  # BOS alone first, then the text
-        items.append((i, np.asarray(ids), g.astype(np.int32), text))
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        t = min(bucket(max(len(x[1]) for x in chunk)), cfg.max_position_embeddings)
-        b = len(chunk)
-        tok = np.full((b, t), max(cfg.pad_token_id, 0), np.int32)
-        grp = np.zeros((b, t), np.int32)
-        seg = np.zeros((b, t), np.int32)
-        tgt = np.zeros((b, t), bool)
-        for r, (_, ids, g, _) in enumerate(chunk):
-            n = len(ids)
-            tok[r, :n], grp[r, :n], seg[r, :n] = ids, g, 1
-            tgt[r, 1:n] = True
-        ll = log_likelihood(cfg, params, tok, grp, seg, tgt)
-        for r, (i, ids, _, text) in enumerate(chunk):
-            n = len(ids) - 1
-            nbytes = max(len(text.encode("utf-8")), 1)
-            v = float(ll[r])
-            out.append(dict(index=i, tokens=n, log_likelihood=v, nll_per_token=-v / max(n, 1),
-                            ppl=math.exp(min(-v / max(n, 1), 700.0)), bits_per_byte=-v / math.log(2) / nbytes))
+        rows.append(row)
+    out = []
+    scores = score_rows(cfg, params, rows, min(batch_size, max(len(rows), 1)), max(cfg.pad_token_id, 0))
+    for i, (text, (ids, _, _), (v, _)) in enumerate(zip(texts, rows, scores)):
+        n = len(ids) - 1
+        nbytes = max(len(text.encode("utf-8")), 1)
+        out.append(dict(index=i, tokens=n, log_likelihood=v, nll_per_token=-v / max(n, 1),
+                        ppl=math.exp(min(-v / max(n, 1), 700.0)), bits_per_byte=-v / math.log(2) / nbytes))
     return out
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def load_model(ckpt: str):
-    """(cfg, params) from a checkpoint directory (a3jax.checkpoint.load_params, imported lazily)."""
-    from a3jax.checkpoint import load_params
-
-    return load_params(ckpt)
 
 
 def _read_texts(args) -> list[str]:
@@ -172,10 +172,8 @@ def cli_main(argv) -> int:
         texts = _read_texts(args)
         if not texts:
             ap.error("give --text or --file")
-        from a3jax.data.tokenizers import load_tokenizer
-
         tok = load_tokenizer(args.tokenizer)
-        cfg, params = load_model(args.ckpt)
+        cfg, params = load_params(args.ckpt)
         rows = score_texts(cfg, params, tok, texts, args.order, args.seed, batch_size=args.batch_size)
     except (ScoreError, ValueError, FileNotFoundError) as e:
         print(f"a3jax score: error: {e}", file=sys.stderr)

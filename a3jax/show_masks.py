@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from a3jax import masks
+from a3jax.data.grouping import make_groups
 
 
 def parse_groups(text: str) -> np.ndarray:
@@ -26,7 +27,7 @@ def parse_groups(text: str) -> np.ndarray:
 
 
 def render(groups: np.ndarray, out: str, positions: np.ndarray | None = None, title: str = "") -> str:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import and only drawing needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,8 +72,6 @@ def cli_main(argv=None) -> int:
             groups = parse_groups(args.groups)
             title = f"groups {args.groups}"
         else:
-            from a3jax.data.grouping import make_groups
-
             if args.length <= 0:
                 raise ValueError(f"--length must be positive, got {args.length}")
             groups = np.asarray(make_groups(args.strategy, args.length, np.random.default_rng(args.seed)), np.int32)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from a3jax.cli import main
 from a3jax.model import forward
-from a3jax.score import ScoreError, log_likelihood, score_texts, token_log_probs
+from a3jax.score import ScoreError, log_likelihood, score_rows, score_texts, token_log_probs
 from test_decode_common import TINY_BYTE, tiny
 
 
@@ -56,6 +56,24 @@ def test_target_mask_padding_and_batch():
         log_likelihood(cfg, params, tokens, groups[:, :4])
     with pytest.raises(ScoreError, match="outside"):
         log_likelihood(cfg, params, tokens + 100, groups)
+
+
+def test_score_rows_is_log_likelihood_per_row():
+    """The shared row scorer (score_texts and the evaluation tasks use it): each row's exact
+    log-likelihood over its target, whatever rows share its batch; too long a row is refused."""
+    cfg, params = tiny()
+    rng = np.random.default_rng(1)
+    rows = [(rng.integers(0, 60, n), rng.integers(0, 4, n), rng.random(n) < 0.7) for n in (5, 9, 12)]
+    got = score_rows(cfg, params, rows, batch_size=2)
+    assert len(got) == 3
+    for (ids, g, m), (ll, greedy) in zip(rows, got):
+        ref = log_likelihood(cfg, params, ids[None], g[None], target_mask=m[None])[0]
+        assert ll == pytest.approx(float(ref), abs=1e-4) and isinstance(greedy, bool)
+    n = cfg.max_position_embeddings + 1
+    with pytest.raises(ScoreError, match="exceeds max_position_embeddings"):
+        score_rows(cfg, params, [(np.zeros(n, int), np.zeros(n, int), np.ones(n, bool))])
+    with pytest.raises(ScoreError, match="outside"):
+        score_rows(cfg, params, [(np.full(4, 99), np.arange(4), np.ones(4, bool))])
 
 
 def test_score_cli(tmp_path, capsys):

@@ -12,14 +12,14 @@ See docs/data.md. Entry points used by the trainer, the decoder and the CLI:
 from .grouping import (example_rng, group_document, load_curriculum, make_groups, parse_strategy,
                        register_strategy,
                        stage_for_step, strategies, validate_stages)
-from .packing import ROW_KEYS, PackedRows, layout_row, make_row, pack_documents, plan_packing
+from .packing import PackedRows, layout_row, make_row, pack_documents, plan_packing
 from .pipeline import (EVAL_STAGE, build_rows, make_eval_batches, make_train_dataset,
                        make_train_iterator, to_global_batch)
 from .sources import Corpus, EmptyCorpusError, SkipStats, load_corpus
 from .tokenizers import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
-    "ByteTokenizer", "Corpus", "EVAL_STAGE", "EmptyCorpusError", "HFTokenizer", "PackedRows", "ROW_KEYS",
+    "ByteTokenizer", "Corpus", "EVAL_STAGE", "EmptyCorpusError", "HFTokenizer", "PackedRows",
     "SkipStats", "TokenizerError", "build_rows", "example_rng", "group_document", "layout_row",
     "load_corpus", "load_curriculum", "load_tokenizer", "make_eval_batches", "make_groups", "make_row",
     "make_train_dataset", "make_train_iterator", "pack_documents", "parse_strategy", "plan_packing",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .packing import ROW_KEYS
+from a3jax.layout import LAYOUT_KEYS
 
 
 class LayoutError(AssertionError):
@@ -17,7 +17,7 @@ class LayoutError(AssertionError):
 
 
 def check_batch(batch: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: bool = True) -> list:
-    for k in ROW_KEYS:
+    for k in LAYOUT_KEYS:
         if k not in batch:
             raise LayoutError(f"batch has no {k!r} (keys: {sorted(batch)})")
         a = np.asarray(batch[k])
@@ -25,13 +25,13 @@ def check_batch(batch: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_b
             raise LayoutError(f"{k} has shape {a.shape}, tokens {np.asarray(batch['tokens']).shape}")
         if k != "loss_mask" and a.dtype != np.int32:
             raise LayoutError(f"{k} has dtype {a.dtype}, expected int32")
-    return [check_row({k: np.asarray(batch[k])[r] for k in ROW_KEYS}, vocab_size, pad_id, bos_id,
+    return [check_row({k: np.asarray(batch[k])[r] for k in LAYOUT_KEYS}, vocab_size, pad_id, bos_id,
                       anchor_bos, where=f"row {r}") for r in range(np.asarray(batch["tokens"]).shape[0])]
 
 
 def check_row(row: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: bool = True,
               where: str = "row") -> list:
-    tok, pos, grp, seg, loss = (np.asarray(row[k]) for k in ROW_KEYS)
+    tok, pos, grp, seg, loss = (np.asarray(row[k]) for k in LAYOUT_KEYS)
 
     def fail(msg):
         raise LayoutError(f"{where}: {msg}")

@@ -4,7 +4,7 @@ A strategy string is `name` or `name:arg:arg...`. `make_groups(strategy, length,
 group ids for one document's positions 0..length-1: dense ranks 0..K-1 (every id in 0..K-1 is used;
 smaller = generated earlier), deterministic given the `np.random.Generator` state.
 
-Built-in strategies (A3-METHOD.md §3 for the reference numbers):
+Built-in strategies (docs/method.md for the reference numbers):
 
     ar                   single tokens left to right (reference 0)               sizes 1
     blocks:k             contiguous blocks of k, in order (reference 1, 2)       sizes k (last may be smaller)
@@ -35,9 +35,13 @@ Anchor BOS (`group_document(..., anchor_bos=True)`): position 0 (the document's 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Sequence
 
 import numpy as np
+import yaml
+
+from a3jax.config import CONFIG_ROOT, DataConfig, build
 
 StrategyFn = Callable[..., np.ndarray]
 _REGISTRY: dict[str, StrategyFn] = {}
@@ -102,9 +106,10 @@ def group_document(strategy: str, length: int, rng: np.random.Generator,
     return g
 
 
-def example_rng(seed: int, index: int, salt: int = 0) -> np.random.Generator:
+def example_rng(seed: int, index: int) -> np.random.Generator:
     """The generator for one example: a pure function of (grouping seed, global example index)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), int(salt)])
+    # the trailing 0 keeps every example's stream what it has always been
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0])
 
 
 # ----------------------------------------------------------------------------- argument helpers
@@ -290,18 +295,12 @@ def validate_stages(stages, where: str = "data.stages") -> None:
 
 def load_curriculum(name_or_path: str):
     """Stages of a curriculum file (`paper`, `demo`, `curriculum/paper` or a path) as StageConfigs."""
-    import os
-
-    from a3jax.config import CONFIG_ROOT, DataConfig, build
-
     path = name_or_path
     if not os.path.isfile(path):
         base = name_or_path[len("curriculum/"):] if name_or_path.startswith("curriculum/") else name_or_path
         path = os.path.join(CONFIG_ROOT, "curriculum", base if base.endswith((".yaml", ".yml")) else base + ".yaml")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"curriculum not found: {name_or_path} (looked for {path})")
-    import yaml
-
     with open(path) as f:
         values = yaml.safe_load(f) or {}
     stages = build(DataConfig, {"stages": values.get("stages", [])}, path).stages

@@ -26,9 +26,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .grouping import example_rng, group_document
+from a3jax.layout import LAYOUT_KEYS, Layout
 
-ROW_KEYS = ("tokens", "positions", "groups", "segment_ids", "loss_mask")
+from .grouping import example_rng, group_document
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +45,6 @@ class PackingPlan:
     @property
     def num_rows(self) -> int:
         return len(self.row_ptr) - 1
-
-    def segment_lengths(self) -> np.ndarray:
-        return self.seg_end - self.seg_start + 1 + self.seg_eos
-
-    def fill_fraction(self) -> float:
-        return float(self.segment_lengths().sum()) / max(1, self.num_rows * self.seq_len)
 
 
 def split_document(n: int, seq_len: int) -> list[tuple[int, int, bool]]:
@@ -123,11 +117,11 @@ class PackedRows:
         return {"tokens": tokens, "positions": positions, "segment_ids": segs}
 
 
-def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: bool = True,
-               bos_id: int = 256) -> dict:
+def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: bool, bos_id: int) -> dict:
     """Packed row (segments contiguous, positions from 0) -> generation-order layout with groups.
 
-    Returns int32 arrays tokens, positions, groups, segment_ids, loss_mask, sorted by (segment, group).
+    Returns the a3jax.layout dict (exactly LAYOUT_KEYS, int32 [T]) sorted by (segment, group).
+    `bos_id` is the tokenizer's (it marks each segment's leading BOS, which is not a target).
     """
     tokens = np.asarray(row["tokens"], np.int32)
     positions = np.asarray(row["positions"], np.int32)
@@ -147,15 +141,10 @@ def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: b
             offset += int(g.max()) + 1
     groups[segs == 0] = offset
     order = np.argsort(groups, kind="stable")
-    out = {
-        "tokens": tokens[order],
-        "positions": positions[order],
-        "groups": groups[order],
-        "segment_ids": segs[order],
-    }
-    is_bos = (out["positions"] == 0) & (out["tokens"] == bos_id)
-    out["loss_mask"] = ((out["segment_ids"] != 0) & ~is_bos).astype(np.int32)
-    return out
+    tokens, positions, groups, segs = tokens[order], positions[order], groups[order], segs[order]
+    is_bos = (positions == 0) & (tokens == bos_id)
+    loss_mask = ((segs != 0) & ~is_bos).astype(np.int32)
+    return Layout(tokens, positions, groups, segs, loss_mask).as_dict()
 
 
 def _encode_all(docs, tokenizer) -> list[np.ndarray]:
@@ -173,7 +162,8 @@ def _encode_all(docs, tokenizer) -> list[np.ndarray]:
 def pack_documents(docs, seq_len: int, tokenizer=None, strategy: str = "ar", seed: int = 0,
                    anchor_bos: bool = True, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
                    pad_id: Optional[int] = None) -> dict:
-    """Texts or token-id lists -> a batch dict [R, seq_len] in source order (no shuffling).
+    """Texts or token-id lists -> a layout batch dict (LAYOUT_KEYS) [R, seq_len] in source order (no
+    shuffling).
 
     Special ids come from `tokenizer` unless given. Row r's groups use example_rng(seed, r).
     """
@@ -189,7 +179,7 @@ def pack_documents(docs, seq_len: int, tokenizer=None, strategy: str = "ar", see
     plan = plan_packing([len(a) for a in arrays], seq_len)
     rows = PackedRows(_Mem(), plan, bos_id, eos_id, pad_id)
     laid = [layout_row(rows[r], strategy, example_rng(seed, r), anchor_bos, bos_id) for r in range(len(rows))]
-    return {k: np.stack([x[k] for x in laid]) for k in ROW_KEYS}
+    return {k: np.stack([x[k] for x in laid]) for k in LAYOUT_KEYS}
 
 
 def make_row(text, tokenizer, seq_len: Optional[int] = None, strategy: str = "ar", seed: int = 0,

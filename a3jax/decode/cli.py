@@ -19,6 +19,11 @@ import time
 
 import numpy as np
 
+from a3jax.checkpoint import load_params
+from a3jax.data.rows import placeholder_id
+from a3jax.data.tokenizers import load_tokenizer
+from a3jax.decode import DecodeError, generate, infill
+
 MASK_RE = re.compile(r"\[MASK:(\d+)\]")
 HILITE, RESET = "\033[1;32m", "\033[0m"
 
@@ -37,17 +42,8 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def load_model(ckpt: str):
-    """(cfg, params) of a params checkpoint (a3jax.checkpoint.load_params, imported lazily)."""
-    from a3jax.checkpoint import load_params
-
-    return load_params(ckpt)
-
-
 def load_tok(spec: str, ckpt: str):
     """--tokenizer auto: the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
-    from a3jax.data.tokenizers import load_tokenizer
-
     if spec == "auto":
         spec = ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else "byte"
     return load_tokenizer(spec)
@@ -55,9 +51,9 @@ def load_tok(spec: str, ckpt: str):
 
 def parse_masked(text: str, tok):
     """Text with [MASK:n] blanks -> (pieces, ids, known, spans): ids start with BOS (known); each
-    blank is n placeholder tokens (the tokenizer's MASK id, else PAD); spans are the blanks'
-    (start, end) token ranges."""
-    placeholder = tok.mask_id if getattr(tok, "mask_id", None) is not None else tok.pad_id
+    blank is n placeholder tokens (a3jax.data.rows.placeholder_id); spans are the blanks' (start, end)
+    token ranges."""
+    placeholder = placeholder_id(tok)
     ids, known, spans = [tok.bos_id], [True], []
     pos = 0
     for m in MASK_RE.finditer(text):
@@ -120,6 +116,14 @@ def _common(ap):
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
+def _decode_options(args, group_size: int) -> dict:
+    """The keyword options `_common` adds, as infill/generate take them (group_size: the default)."""
+    return dict(order=args.order or "left_to_right", group_size=args.group_size or group_size,
+                temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
+                top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
+                mode=args.mode, return_info=True)
+
+
 def _fail(prog, e) -> int:
     print(f"a3jax {prog}: error: {e}", file=sys.stderr)
     return 2
@@ -133,8 +137,6 @@ def infill_main(argv) -> int:
     src.add_argument("--text", help='text with blanks, e.g. "def add(a, b):\\n    [MASK:12]\\n"')
     src.add_argument("--file", help="read the text from this file")
     args = ap.parse_args(argv)
-    from a3jax.decode import DecodeError, infill
-
     try:
         if args.file:
             with open(args.file, encoding="utf-8") as f:
@@ -143,13 +145,9 @@ def infill_main(argv) -> int:
             text = args.text if args.no_escapes else unescape(args.text)
         tok = load_tok(args.tokenizer, args.ckpt)
         ids, known, spans = parse_masked(text, tok)
-        cfg, params = load_model(args.ckpt)
+        cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
-        res = infill(cfg, params, ids[None], known[None], order=args.order or "left_to_right",
-                     group_size=args.group_size or 4, temperature=args.temperature, seed=args.seed,
-                     use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
-                     threshold=args.threshold, prompt_group_size=args.prompt_group_size, mode=args.mode,
-                     return_info=True)
+        res = infill(cfg, params, ids[None], known[None], **_decode_options(args, group_size=4))
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("infill", e)
@@ -174,20 +172,14 @@ def generate_main(argv) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-eos", action="store_true", help="do not stop at EOS")
     args = ap.parse_args(argv)
-    from a3jax.decode import DecodeError, generate
-
     try:
         tok = load_tok(args.tokenizer, args.ckpt)
         prompts = [p if args.no_escapes else unescape(p) for p in args.prompt]
         seqs = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
-        cfg, params = load_model(args.ckpt)
+        cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
-        new, res = generate(cfg, params, seqs, args.max_new_tokens, order=args.order or "left_to_right",
-                            group_size=args.group_size or 1, temperature=args.temperature, seed=args.seed,
-                            use_cache=not args.no_cache, top_k=args.top_k, top_p=args.top_p,
-                            threshold=args.threshold, prompt_group_size=args.prompt_group_size,
-                            mode=args.mode, stop_at_eos=not args.no_eos, eos_token_id=tok.eos_id,
-                            return_info=True)
+        new, res = generate(cfg, params, seqs, args.max_new_tokens, stop_at_eos=not args.no_eos,
+                            eos_token_id=tok.eos_id, **_decode_options(args, group_size=1))
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("generate", e)

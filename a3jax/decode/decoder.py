@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a3jax.config import ModelConfig
+from a3jax.data import rows as rows_lib
 from a3jax.decode import cache as cache_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
@@ -107,12 +108,9 @@ def _prepare(cfg: ModelConfig, tokens, known, valid, order, group_size, threshol
                               f"not to {name!r}")
         if not 0.0 < float(threshold) <= 1.0:
             raise DecodeError(f"threshold must be a probability in (0, 1], got {threshold}")
-    if prompt_group_size is None:
-        kgroups = np.zeros((b, t), np.int64)
-    else:
-        if int(prompt_group_size) < 1:
-            raise DecodeError(f"prompt_group_size must be a positive int or None, got {prompt_group_size}")
-        kgroups = np.maximum(np.cumsum(known, axis=1) - 1, 0) // int(prompt_group_size)
+    if prompt_group_size is not None and int(prompt_group_size) < 1:
+        raise DecodeError(f"prompt_group_size must be a positive int or None, got {prompt_group_size}")
+    kgroups = rows_lib.prompt_groups(known, prompt_group_size)
     known_pos = orders_lib.compact(known)
     known_groups = np.take_along_axis(kgroups, np.maximum(known_pos, 0), axis=1)
     # query shapes depend on the blank count rounded up to a multiple of 16 (fewer distinct compiles)
@@ -290,7 +288,7 @@ def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group
     return res if return_info else res.tokens
 
 
-def _prompts(prompt_tokens, pad_id) -> list:
+def _prompts(prompt_tokens) -> list:
     if isinstance(prompt_tokens, np.ndarray) or hasattr(prompt_tokens, "shape"):
         a = np.asarray(prompt_tokens)
         if a.ndim == 1:
@@ -321,7 +319,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     share one compiled program."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    seqs = _prompts(prompt_tokens, cfg.pad_token_id)
+    seqs = _prompts(prompt_tokens)
     if prompt_lengths is not None:
         lens = [int(x) for x in np.asarray(prompt_lengths).reshape(-1)]
         if len(lens) != len(seqs):

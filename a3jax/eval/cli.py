@@ -7,11 +7,9 @@ import os
 import sys
 import time
 
-
-def load_model(ckpt: str):
-    from a3jax.checkpoint import load_params
-
-    return load_params(ckpt)
+from a3jax.checkpoint import load_params
+from a3jax.decode.cli import load_tok
+from a3jax.eval.tasks import A3Evaluator, TaskError, run_task
 
 
 def cli_main(argv) -> int:
@@ -33,15 +31,12 @@ def cli_main(argv) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="QA answer length cap")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file ('-' = stdout only)")
     args = ap.parse_args(argv)
-    from a3jax.decode.cli import load_tok
-    from a3jax.eval.tasks import A3Evaluator, TaskError, run_task
-
     try:
         for path in args.task:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"task file not found: {path}")
         tok = load_tok(args.tokenizer, args.ckpt)
-        cfg, params = load_model(args.ckpt)
+        cfg, params = load_params(args.ckpt)
         ev = A3Evaluator(cfg, params, tok, batch_size=args.batch_size)
         results = {}
         for path in args.task:

@@ -25,6 +25,8 @@ from typing import Optional
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from a3jax.checkpoint import load_params
+from a3jax.decode.cli import load_tok
 from a3jax.eval.tasks import A3Evaluator
 
 
@@ -41,12 +43,8 @@ class A3JaxLM(LM):
         if cfg is None or params is None:
             if ckpt is None:
                 raise ValueError("A3JaxLM needs ckpt=DIR (or cfg= and params=)")
-            from a3jax.checkpoint import load_params
-
             cfg, params = load_params(ckpt)
         if tokenizer_obj is None:
-            from a3jax.decode.cli import load_tok
-
             tokenizer_obj = load_tok(tokenizer, ckpt or "")
         try:
             bs = int(batch_size)
@@ -118,6 +116,7 @@ def evaluate_local(lm: A3JaxLM, tasks, include_path: str, limit=None):
     """lm_eval.simple_evaluate on local task YAMLs (offline). Returns its results dict."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # deferred: lm-eval's evaluator imports `datasets`, which reads the offline variables at import time
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -129,7 +128,7 @@ def main(argv=None) -> None:
     """`python -m a3jax.eval.lm_eval_adapter <lm-eval CLI args>`: lm-eval's CLI with `a3jax` registered."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # deferred: after the offline variables, as above
 
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)

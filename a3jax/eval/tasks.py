@@ -13,19 +13,18 @@ A line may carry "kind"; otherwise it is inferred from its fields. `A3Evaluator`
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 import string
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from a3jax.config import ModelConfig
-from a3jax.score import bucket, groups_for
+from a3jax.data import rows as rows_lib
+from a3jax.decode import generate, infill
+from a3jax.score import ScoreError, bucket, score_rows
 
 KINDS = ("multiple_choice", "infill", "qa", "perplexity")
 
@@ -84,16 +83,6 @@ def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _logp_and_greedy(cfg, params, tokens, positions, groups, segments):
-    from a3jax.model.transformer import apply_model
-
-    logits = apply_model(cfg, params, tokens, positions, groups, segments, "query")
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    return tok_lp, jnp.argmax(logits, axis=-1) == tokens
-
-
 class A3Evaluator:
     """Batched exact scoring and decoding for (cfg, params, tokenizer)."""
 
@@ -108,30 +97,12 @@ class A3Evaluator:
         return self.tok.pad_id if self.tok.pad_id is not None else 0
 
     def score_rows(self, rows):
-        """rows: list of (ids, groups, target mask) -> list of (sum log p over target, all greedy).
-        Rows are batched into fixed [batch_size, bucket] shapes (few compiles)."""
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            t = min(bucket(max(len(r[0]) for r in chunk)), self.max_length)
-            b = self.batch_size
-            tok = np.full((b, t), self._pad(), np.int32)
-            grp = np.zeros((b, t), np.int32)
-            seg = np.zeros((b, t), np.int32)
-            tgt = np.zeros((b, t), bool)
-            for i, (ids, g, m) in enumerate(chunk):
-                n = len(ids)
-                if n > t:
-                    raise TaskError(f"a sequence of {n} tokens exceeds max_position_embeddings={self.max_length}")
-                tok[i, :n], grp[i, :n], seg[i, :n], tgt[i, :n] = ids, g, 1, m
-            pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-            lp, greedy = _logp_and_greedy(self.cfg, self.params, jnp.asarray(tok), jnp.asarray(pos),
-                                          jnp.asarray(grp), jnp.asarray(seg))
-            lp, greedy = np.asarray(lp), np.asarray(greedy)
-            for i in range(len(chunk)):
-                m = tgt[i]
-                out.append((float(lp[i][m].sum()), bool(greedy[i][m].all())))
-        return out
+        """rows: list of (ids, groups, target mask) -> list of (sum log p over target, all greedy)
+        (a3jax.score.score_rows, in fixed [batch_size, bucket] shapes: few compiles)."""
+        try:
+            return score_rows(self.cfg, self.params, rows, self.batch_size, self._pad())
+        except ScoreError as e:
+            raise TaskError(str(e)) from None
 
     def continuation_row(self, context: str, continuation: str, group_size: int = 1, context_order: str = "ar"):
         """BOS + context (AR, or one group with 'one') + continuation as AR groups of group_size;
@@ -145,13 +116,9 @@ class A3Evaluator:
             raise TaskError(f"continuation of {len(cont)} tokens does not fit max_position_embeddings")
         ctx = ctx[len(ctx) - keep:] if len(ctx) > keep else ctx
         ids = [self.tok.bos_id] + ctx + cont
-        c = len(ctx)
-        cg = np.arange(1, c + 1) if context_order == "ar" else np.ones(c, np.int64)
-        start = (int(cg.max()) + 1) if c else 1
-        g = np.concatenate([[0], cg, start + np.arange(len(cont)) // max(int(group_size), 1)])
         m = np.zeros(len(ids), bool)
-        m[1 + c:] = True
-        return np.asarray(ids), g.astype(np.int32), m
+        m[1 + len(ctx):] = True
+        return np.asarray(ids), rows_lib.context_target_groups(len(ctx), len(cont), group_size, context_order), m
 
     def loglikelihood(self, pairs, group_size: int = 1, context_order: str = "ar"):
         """[(context, continuation)] -> [(log P(continuation | context), greedy?)]."""
@@ -162,14 +129,8 @@ class A3Evaluator:
         by the strategy after the anchored BOS; every text token is a target exactly once."""
         ids = list(self.tok.encode(text))
         w = self.max_length - 1
-        rows = []
-        for k, s in enumerate(range(0, max(len(ids), 1), w)):
-            piece = [self.tok.bos_id] + ids[s:s + w]
-            g = groups_for(strategy, len(piece), seed, index * 1_000_003 + k, anchor_bos=True)
-            m = np.ones(len(piece), bool)
-            m[0] = False
-            rows.append((np.asarray(piece), g.astype(np.int32), m))
-        return rows
+        return [rows_lib.text_row(self.tok.bos_id, ids[s:s + w], strategy, seed, rows_lib.window_index(index, k))
+                for k, s in enumerate(range(0, max(len(ids), 1), w))]
 
     def rolling_loglikelihood(self, texts, strategy: str = "ar", seed: int = 0):
         rows, owner = [], []
@@ -186,8 +147,6 @@ class A3Evaluator:
     def generate(self, contexts, max_new_tokens: int = 32, until=("\n",), order="left_to_right",
                  group_size: int = 1, temperature: float = 0.0, seed: int = 0):
         """Greedy (default) continuation of each context, cut at the first `until` string."""
-        from a3jax.decode import generate
-
         outs = []
         for start in range(0, len(contexts), self.batch_size):
             chunk = contexts[start:start + self.batch_size]
@@ -215,9 +174,7 @@ class A3Evaluator:
                      seed: int = 0) -> list[str]:
         """items: [(left, right, n_tokens)] -> the text filled into each n-token blank. Batched, rows
         padded to a bucketed length (padding is neither context nor blank)."""
-        from a3jax.decode import infill
-
-        place = self.tok.mask_id if getattr(self.tok, "mask_id", None) is not None else self._pad()
+        place = rows_lib.placeholder_id(self.tok)
         outs = []
         for start in range(0, len(items), self.batch_size):
             chunk = list(items[start:start + self.batch_size])
@@ -229,12 +186,7 @@ class A3Evaluator:
             t = min(bucket(max(len(r[0]) for r in rows)), self.max_length)
             if max(len(r[0]) for r in rows) > t:
                 raise TaskError(f"an infill example exceeds max_position_embeddings={self.max_length}")
-            ids = np.full((len(rows), t), self._pad(), np.int64)
-            known = np.ones((len(rows), t), bool)
-            valid = np.zeros((len(rows), t), bool)
-            for i, (r, a, n) in enumerate(rows):
-                ids[i, :len(r)], valid[i, :len(r)] = r, True
-                known[i, a:a + n] = False
+            ids, known, valid = rows_lib.blank_rows(rows, t, self._pad(), place)
             out = infill(self.cfg, self.params, ids, known, valid=valid, order=order, group_size=group_size,
                          temperature=temperature, seed=seed)
             for i, (_, a, n) in enumerate(rows[:len(chunk)]):
@@ -259,7 +211,7 @@ def exact_match(prediction: str, answers) -> float:
 
 
 def rouge(predictions, references) -> dict:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: rouge_score imports nltk (~2 s), only infill tasks need it
 
     sc = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     tot = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from a3jax import layout as layout_lib
 from a3jax.config import ModelConfig
 from a3jax.model.attention import choose_kernel
 from a3jax.model.layers import dtype_of, numpy_dtype
@@ -52,13 +53,9 @@ def validate_inputs(cfg: ModelConfig, tokens, positions=None, groups=None, segme
 
 
 def default_layout(tokens, positions=None, groups=None, segment_ids=None):
-    """Fills the defaults of docs/design.md: positions = groups = arange(T) (left-to-right AR), one segment."""
-    b, t = np.shape(tokens)
-    ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    positions = ar if positions is None else jnp.asarray(positions, jnp.int32)
-    groups = ar if groups is None else jnp.asarray(groups, jnp.int32)
-    segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    return jnp.asarray(tokens, jnp.int32), positions, groups, segment_ids
+    """(tokens, positions, groups, segment_ids) as int32, with a3jax.layout's defaults filled."""
+    lay = layout_lib.with_defaults(tokens, positions, groups, segment_ids)
+    return lay.tokens, lay.positions, lay.groups, lay.segment_ids
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))

@@ -1,10 +1,11 @@
 """The A3 training loss: cross-entropy of the query-stream logits at i against tokens[i].
 
-Targets are the positions with loss_mask == 1 and segment_ids != 0 (the pipeline already zeroes the
-mask on padding and on each segment's leading BOS, which is conditioning, not a target). The loss is
-returned as a SUM plus a token count so gradient accumulation can normalise by the token count of the
-whole global batch: k microbatches then give exactly the gradient of one batch of k*b (up to float
-summation order), even when microbatches hold different numbers of target tokens.
+The batch is an a3jax.layout.Layout (fields by name). Targets are the positions with loss_mask == 1
+and segment_ids != 0 (the pipeline already zeroes the mask on padding and on each segment's leading
+BOS, which is conditioning, not a target). The loss is returned as a SUM plus a token count so
+gradient accumulation can normalise by the token count of the whole global batch: k microbatches then
+give exactly the gradient of one batch of k*b (up to float summation order), even when microbatches
+hold different numbers of target tokens.
 
 Optional z-loss (PaLM): z_loss * logsumexp(logits)^2 per target token, keeps the softmax normaliser
 near 0 in bf16 training.
@@ -14,26 +15,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from a3jax.layout import Layout
 from a3jax.model import apply_model
 
-MODEL_KEYS = ("tokens", "positions", "groups", "segment_ids")
 
-
-def target_mask(batch) -> jax.Array:
+def target_mask(layout: Layout) -> jax.Array:
     """float32 [B, T]: 1 where the token is a training target."""
-    m = batch["segment_ids"] != 0
-    if "loss_mask" in batch:
-        m = m & (batch["loss_mask"] != 0)
-    return m.astype(jnp.float32)
+    return ((layout.segment_ids != 0) & (layout.loss_mask != 0)).astype(jnp.float32)
 
 
-def target_count(batch, stream: str = "query") -> jax.Array:
-    """Number of targets of a batch (the loss normaliser), matching loss_sums' targets."""
-    mask = target_mask(batch)
+def stream_targets(layout: Layout, stream: str = "query"):
+    """(targets, mask float32) that a stream's logits are scored against. Query stream: the logits at
+    i predict tokens[i] ([B, T]). Content stream (plain causal LM): the logits at i predict
+    tokens[i+1] within the same segment ([B, T-1]; the last position predicts nothing)."""
+    mask = target_mask(layout)
     if stream == "content":
-        same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
-        return (mask[:, 1:] * same.astype(mask.dtype)).sum()
-    return mask.sum()
+        same = layout.segment_ids[:, 1:] == layout.segment_ids[:, :-1]
+        return layout.tokens[:, 1:], mask[:, 1:] * same.astype(mask.dtype)
+    return layout.tokens, mask
+
+
+def target_count(layout: Layout, stream: str = "query") -> jax.Array:
+    """Number of targets of a batch (the loss normaliser), matching loss_sums' targets."""
+    return stream_targets(layout, stream)[1].sum()
 
 
 def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
@@ -47,23 +51,22 @@ def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
     return nll.sum(), zl.sum(), correct.sum()
 
 
-def loss_sums(cfg_model, params, batch, z_loss: float = 0.0, stream: str = "query"):
+def loss_sums(cfg_model, params, layout: Layout, z_loss: float = 0.0, stream: str = "query"):
     """Forward + summed loss terms of one (micro)batch: dict(nll, z, correct, tokens).
 
     stream="query" is the A3 loss (logits at i predict tokens[i]). stream="content" is the plain
     causal LM baseline (the content stream with groups = positions is exactly LLaMA): logits at i
     predict tokens[i+1] within the same segment; it needs the AR layout (rows in position order)."""
-    logits = apply_model(cfg_model, params, *(batch[k] for k in MODEL_KEYS), stream=stream)
-    mask = target_mask(batch)
-    targets = batch["tokens"]
+    logits = apply_model(cfg_model, params, layout.tokens, layout.positions, layout.groups, layout.segment_ids,
+                         stream=stream)
+    targets, mask = stream_targets(layout, stream)
     if stream == "content":
-        same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
-        logits, targets, mask = logits[:, :-1], targets[:, 1:], mask[:, 1:] * same.astype(mask.dtype)
+        logits = logits[:, :-1]
     nll, zl, correct = cross_entropy_sums(logits, targets, mask, z_loss)
     return {"nll": nll, "z": zl, "correct": correct, "tokens": mask.sum()}
 
 
-def objective(cfg_model, params, batch, denom, z_loss: float = 0.0, stream: str = "query"):
+def objective(cfg_model, params, layout: Layout, denom, z_loss: float = 0.0, stream: str = "query"):
     """Scalar to differentiate: (nll + z) / denom, where denom is the target count of the full batch."""
-    sums = loss_sums(cfg_model, params, batch, z_loss, stream)
+    sums = loss_sums(cfg_model, params, layout, z_loss, stream)
     return (sums["nll"] + sums["z"]) / denom, sums

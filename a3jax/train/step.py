@@ -1,8 +1,11 @@
 """The jitted train step and eval step.
 
-    step_fn = make_train_step(cfg, optimizer, schedule, state_shardings, batch_sharding)
+    step_fn = make_train_step(cfg, optimizer, schedule, state_shardings, batch_sharding, mesh)
     state, metrics = step_fn(state, batch)      # state donated; shardings pinned in and out
 
+* The batch: a dict with the layout keys (a3jax.layout.LAYOUT_KEYS, each [B, T] int32, sharded by
+  `batch_sharding`) or a `Layout`; the step turns it into a `Layout` once and the loss reads its
+  fields by name.
 * Gradient accumulation: the global batch [B, T] is split into `train.microbatches` microbatches
   inside the step and the gradients are summed with `lax.scan` (one compiled body, constant memory).
   Microbatch j takes rows j, j+k, j+2k, ... (reshape [B/k, k, T] then swap), so with the batch dim
@@ -23,9 +26,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from a3jax.train.loss import MODEL_KEYS, loss_sums, objective, target_count
+from a3jax.layout import LAYOUT_KEYS, Layout
+from a3jax.train.loss import loss_sums, objective, target_count
 
-BATCH_KEYS = MODEL_KEYS + ("loss_mask",)
+# The keys of the batch dict the step takes (the trainer and `a3jax compile` build it): the layout's.
+BATCH_KEYS = LAYOUT_KEYS
 
 
 def _split_micro(x, k: int):
@@ -40,7 +45,7 @@ def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
     AR baseline of bench/train.py; see loss.loss_sums)."""
     mcfg, tcfg = cfg.model, cfg.train
     k = int(tcfg.microbatches)
-    batch = {key: batch[key] for key in BATCH_KEYS if key in batch}
+    batch = Layout.from_batch(batch)
     denom = jnp.maximum(target_count(batch, stream), 1.0)
     grad_fn = jax.value_and_grad(
         lambda p, mb: objective(mcfg, p, mb, denom, tcfg.z_loss, stream), has_aux=True)
@@ -48,7 +53,7 @@ def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
     if k == 1:
         (_, sums), grads = grad_fn(state.params, batch)
     else:
-        micro = {key: _split_micro(v, k) for key, v in batch.items()}
+        micro = jax.tree.map(lambda v: _split_micro(v, k), batch)
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         zeros_s = {n: jnp.zeros((), jnp.float32) for n in ("nll", "z", "correct", "tokens")}
 
@@ -83,21 +88,20 @@ def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
 
 def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, stream: str = "query"):
     """jit(train_step) with state shardings pinned in and out, the state donated, metrics replicated.
+    Every batch array gets `batch_sharding` (a pytree prefix: a layout dict or a Layout).
     Call it inside `a3jax.sharding.activate(mesh, rules)` (activation constraints use the rules)."""
     replicated = NamedSharding(mesh, P())
-    batch_sh = {key: batch_sharding for key in BATCH_KEYS}
     return jax.jit(lambda s, b: train_step(cfg, optimizer, schedule, s, b, stream),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                    donate_argnums=(0,))
 
 
 def make_eval_step(cfg, param_shardings, batch_sharding, mesh, stream: str = "query"):
     """jit: (params, batch) -> dict(nll, tokens, correct) sums (divide on the host)."""
     replicated = NamedSharding(mesh, P())
-    batch_sh = {key: batch_sharding for key in BATCH_KEYS}
 
     def fn(params, batch):
-        s = loss_sums(cfg.model, params, {k: batch[k] for k in BATCH_KEYS}, 0.0, stream)
+        s = loss_sums(cfg.model, params, Layout.from_batch(batch), 0.0, stream)
         return {"nll": s["nll"], "tokens": s["tokens"], "correct": s["correct"]}
 
-    return jax.jit(fn, in_shardings=(param_shardings, batch_sh), out_shardings=replicated)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
