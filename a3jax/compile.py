@@ -39,11 +39,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
+from a3jax.layout import LAYOUT_KEYS, Layout
 from a3jax.model import KVCache, dtype_of, param_shapes
 from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, param_shardings, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
-from a3jax.train.step import BATCH_KEYS, make_train_step
+from a3jax.train.step import make_train_step
 
 # HBM per chip (GiB) by topology family, as Google publishes it (v5p "95 GB", v6e "32 GB", ...).
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
@@ -152,7 +153,7 @@ def lower_train(cfg, mesh, rules):
     step_fn = make_train_step(cfg, optimizer, schedule, ssh, bsh, mesh)
     state = abstract_state(optimizer, pshapes, ssh)
     gbs, seq = cfg.train.global_batch_size, cfg.data.seq_len
-    batch = {k: _abstract((gbs, seq), jnp.int32, bsh) for k in BATCH_KEYS}
+    batch = Layout(*(_abstract((gbs, seq), jnp.int32, bsh) for _ in LAYOUT_KEYS))
     with activate(mesh, rules):
         lowered = step_fn.lower(state, batch)
     return lowered, {"batch": [gbs, seq], "microbatches": cfg.train.microbatches,

@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import yaml
 
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The named configs ship inside the package (package data), so a wheel installed anywhere resolves
+# `model=llama3.2-1b`; the checkout's top-level configs/ is a link to this directory.
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 class ConfigError(ValueError):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from a3jax.config import StageConfig
-from a3jax.data import (ByteTokenizer, example_rng, group_document, layout_row, load_curriculum,
+from a3jax.data import (ByteTokenizer, example_rng, group_document, load_curriculum,
                         make_groups, make_row, pack_documents, parse_strategy, register_strategy,
                         stage_for_step, validate_stages)
 from a3jax.data.checks import LayoutError, check_batch

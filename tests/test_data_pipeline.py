@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from a3jax.config import DataConfig, MeshConfig, StageConfig
-from a3jax.data import (ByteTokenizer, build_rows, make_eval_batches, make_train_dataset,
+from a3jax.data import (ByteTokenizer, build_rows, make_eval_batches,
                         make_train_iterator, to_global_batch)
 from a3jax.data.checks import check_batch
 from a3jax.sharding import rules_of

@@ -17,7 +17,7 @@ from a3jax.data import to_global_batch
 from a3jax.decode.cache import empty_cache, prefill
 from a3jax.model import KVCache, init_params
 from a3jax.model.attention import choose_kernel
-from a3jax.train.step import BATCH_KEYS
+from a3jax.layout import LAYOUT_KEYS
 
 MESH_2X2X2 = MeshConfig(data=2, fsdp=2, tensor=2)
 
@@ -28,7 +28,7 @@ def _rules(**overrides):
 
 def _host_batch(rows=8, length=16):
     rng = np.random.default_rng(0)
-    out = {k: rng.integers(0, 50, (rows, length)).astype(np.int32) for k in BATCH_KEYS}
+    out = {k: rng.integers(0, 50, (rows, length)).astype(np.int32) for k in LAYOUT_KEYS}
     out["stage"] = np.zeros(rows, np.int32)  # per-example metadata [B] rides along
     return out
 
@@ -48,16 +48,16 @@ def test_global_batch_has_the_steps_sharding_under_any_batch_rule(batch_rule, ro
     step_sharding = sh.batch_sharding(mesh, rules)
     host = _host_batch()
     g = to_global_batch(host, mesh, rules)
-    for k in BATCH_KEYS:
+    for k in LAYOUT_KEYS:
         assert g[k].sharding == step_sharding, (k, g[k].sharding, step_sharding)
         assert {s.data.shape for s in g[k].addressable_shards} == {(rows_per_device, 16)}
         np.testing.assert_array_equal(np.asarray(g[k]), host[k])
     assert g["stage"].sharding == sh.batch_sharding(mesh, rules, ndim=1)
     # A step pinned to the rule's sharding takes the batch as it is (a mismatch is a jit error).
     step = jax.jit(lambda b: sum(jnp.sum(v) for v in b.values()),
-                   in_shardings=({k: step_sharding for k in BATCH_KEYS},))
-    total = step({k: g[k] for k in BATCH_KEYS})
-    assert int(total) == sum(int(host[k].sum()) for k in BATCH_KEYS)
+                   in_shardings=({k: step_sharding for k in LAYOUT_KEYS},))
+    total = step({k: g[k] for k in LAYOUT_KEYS})
+    assert int(total) == sum(int(host[k].sum()) for k in LAYOUT_KEYS)
 
 
 # ----------------------------------------------------------------------------- activations

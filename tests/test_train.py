@@ -21,7 +21,8 @@ from a3jax.train import metrics as M
 from a3jax.train.cli import cli_main as train_main
 from a3jax.train.plot import cli_main as plot_main
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
-from a3jax.train.step import BATCH_KEYS, make_train_step
+from a3jax.layout import LAYOUT_KEYS
+from a3jax.train.step import make_train_step
 from a3jax.train.trainer import CheckpointPolicy, batch_stage, train
 from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)
 
@@ -187,7 +188,7 @@ def _host_params(cfg):
 
 def _batches(cfg, n):
     it = make_train_iterator(cfg.data, cfg.train.global_batch_size)
-    return [{k: b[k] for k in BATCH_KEYS} for b in (next(it) for _ in range(n))]
+    return [{k: b[k] for k in LAYOUT_KEYS} for b in (next(it) for _ in range(n))]
 
 
 @pytest.fixture(scope="module")

@@ -140,17 +140,17 @@ def make_eval_batches(data_cfg, batch_size: int, strategy: str, num_batches: int
     return out
 
 
-def to_global_batch(batch: dict, mesh, rules) -> dict:
-    """Per-process numpy batch -> global jax.Arrays sharded as `a3jax.sharding.batch_sharding(mesh,
-    rules)`, the sharding the train and eval steps pin their batch to (the batch dim over the mesh
-    axes of the `batch` rule).
+def to_global_batch(batch, mesh, rules):
+    """Per-process numpy batch (a dict or an a3jax.layout.Layout; any pytree of arrays) -> the same
+    tree of global jax.Arrays sharded as `a3jax.sharding.batch_sharding(mesh, rules)`, the sharding
+    the train and eval steps pin their batch to (the batch dim over the mesh axes of the `batch` rule).
 
     JAX infers the global shape from the sharding (the local batch times the number of processes the
     batch axes span).
     """
-    out = {}
-    for k, v in batch.items():
+    def put(v):
         v = np.asarray(v)
         sharding = batch_sharding(mesh, rules, v.ndim) if v.ndim else NamedSharding(mesh, P())
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
+        return jax.make_array_from_process_local_data(sharding, v)
+
+    return jax.tree.map(put, batch)

@@ -26,11 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from a3jax.layout import LAYOUT_KEYS, Layout
+from a3jax.layout import Layout
 from a3jax.train.loss import loss_sums, objective, target_count
-
-# The keys of the batch dict the step takes (the trainer and `a3jax compile` build it): the layout's.
-BATCH_KEYS = LAYOUT_KEYS
 
 
 def _split_micro(x, k: int):

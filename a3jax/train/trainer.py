@@ -36,12 +36,13 @@ from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible, load
 from a3jax.config import Config, ConfigError, save_yaml, to_dict
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
 from a3jax.data.checks import mean_group_size
+from a3jax.layout import Layout
 from a3jax.model import param_shapes, query_embed_init
 from a3jax.sharding import (activate, batch_sharding, init_params_sharded, make_mesh, param_shardings,
                             rules_of)
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
-from a3jax.train.step import BATCH_KEYS, make_eval_step, make_train_step
+from a3jax.train.step import make_eval_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,7 +152,7 @@ class Evaluator:
             except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
                 self.sink.message(f"[a3jax train] eval under {strat!r} disabled: {type(e).__name__}: {e}")
                 continue
-            sets[strat] = [to_global_batch({k: _local_rows(b, pi, pc)[k] for k in BATCH_KEYS}, self.mesh, self.rules)
+            sets[strat] = [to_global_batch(Layout.from_batch(_local_rows(b, pi, pc)), self.mesh, self.rules)
                            for b in bs]
         return sets
 
@@ -315,7 +316,7 @@ class _Trainer:
                 sink.message(f"[a3jax train] step {step}: curriculum stage {stage} ({self.strategies[stage]})")
             prev_stage = stage
             gsize = mean_group_size(batch)
-            gb = to_global_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh, self.rules)
+            gb = to_global_batch(Layout.from_batch(batch), self.mesh, self.rules)  # the one filter of the batch
             with activate(self.mesh, self.rules):
                 self.state, m = self.step_fn(self.state, gb)
             if pending is not None:
