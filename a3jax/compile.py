@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
-from a3jax.model import KVCache, dtype_of, param_shapes
-from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, param_shardings, rules_of
+from a3jax.model import KVCache, dtype_of, param_shapes, param_shardings
+from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.step import make_train_step

@@ -18,16 +18,20 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
-from a3jax.checkpoint import save_params
-from a3jax.config import load_config
+from a3jax.checkpoint import RunCheckpoints, save_params
+from a3jax.config import MeshConfig, load_config
 from a3jax.data import load_tokenizer, make_eval_batches
 from a3jax.data.rows import blank_rows, placeholder_id
 from a3jax.data.sources import SkipStats, iter_documents
 from a3jax.decode import infill
+from a3jax.model import param_shapes, param_shardings
 from a3jax.score import log_likelihood
+from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.plot import plot_run
+from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import train
 
 ORDERS = ("left_to_right", "random", "confidence")
@@ -35,14 +39,6 @@ ORDERS = ("left_to_right", "random", "confidence")
 
 def _final_params(cfg):
     """Params of the run's latest checkpoint, on one device."""
-    import jax
-
-    from a3jax.model import param_shapes
-    from a3jax.sharding import make_mesh, param_shardings, rules_of
-    from a3jax.config import MeshConfig
-    from a3jax.checkpoint import RunCheckpoints
-    from a3jax.train.state import abstract_state, make_optimizer, state_shardings
-
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = rules_of(cfg.mesh)
     optimizer, _ = make_optimizer(cfg.train.optimizer, cfg.total_steps)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from a3jax.config import ConfigError, MeshConfig, ModelConfig
+from a3jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -133,34 +133,9 @@ def cache_shardings(kv_shape, mesh, rules) -> dict:
     return {f: NamedSharding(mesh, logical_to_spec(CACHE_AXES[f], shapes[f], mesh, rules)) for f in CACHE_AXES}
 
 
-# Param placement. These need the model's parameter table, and a3jax.model imports this module at its
-# top (for `constrain`), so they import a3jax.model when called: the one deferred import, which
-# keeps the two modules free of an import cycle.
-
-
-def param_shardings(cfg: ModelConfig, mesh, rules):
-    from a3jax.model import param_axes, param_shapes
-
-    return tree_shardings(param_axes(cfg), param_shapes(cfg), mesh, rules)
-
-
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
     """Batch arrays [B, T, ...]: the batch dim over the mesh axes of the `batch` rule, the rest
     replicated. Unlike `logical_to_spec` nothing is dropped: a global batch the data axes do not
     divide is an error, not a silently replicated batch."""
     axes = _rule_axes(rules, "batch", mesh)
     return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
-
-
-def shard_params(params, cfg: ModelConfig, mesh, rules):
-    """Places a host params tree onto the mesh."""
-    return jax.device_put(params, param_shardings(cfg, mesh, rules))
-
-
-def init_params_sharded(cfg: ModelConfig, rng, mesh, rules):
-    """Random init directly into the target shardings (no full host copy; works at 8B scale)."""
-    from a3jax.model import init_params
-
-    shardings = param_shardings(cfg, mesh, rules)
-    with activate(mesh, rules):
-        return jax.jit(lambda r: init_params(cfg, r), out_shardings=shardings)(rng)

@@ -25,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from a3jax.model import init_params, param_shapes  # noqa: E402
-from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of  # noqa: E402
+from a3jax.model import init_params, param_shapes, param_shardings  # noqa: E402
+from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of  # noqa: E402
 from a3jax.train import metrics as M  # noqa: E402
 from a3jax.train.state import create_state, make_optimizer, state_shardings  # noqa: E402
 from a3jax.train.step import make_train_step  # noqa: E402

@@ -14,8 +14,8 @@ from test_convert_common import tree_bit_exact
 from a3jax.checkpoint import CheckpointError, load_model_config, load_params, save_params
 from a3jax.config import MeshConfig, save_yaml
 from a3jax.convert import from_hf
-from a3jax.model import forward
-from a3jax.sharding import activate, make_mesh, param_shardings, rules_of
+from a3jax.model import forward, param_shardings
+from a3jax.sharding import activate, make_mesh, rules_of
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from a3jax import sharding as sh
 from a3jax.config import ConfigError, MeshConfig, ModelConfig
 from a3jax.convert import from_hf
 from a3jax.model import (A3Transformer, InputError, apply_model, decay_mask, dtype_of, forward, init_params,
-                         numpy_dtype, param_axes, param_shapes, param_specs, query_embed_init, validate_inputs)
+                         numpy_dtype, param_axes, param_shapes, param_specs, query_embed_init, shard_params,
+                         validate_inputs)
 from a3jax.model.params import embed_mean
 from hf_models import hf_logits, make_hf_llama
 
@@ -241,7 +242,7 @@ def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
     ref = np.asarray(forward(cfg, p, tokens, positions, groups, segs))
     mesh = sh.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     rules = sh.rules_of(MeshConfig())
-    ps = sh.shard_params(p, cfg, mesh, rules)
+    ps = shard_params(p, cfg, mesh, rules)
     assert ps["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     put = lambda x: jax.device_put(jnp.asarray(x, jnp.int32), sh.batch_sharding(mesh, rules))
     with sh.activate(mesh, rules):

@@ -15,7 +15,7 @@ from a3jax import sharding as sh
 from a3jax.config import MeshConfig, ModelConfig
 from a3jax.data import to_global_batch
 from a3jax.decode.cache import empty_cache, prefill
-from a3jax.model import KVCache, init_params
+from a3jax.model import KVCache, init_params, shard_params
 from a3jax.model.attention import choose_kernel
 from a3jax.layout import LAYOUT_KEYS
 
@@ -115,7 +115,7 @@ def test_cache_is_built_with_the_sharding_sharding_py_defines():
     assert len(ref.k.sharding.device_set) == 1
     put = lambda x: jax.device_put(x, sh.batch_sharding(mesh, rules))
     with sh.activate(mesh, rules):
-        out = run(sh.shard_params(params, CFG, mesh, rules), put(tokens), put(known), put(groups))
+        out = run(shard_params(params, CFG, mesh, rules), put(tokens), put(known), put(groups))
     for f in KVCache._fields:
         got = getattr(out, f)
         assert got.sharding.is_equivalent_to(getattr(want, f), got.ndim), (f, got.sharding)

@@ -15,8 +15,8 @@ import pytest
 from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from a3jax.data import make_train_iterator, stage_for_step
 from a3jax.data.checks import mean_group_size
-from a3jax.model import init_params, param_shapes
-from a3jax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_of
+from a3jax.model import init_params, param_shapes, param_shardings
+from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of
 from a3jax.train import metrics as M
 from a3jax.train.cli import cli_main as train_main
 from a3jax.train.plot import cli_main as plot_main

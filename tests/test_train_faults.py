@@ -17,8 +17,8 @@ import pytest
 
 from a3jax.checkpoint import RunCheckpoints
 from a3jax.config import MeshConfig
-from a3jax.model import param_shapes
-from a3jax.sharding import make_mesh, param_shardings, rules_of
+from a3jax.model import param_shapes, param_shardings
+from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import NonFiniteLossError, train
 from train_helpers import (compile_cache, corpus, exact_view, read_jsonl, tiny_config,  # noqa: F401 (fixtures)

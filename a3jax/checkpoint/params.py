@@ -7,7 +7,7 @@ Layout of a params checkpoint directory CKPT:
     CKPT/tokenizer.json ...  tokenizer files copied from the source model, when it had them
 
 `load_params` restores straight onto a mesh: the targets are jax.ShapeDtypeStruct leaves carrying the
-NamedShardings of a3jax.sharding.param_shardings, so every host reads only its own shards and no full
+NamedShardings of a3jax.model.param_shardings, so every host reads only its own shards and no full
 host copy is made. Run checkpoints (train state + data iterator) are a3jax.checkpoint.run.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 
 from a3jax import config as config_lib
 from a3jax.config import ConfigError, ModelConfig
-from a3jax.model import dtype_of, numpy_dtype, param_shapes
-from a3jax.sharding import param_shardings, rules_of
+from a3jax.model import dtype_of, numpy_dtype, param_shapes, param_shardings
+from a3jax.sharding import rules_of
 
 PARAMS_ITEM = "params"
 MODEL_YAML = "model.yaml"

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a3jax import layout as layout_lib
+from a3jax import sharding
 from a3jax.config import ModelConfig
 from a3jax.model.attention import choose_kernel
 from a3jax.model.layers import dtype_of, numpy_dtype
@@ -19,7 +20,8 @@ from a3jax.model.transformer import A3Transformer, KVCache, Rows, apply_model, l
 __all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "InputError",
            "KVCache", "Rows", "apply_model", "lm_logits", "run_rows",
            "ParamSpec", "param_specs", "param_shapes", "param_axes", "decay_mask", "query_embed_init",
-           "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel"]
+           "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel",
+           "param_shardings", "shard_params", "init_params_sharded"]
 
 
 class InputError(ValueError):
@@ -78,3 +80,22 @@ def init_params(cfg: ModelConfig, rng, length: int = 8):
     ar = jnp.arange(length, dtype=jnp.int32)[None]
     variables = model.init(rng, dummy, ar, ar, jnp.ones_like(dummy))
     return nn.meta.unbox(variables["params"])
+
+
+# Param placement (here, not in a3jax.sharding: that module knows no model, so the model can import it).
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules):
+    """NamedShardings of the params tree, from the table's logical axes and the mesh's rules."""
+    return sharding.tree_shardings(param_axes(cfg), param_shapes(cfg), mesh, rules)
+
+
+def shard_params(params, cfg: ModelConfig, mesh, rules):
+    """Places a host params tree onto the mesh."""
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def init_params_sharded(cfg: ModelConfig, rng, mesh, rules):
+    """Random init directly into the target shardings (no full host copy; works at 8B scale)."""
+    with sharding.activate(mesh, rules):
+        return jax.jit(lambda r: init_params(cfg, r), out_shardings=param_shardings(cfg, mesh, rules))(rng)

@@ -37,9 +37,8 @@ from a3jax.config import Config, ConfigError, save_yaml, to_dict
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
 from a3jax.data.checks import mean_group_size
 from a3jax.layout import Layout
-from a3jax.model import param_shapes, query_embed_init
-from a3jax.sharding import (activate, batch_sharding, init_params_sharded, make_mesh, param_shardings,
-                            rules_of)
+from a3jax.model import init_params_sharded, param_shapes, param_shardings, query_embed_init
+from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from a3jax.train.step import make_eval_step, make_train_step
