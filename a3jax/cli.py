@@ -3,7 +3,12 @@ imported only when used, so `a3jax --help` stays fast and no command pays for an
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
+
+# distributed.py imports JAX only inside its functions, so this stays cheap for `a3jax --help`.
+from a3jax.distributed import DistributedError, initialize, tpu_chips_present
 
 # command -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS = {
@@ -37,13 +42,8 @@ def _skip_absent_tpu() -> None:
     """With libtpu installed (requirements-dev.txt has it for `a3jax compile`) but no TPU chips here,
     JAX would still probe the TPU backend and libtpu would log worker/metadata errors on every command.
     Leave the TPU out of the platforms then; an explicit JAX_PLATFORMS always wins."""
-    import importlib.util
-    import os
-
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
         return
-    from a3jax.distributed import tpu_chips_present
-
     if tpu_chips_present():
         return
     cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
@@ -64,8 +64,6 @@ def main(argv=None) -> int:
         return 2
     module, func, _ = COMMANDS[name]
     if name in DEVICE_COMMANDS and not any(a in ("-h", "--help") for a in rest):
-        from a3jax.distributed import DistributedError, initialize
-
         try:
             initialize()
         except DistributedError as e:
