@@ -38,7 +38,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _skip_absent_tpu() -> None:
+def skip_absent_tpu() -> None:
     """With libtpu installed (requirements-dev.txt has it for `a3jax compile`) but no TPU chips here,
     JAX would still probe the TPU backend and libtpu would log worker/metadata errors on every command.
     Leave the TPU out of the platforms then; an explicit JAX_PLATFORMS always wins."""
@@ -54,7 +54,7 @@ def _skip_absent_tpu() -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _skip_absent_tpu()
+    skip_absent_tpu()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

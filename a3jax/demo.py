@@ -37,7 +37,7 @@ from a3jax.train.trainer import train
 ORDERS = ("left_to_right", "random", "confidence")
 
 
-def _final_params(cfg):
+def final_params(cfg):
     """Params of the run's latest checkpoint, on one device."""
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = rules_of(cfg.mesh)
@@ -133,7 +133,7 @@ def run(config_path: str, overrides=(), infill_count: int = 16, show: int = 4) -
     print(f"== 1. training {cfg.run_dir}: {len(cfg.data.stages)} curriculum stages, {cfg.total_steps} steps "
           f"({' -> '.join(f'{s.strategy}x{s.steps}' for s in cfg.data.stages)})", flush=True)
     metrics = train(cfg)
-    params = _final_params(cfg)
+    params = final_params(cfg)
     final_dir = os.path.join(cfg.run_dir, "final")
     save_params(final_dir, cfg.model, params, force=True)
     print(f"   final params -> {final_dir}", flush=True)

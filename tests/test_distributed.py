@@ -244,7 +244,7 @@ def test_cli_leaves_out_an_absent_tpu_so_libtpu_stays_quiet():
     make JAX probe it (libtpu would log worker/metadata errors on every command)."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES",
                                                              "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY")}
-    code = ("from a3jax.cli import _skip_absent_tpu; _skip_absent_tpu(); import os, jax; "
+    code = ("from a3jax.cli import skip_absent_tpu; skip_absent_tpu(); import os, jax; "
             "print(os.environ.get('JAX_PLATFORMS'), jax.devices()[0].platform)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -8,7 +8,7 @@ import pytest
 from a3jax.checkpoint import load_params, save_params
 from a3jax.config import ConfigError
 from a3jax.convert import from_hf
-from a3jax.demo import _final_params
+from a3jax.demo import final_params
 from a3jax.train import train
 from hf_models import make_hf_llama
 from train_helpers import tiny_config, write_corpus
@@ -33,7 +33,7 @@ def test_training_starts_from_converted_hf_weights(tmp_path):
                                                              rope_theta=mcfg.rope_theta))
     out = train(cfg, progress_bar=False, tensorboard=False)
     assert out["step"] == 2
-    trained = _final_params(cfg)
+    trained = final_params(cfg)
     _, saved = load_params(str(tmp_path / "ckpt"))
     for path, a in jax.tree_util.tree_leaves_with_path(saved):
         b = dict(jax.tree_util.tree_leaves_with_path(trained))[path]
