@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
-from a3jax.model import KVCache, dtype_of, param_shapes, param_shardings
+from a3jax.model import KVCache, dtype_of, param_count, param_shapes, param_shardings
 from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
@@ -262,7 +262,7 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
               "model": {k: getattr(cfg.model, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                                                           "intermediate_size", "vocab_size", "dtype", "param_dtype",
                                                           "scan_layers", "remat", "attention")},
-              "params": _param_count(cfg.model), "programs": {}}
+              "params": param_count(cfg.model), "programs": {}}
     log(f"[a3jax compile] {topology}: {n} x {kind} ({report['hosts']} hosts), mesh {report['mesh']}, "
         f"{report['params']:,} params")
     for prog in programs:
@@ -290,10 +290,6 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
             f"({'fits' if r['fits'] else 'DOES NOT FIT'})")
     report["fits"] = all(r["fits"] for r in report["programs"].values())
     return report
-
-
-def _param_count(mcfg) -> int:
-    return sum(_prod(s) for s in jax.tree.leaves(param_shapes(mcfg), is_leaf=lambda x: isinstance(x, tuple)))
 
 
 def _gib(x) -> str:

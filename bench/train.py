@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from a3jax.model import init_params, param_shapes, param_shardings  # noqa: E402
+from a3jax.model import init_params, param_count, param_shapes, param_shardings  # noqa: E402
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of  # noqa: E402
 from a3jax.train import metrics as M  # noqa: E402
 from a3jax.train.state import create_state, make_optimizer, state_shardings  # noqa: E402
@@ -117,8 +117,7 @@ def main():
             mcfg = SIZES[size]
             batch = max(n_dev, a.tokens // seq)
             res = {"size": size, "seq": seq, "batch": batch,
-                   "params": int(sum(np.prod(s) for s in jax.tree.leaves(
-                       param_shapes(mcfg), is_leaf=lambda x: isinstance(x, tuple))))}
+                   "params": param_count(mcfg)}
             for name, stream in (("ar", "content"), ("a3", "query")):
                 dt, comp = time_step(mcfg, seq, batch, stream, a.steps, mesh, rules)
                 tps = batch * seq / dt

@@ -338,3 +338,16 @@ def test_embed_mean_chunks_match_the_full_mean():
     embed = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
     np.testing.assert_allclose(embed_mean(embed, chunk=7), embed.astype(np.float64).mean(0), atol=1e-6)
     np.testing.assert_allclose(np.asarray(embed_mean(jnp.asarray(embed))), embed.mean(0), atol=1e-6)
+
+
+def test_param_count_matches_published_and_hand_counts():
+    from a3jax.model import param_count
+
+    # SmolLM2-135M (LLaMA architecture, tied embeddings) has 134,515,008 params; A3 adds the query vector.
+    smol = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                       num_kv_heads=3, tie_word_embeddings=True)
+    assert param_count(smol) == 134_515_008 + 576
+    # By hand: embed 64*32, query 32, final norm 32, lm_head 32*64, and per layer two norms (2*32),
+    # q and o (2*32*32), k and v (2*32*16), gate, up and down (3*32*64).
+    small = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    assert param_count(small) == 2048 + 32 + 32 + 2048 + 2 * (64 + 2048 + 1024 + 6144)

@@ -102,6 +102,14 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return map_specs(lambda s: s.shape, param_specs(cfg))
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """Number of scalar params of `cfg` (from the table; no arrays made)."""
+    def total(specs):
+        return sum(total(v) if isinstance(v, dict) else int(np.prod(v.shape)) for v in specs.values())
+
+    return total(param_specs(cfg))
+
+
 def param_axes(cfg: ModelConfig) -> dict:
     """Logical axis names per param, same tree as param_shapes (used for sharding)."""
     return map_specs(lambda s: s.axes, param_specs(cfg))

@@ -37,7 +37,7 @@ from a3jax.config import Config, ConfigError, save_yaml, to_dict
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
 from a3jax.data.checks import mean_group_size
 from a3jax.layout import Layout
-from a3jax.model import init_params_sharded, param_shapes, param_shardings, query_embed_init
+from a3jax.model import init_params_sharded, param_count, param_shapes, param_shardings, query_embed_init
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
@@ -271,9 +271,8 @@ class _Trainer:
             self.start, progress, self.resumed_from = 0, {}, None
             self.state = create_state(_initial_params(cfg, mesh, rules, log), optimizer, tcfg.seed, ssh)
             self.it = make_iter(0)
-            n_params = sum(int(np.prod(s)) for s in jax.tree.leaves(pshapes, is_leaf=lambda x: isinstance(x, tuple)))
             log("initialised " + (f"from {cfg.model.init_from}" if cfg.model.init_from else "at random")
-                + f": {n_params:,} params")
+                + f": {param_count(cfg.model):,} params")
 
         self.step_fn = make_train_step(cfg, optimizer, schedule, ssh, bsh, mesh)
         eval_fn = make_eval_step(cfg, psh, bsh, mesh)
