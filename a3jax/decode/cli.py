@@ -111,6 +111,11 @@ def _common(ap):
                     help="encode the context as AR chunks of this size (default: one group)")
     ap.add_argument("--no-cache", action="store_true", help="recompute every step (baseline)")
     ap.add_argument("--mode", default="a3", choices=("a3", "official"))
+    ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                    help="self-speculative sampling with draft blocks of K (fixed orders): exactly the "
+                         "token-by-token distribution; --group-size is then not used")
+    ap.add_argument("--independent-rows", action="store_true",
+                    help="each row samples with its own key (repeated prompts give different samples)")
     ap.add_argument("--no-escapes", action="store_true", help="do not decode \\n \\t \\\\ in the text")
     ap.add_argument("--color", default="auto", choices=("auto", "always", "never"))
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
@@ -118,10 +123,14 @@ def _common(ap):
 
 def _decode_options(args, group_size: int) -> dict:
     """The keyword options `_common` adds, as infill/generate take them (group_size: the default)."""
+    if args.speculative and args.group_size not in (None, 1):
+        raise DecodeError(f"--speculative {args.speculative} samples token by token (the draft block is K); "
+                          f"--group-size {args.group_size} does not apply")
     return dict(order=args.order or "left_to_right", group_size=args.group_size or group_size,
                 temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
                 top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
-                mode=args.mode, return_info=True)
+                mode=args.mode, speculative=args.speculative, independent_rows=args.independent_rows,
+                return_info=True)
 
 
 def _fail(prog, e) -> int:
