@@ -172,11 +172,14 @@ def test_generate_speculative_and_eos():
     assert (out[0, 3:] == cfg.pad_token_id).all()
 
 
-def test_independent_rows_and_batch_invariance():
+@pytest.mark.parametrize("spec", [dict(speculative=2), dict(group_size=2)])
+def test_independent_rows_and_batch_invariance(spec):
+    """Both decoders: one key for every row by default (equal rows give equal samples, as before the
+    option existed); independent_rows gives row r the key fold_in(step key, r)."""
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=6)
     many_t, many_k = np.repeat(tokens, 8, 0), np.repeat(known, 8, 0)
-    kw = dict(order="left_to_right", temperature=1.0, seed=5, speculative=2)
+    kw = dict(order="left_to_right", temperature=1.0, seed=5, **spec)
     shared = infill(cfg, params, many_t, many_k, **kw)
     assert (shared == shared[0]).all()  # default: every row draws with the same key
     np.testing.assert_array_equal(infill(cfg, params, tokens, known, **kw)[0], shared[0])
