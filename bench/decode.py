@@ -18,8 +18,9 @@ extrapolated as per-step time x number of steps (said in the table and the JSON)
 stop, independent rows) on a random model of the tiny shape and, with --demo-ckpt, on the trained
 demo model (prompts: the starts of held-out stdlib functions). Per setting: token-by-token (k=1),
 speculative=k and plain group-wise group_size=k. Columns: wall-clock tokens/s (best of 2 after a
-compile run), model passes per generated token (per row: its passes / its tokens), tokens per verify
-pass (the accepted drafts plus the corrected token), and the NLL per token of the output under the
+compile run), model passes per generated token (per row: its passes / its tokens), tokens committed
+per verify pass (the accepted drafts plus the corrected token), drafts accepted per verify pass
+(DecodeResult.accepted; the first draft of a block always is), and the NLL per token of the output under the
 model's token-by-token factorisation (a3jax.score.log_likelihood; mean +- standard error over rows).
 """
 from __future__ import annotations
@@ -77,23 +78,27 @@ def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0
             sec, (_, info) = timed(run, repeat=2)
             new_steps = info.step[:, prompt_len:prompt_len + n_new]
             passes = new_steps.max(axis=1) + 1  # per row: the pass that committed its last token, + 1
-            verify = [len(np.unique(r)) for r in new_steps]  # passes that committed anything
+            verify = np.array([len(np.unique(r)) for r in new_steps])  # passes that committed anything
+            spec = method == "speculative"
             nll = _nll(cfg, params, info, prompt_len, n_new)
             row = dict(model=name, temperature=temp, method=method, k=k, rows=len(prompts), new_tokens=n_new,
                        seconds=sec, tokens_per_s=len(prompts) * n_new / sec, loop_passes=info.num_steps,
                        passes_per_token=float(np.mean(passes / n_new)),
-                       tokens_per_verify_pass=float(np.mean(n_new / np.array(verify))) if method == "speculative"
-                       else None, nll=float(nll.mean()), nll_se=float(nll.std(ddof=1) / np.sqrt(len(nll))))
+                       tokens_per_verify_pass=float(np.mean(n_new / verify)) if spec else None,
+                       accepted_per_verify_pass=float(np.mean(info.accepted / verify)) if spec else None,
+                       nll=float(nll.mean()), nll_se=float(nll.std(ddof=1) / np.sqrt(len(nll))))
             out.append(row)
-            tpv = f"{row['tokens_per_verify_pass']:.2f}" if row["tokens_per_verify_pass"] else "-"
+            tpv = f"{row['tokens_per_verify_pass']:.2f}" if spec else "-"
+            apv = f"{row['accepted_per_verify_pass']:.2f}" if spec else "-"
             print(f"{name:<7} {temp:>4} {method:<15} {k:>2} {row['tokens_per_s']:>9.1f} "
-                  f"{row['passes_per_token']:>10.3f} {tpv:>9} {row['nll']:>7.3f} +- {row['nll_se']:.3f}", flush=True)
+                  f"{row['passes_per_token']:>10.3f} {tpv:>10} {apv:>10} {row['nll']:>7.3f} +- {row['nll_se']:.3f}",
+                  flush=True)
     return out
 
 
 def speculative_main(args) -> int:
-    print(f"{'model':<7} {'temp':>4} {'method':<15} {'k':>2} {'tok/s':>9} {'passes/tok':>10} {'tok/verify':>9} "
-          f"{'nll/tok':>7}")
+    print(f"{'model':<7} {'temp':>4} {'method':<15} {'k':>2} {'tok/s':>9} {'passes/tok':>10} {'tok/verify':>10} "
+          f"{'acc/verify':>10} {'nll/tok':>7}")
     rng = np.random.default_rng(0)
     n_p = args.prompt_tokens
     rand_prompts = [[CFG.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]

@@ -143,6 +143,10 @@ def test_greedy_speculative_equals_greedy_token_by_token(order, k):
     np.testing.assert_array_equal(res.tokens, ref.tokens)
     np.testing.assert_allclose(res.logprobs, ref.logprobs, atol=1e-4)
     assert (res.step[~known] >= 0).all() and (res.step[known] == -1).all()
+    # every verify pass accepts its first draft and commits at most one corrected token besides
+    verify = np.array([len(np.unique(r[r >= 0])) for r in res.step])
+    assert (res.accepted >= verify).all() and (res.accepted <= (~known).sum(1)).all()
+    assert (res.accepted + verify >= (~known).sum(1)).all()
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_p=0.9, seed=3)])

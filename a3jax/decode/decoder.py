@@ -41,11 +41,14 @@ class DecodeError(ValueError):
 class DecodeResult(NamedTuple):
     """tokens [B, T] (known tokens unchanged, blanks filled); logprobs [B, T]: log p of each filled
     token under the model (temperature 1, unfiltered; 0 at known/padding); step [B, T]: the step
-    that committed each position (-1 for known/padding/unfilled); num_steps: steps run."""
+    that committed each position (-1 for known/padding/unfilled); num_steps: steps run.
+    Speculative decoding: steps are model passes, and accepted [B] counts each row's accepted drafts
+    (the corrected tokens not included); None otherwise."""
     tokens: np.ndarray
     logprobs: np.ndarray
     step: np.ndarray
     num_steps: int
+    accepted: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,11 +297,11 @@ def _run_speculative(cfg, params, p, k, use_cache, temperature, top_k, top_p, se
     opts = dict(max_steps=jnp.int32(total), temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
                 top_p=jnp.float32(top_p), seed=jnp.uint32(int(seed) & 0xFFFFFFFF),
                 independent=jnp.bool_(independent), stop_at_eos=jnp.bool_(stop), eos_id=jnp.int32(eos))
-    toks, logp, step, passes = speculative_lib.run(
+    toks, logp, step, passes, accepted = speculative_lib.run(
         cfg, k, bool(use_cache), params, jnp.asarray(p["tokens"]), jnp.asarray(p["known"]),
         jnp.asarray(p["valid"]), jnp.asarray(p["kgroups"]), jnp.asarray(p["known_pos"]),
         jnp.asarray(p["known_groups"]), jnp.asarray(order), opts)
-    return DecodeResult(np.asarray(toks), np.asarray(logp), np.asarray(step), int(passes))
+    return DecodeResult(np.asarray(toks), np.asarray(logp), np.asarray(step), int(passes), np.asarray(accepted))
 
 
 def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group_size: int = 4,

@@ -44,8 +44,10 @@ def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """The sampling distribution [..., V] (float32) of logits: softmax of logits / temperature
     filtered by top-k / top-p (temperature <= 0 reads as 1: greedy callers take the argmax)."""
     t = jnp.asarray(temperature, jnp.float32)
-    t = jnp.where(t > 0, t, 1.0)
-    return jax.nn.softmax(filter_logits(logits.astype(jnp.float32) / t, top_k, top_p), axis=-1)
+    scaled = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+    off = (jnp.asarray(top_k) <= 0) & (jnp.asarray(top_p) >= 1.0)  # no filter: skip its sort over V
+    scaled = jax.lax.cond(off, lambda x: x, lambda x: filter_logits(x, top_k, top_p), scaled)
+    return jax.nn.softmax(scaled, axis=-1)
 
 
 def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0, independent=False):

@@ -69,7 +69,7 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
     """The speculative decode loop. order [B, N] (-1 = none): each row's blanks in token order.
     opts (traced): max_steps, temperature, top_k, top_p, seed, independent, stop_at_eos, eos_id.
     Returns (tokens [B, T], logp [B, T], step [B, T]: the pass that committed each blank (-1 =
-    none), passes run)."""
+    none), passes run, accepted [B]: drafts accepted per row)."""
     b, t = tokens.shape
     g0 = t
     big = jnp.int32(2 ** 30)
@@ -92,6 +92,7 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         draft=jnp.zeros((b, k), jnp.int32),
         q=jnp.zeros((b, k, vocab), jnp.float32),  # the drafts' proposal distributions
         done=jnp.zeros((b,), bool),
+        accepted=jnp.zeros((b,), jnp.int32),
     )
     if use_cache:
         state["cache"] = cache_lib.prefill(cfg, params, tokens, known_pos, known_groups)
@@ -173,10 +174,11 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         have_next = (n_pos >= 0).any(axis=1)
         new["verify"] = act & have_next & (~ver | all_acc)
         new["i"] = jnp.where(act & ver, i + n_acc + jnp.where(all_acc, 0, 1), i)
+        new["accepted"] = state["accepted"] + n_acc
         hit_eos = (commit & (c_tok == opts["eos_id"])).any(-1)
         new["done"] = state["done"] | (opts["stop_at_eos"] & hit_eos)
         new["s"] = s + 1
         return new
 
     out = jax.lax.while_loop(cond, body, state)
-    return out["tokens"], out["logp"], out["step"], out["s"]
+    return out["tokens"], out["logp"], out["step"], out["s"], out["accepted"]
