@@ -5,8 +5,8 @@ The order pi_0, pi_1, ... of a row's blanks is fixed before decoding. Blank pi_j
 g0 + j (g0 = T, later than every known group), and "the query row of pi_j with cutoff c" has group
 id g0 + c, so it sees the known tokens and exactly the blanks pi_0 .. pi_{c-1}.
 
-Every pass of the loop is one cached `run_rows` call with k content rows and 2k query rows; a row is
-in one of two modes:
+Every pass of the loop is one cached `run_rows` call with k content rows and 2k query rows (one
+content row and k query rows when no row of the batch verifies); a row is in one of two modes:
 
   draft   content: the token committed last (pi_{i-1}, a corrected token), written to the cache;
           query: pi_i .. pi_{i+k-1} with cutoff i. Their conditionals q_j = p(x | pi_<i) are the
@@ -124,8 +124,16 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
 
         new = dict(state)
         if use_cache:
-            logits, cache = cache_lib.cached_step_logits(cfg, params, state["cache"], toks, c_pos, c_grp,
-                                                         q_pos, q_pos >= 0, q_grp)
+            def step(c_cols, q_cols):
+                return cache_lib.cached_step_logits(cfg, params, state["cache"], toks, c_pos[:, c_cols],
+                                                    c_grp[:, c_cols], q_pos[:, q_cols], q_pos[:, q_cols] >= 0,
+                                                    q_grp[:, q_cols])
+
+            def draft_only():  # no row verifies: one content row and the k draft rows, not 3k rows
+                n_logits, cache = step(slice(0, 1), slice(k, 2 * k))
+                return jnp.concatenate([jnp.zeros_like(n_logits), n_logits], axis=1), cache
+
+            logits, cache = jax.lax.cond((ver & act).any(), lambda: step(slice(None), slice(None)), draft_only)
         else:
             groups = state["group"].at[rows, d_slot].set(g0 + d_idx, mode="drop")
             groups = groups.at[rows, jnp.where(n_pos >= 0, n_pos, t)].set(
