@@ -445,6 +445,24 @@ def load_model_config(path: str) -> ModelConfig:
     return cfg
 
 
+def parse_model_config(text: str, where: str) -> ModelConfig:
+    """A ModelConfig from YAML text (read by the caller from anywhere, e.g. gs://); `where` names it."""
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of model keys, got {type(values).__name__}")
+    cfg = build(ModelConfig, values, where)
+    cfg.validate(where)
+    return cfg
+
+
+def yaml_text(obj) -> str:
+    """The YAML that save_yaml writes (callers that write through a3jax.fs use this)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def save_yaml(obj, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+        f.write(yaml_text(obj))

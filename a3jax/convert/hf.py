@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Callable, Iterable, Optional
 
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from a3jax import fs
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
@@ -587,11 +587,12 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
 
 
 def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
+    """The tokenizer files of src_dir that exist, copied to out_dir (either may be gs://)."""
     copied = []
     for name in TOKENIZER_FILES:
-        p = os.path.join(src_dir, name)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(out_dir, name))
+        p = fs.join(src_dir, name)
+        if fs.isfile(p):
+            fs.copy_file(p, fs.join(out_dir, name))
             copied.append(name)
     return copied
 
