@@ -60,7 +60,7 @@ def join(base, *parts) -> str:
 
 
 def dirname(path) -> str:
-    p = str(path).rstrip("/")
+    p = str(path)
     if is_gcs(p):
         d = posixpath.dirname(p)
         return d if len(d) > len(GCS) else p  # the bucket is its own top
@@ -134,11 +134,19 @@ def check_credentials(path: str = GCS) -> None:
         f"for a local emulator set STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (both to its URL)")
 
 
-def _gcs():
+def reset() -> None:
+    """Forgets the GCS filesystem and the buckets checked (after the environment changed, e.g. tests)."""
+    global _GCS_FS
+    with _LOCK:
+        _GCS_FS = None
+        _CHECKED_BUCKETS.clear()
+
+
+def _gcs(path: str = GCS):
     global _GCS_FS
     with _LOCK:
         if _GCS_FS is None:
-            check_credentials()
+            check_credentials(path)
             if _emulator():
                 # the emulator has no hierarchical-namespace endpoint; gcsfs warns on every bucket otherwise
                 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -155,7 +163,7 @@ def _fs(path):
     p = str(path)
     if not is_gcs(p):
         return _LOCAL, os.path.expanduser(p)
-    g = _gcs()
+    g = _gcs(p)
     bucket = bucket_of(p)
     if not bucket:
         raise StorageError(f"{p}: no bucket in the URL (gs://BUCKET/path)")
