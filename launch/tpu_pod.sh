@@ -28,7 +28,7 @@
 # latest checkpoint. See docs/launch.md.
 set -euo pipefail
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 tpu="${TPU_NAME:-}"
 zone="${ZONE:-${CLOUDSDK_COMPUTE_ZONE:-}}"

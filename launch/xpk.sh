@@ -25,7 +25,7 @@
 # checkpoint. See docs/launch.md.
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 cluster="${XPK_CLUSTER:-}"
 tpu_type="${TPU_TYPE:-}"
