@@ -125,6 +125,8 @@ def gs_run(gcs, gs_corpus, reference, compile_cache, tmp_path_factory):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert _steps(run) == [6], "the kill came too late"
+    # buffered metrics: written out before checkpoint 6, so the kill lost none up to it
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"][:3] == [2, 4, 6]
     proc = _spawn(run, gs_corpus, env, logs / "2.log", sleep=0.4)
     _wait_for(lambda: "step 8/12" in (logs / "2.log").read_text(), proc, "the resumed run's step 8")
     proc.send_signal(signal.SIGTERM)
@@ -185,6 +187,27 @@ def test_corrupt_latest_on_gcs_is_skipped_and_kept_in_place(gs_run, gs_corpus):
     # a later run neither retries nor trips over it
     again = train(cfg, progress_bar=False, tensorboard=False)
     assert again["resumed_from"] == 18 and again["step"] == 18
+
+
+def test_metrics_on_gcs_are_buffered_not_uploaded_per_line(gcs):
+    from a3jax.train.metrics import MetricsSink, read_metrics
+
+    run = f"{GS}/runs/buffered"
+    sink = MetricsSink(run, 0, 10, tensorboard=True, progress_bar=False, flush_s=3600)
+    for step in range(1, 6):
+        sink.write({"step": step, "kind": "train", "loss": 1.0 / step})
+    assert not fs.exists(f"{run}/metrics.jsonl")  # five records, no upload yet
+    sink.flush()  # what the trainer does before every checkpoint
+    assert [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3, 4, 5]
+    sink.write({"step": 6, "kind": "eval", "loss": {"ar": 0.5}})
+    sink.close()
+    train_recs, evals = read_metrics(run)
+    assert len(train_recs) == 5 and evals == [{"step": 6, "kind": "eval", "loss": {"ar": 0.5}}]
+    (events,) = fs.find(f"{run}/tensorboard")
+    assert fs.size(events) > 100  # header + 6 scalars, written at close
+    # a resumed run (start_step=3) drops the records after 3, as locally
+    MetricsSink(run, 3, 10, tensorboard=False, progress_bar=False).close()
+    assert [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- data from gs://
@@ -248,6 +271,7 @@ def test_convert_hf_to_a3_from_and_to_gcs(gcs, tmp_path):
     want_cfg, want = from_hf(str(local))
     assert cfg == want_cfg
     _assert_bitwise_equal(params, want)
+    _assert_bitwise_equal(from_hf(f"{GS}/hf/tiny")[1], want)  # the Python API takes gs:// too
     assert cli_main(["hf-to-a3", "--hf", f"{GS}/hf/tiny", "--out", f"{GS}/ckpt/tiny", "--no-progress"]) == 1  # no --force
     assert cli_main(["a3-to-hf", "--ckpt", f"{GS}/ckpt/tiny", "--out", f"{GS}/hf/back"]) == 0
     assert fs.isfile(f"{GS}/hf/back/config.json") and fs.glob(f"{GS}/hf/back/*.safetensors")

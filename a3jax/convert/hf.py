@@ -477,7 +477,10 @@ def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **
     """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
     dtype: bf16 | fp32 | None (keep the checkpoint's). The query vector comes from
     `query_embed.safetensors` when the directory was written by `to_hf`, else cfg.query_init
-    (default: the mean token embedding)."""
+    (default: the mean token embedding). A gs:// directory is copied to the host's cache first
+    (a3jax.fs.local_copy: safetensors are memory-mapped from local files)."""
+    if fs.is_gcs(hf_dir):
+        hf_dir = fs.local_copy(hf_dir)
     hf, path = read_config_json(hf_dir)
     cfg = config_from_hf(hf, path, **config_overrides)
     reader = TensorReader(hf_dir)
