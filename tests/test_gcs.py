@@ -120,14 +120,14 @@ def gs_run(gcs, gs_corpus, reference, compile_cache, tmp_path_factory):
     """kill -9 after checkpoint 6, resume + SIGTERM, resume to the end: all with run_dir on gs://."""
     run, logs = f"{GS}/runs/faults", tmp_path_factory.mktemp("logs")
     env = {**gcs, **compile_cache}
-    proc = _spawn(run, gs_corpus, env, logs / "1.log", sleep=0.4)
+    proc = _spawn(run, gs_corpus, env, logs / "1.log", sleep=0.3)
     _wait_for(lambda: _committed(run, 6), proc, "checkpoint 6 on gs://")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert _steps(run) == [6], "the kill came too late"
     # buffered metrics: written out before checkpoint 6, so the kill lost none up to it
     assert [r["step"] for r in _records(run) if r["kind"] == "train"][:3] == [2, 4, 6]
-    proc = _spawn(run, gs_corpus, env, logs / "2.log", sleep=0.4)
+    proc = _spawn(run, gs_corpus, env, logs / "2.log", sleep=0.3)
     _wait_for(lambda: "step 8/12" in (logs / "2.log").read_text(), proc, "the resumed run's step 8")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (logs / "2.log").read_text()[-3000:]
@@ -280,44 +280,33 @@ def test_convert_hf_to_a3_from_and_to_gcs(gcs, tmp_path):
 # ----------------------------------------------------------------------------- 2 processes
 
 
-MP_CONFIG = """\
-model: {vocab_size: 260, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2,
-        max_position_embeddings: 64}
-data: {seq_len: 32, prefetch: 0, heldout_fraction: 0.2, stages: [{strategy: ar, steps: 2}]}
-mesh: {data: 1, fsdp: -1, tensor: 1}
-train: {global_batch_size: 8, log_every: 1, eval_every: 0, optimizer: {warmup_steps: 1, learning_rate: 0.01}}
-checkpoint: {every: 2, max_to_keep: 5, async_save: true}
-"""
-
-
-def test_two_processes_write_one_gcs_checkpoint_that_restores_on_one(gcs, gs_corpus, compile_cache, tmp_path):
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(MP_CONFIG)
+def test_two_processes_write_one_gcs_checkpoint_that_restores_on_one(gcs, gs_corpus, reference, tmp_path):
+    """launch/local.sh: 2 processes x 4 devices (the reference's 8-device mesh) write checkpoint 6 to
+    gs://; this one process restores it and matches the 1-process reference's checkpoint 6."""
     run = f"{GS}/runs/two-proc"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("A3JAX_", "SLURM_"))}
     env.update(PYTHONPATH=ROOT, A3JAX_PYTHON=sys.executable, **gcs)
-    proc = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "--devices", "2", "--log-dir", str(tmp_path / "logs"),
-                           "2", str(cfg_path), f"run_dir={run}", f"data.source={gs_corpus}", "--no-progress"],
+    proc = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "--devices", "4", "--log-dir", str(tmp_path / "logs"),
+                           "2",
+                           *tiny_overrides(run, gs_corpus, **{"train.eval_every": 0}), "--no-progress",
+                           "--stop-at-step", "6"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert _steps(run) == [2]
-    state_objs = fs.listdir(f"{run}/checkpoints/2/state")
-    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(state_objs)  # both processes wrote shards
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(fs.listdir(f"{run}/checkpoints/2/data"))
-    # this process (1 process, 8 devices) restores it and matches a 1-process run of the same job
-    from a3jax.config import load_config
-
-    cfg = load_config(str(cfg_path), [f"run_dir={tmp_path / 'one'}", f"data.source={gs_corpus}"])
-    assert train(cfg, progress_bar=False, tensorboard=False)["step"] == 2
-    mesh, rules = make_mesh(cfg.mesh), rules_of(cfg.mesh)
-    opt, _ = make_optimizer(cfg.train.optimizer, cfg.total_steps)
-    shapes = param_shapes(cfg.model)
-    ssh = state_shardings(opt, param_shardings(cfg.model, mesh, rules), shapes, mesh)
-    ck = RunCheckpoints(run, cfg.checkpoint)
-    state = ck.restore_state(2, abstract_state(opt, shapes, ssh))
+    assert "8 cpu devices, 2 process(es)" in (tmp_path / "logs" / "process_0.log").read_text()
+    assert _steps(run) == [6]
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(fs.listdir(f"{run}/checkpoints/6/state"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(fs.listdir(f"{run}/checkpoints/6/data"))
+    mesh, rules = make_mesh(reference.mesh), rules_of(reference.mesh)
+    opt, _ = make_optimizer(reference.train.optimizer, reference.total_steps)
+    shapes = param_shapes(reference.model)
+    ssh = state_shardings(opt, param_shardings(reference.model, mesh, rules), shapes, mesh)
+    ck = RunCheckpoints(run, reference.checkpoint)
+    state = ck.restore_state(6, abstract_state(opt, shapes, ssh))
     ck.close()
+    assert int(state.step) == 6
+    # the same global program on 2 processes: equal up to the order of cross-process reductions
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 jax.device_get(state.params), _params(f"{tmp_path / 'one'}/checkpoints/2/state"))
+                 jax.device_get(state.params), _params(f"{reference.run_dir}/checkpoints/6/state"))
 
 
 # ----------------------------------------------------------------------------- bad input
