@@ -194,7 +194,6 @@ class CheckpointPolicy:
         return step == self.end and self.end < self.total and not interrupted
 
     def save(self, step: int, state, data_iter, progress: dict) -> None:
-        self.sink.flush()  # the metrics up to a checkpoint are written out before it (gs:// buffers them)
         if self.ckpts.save(step, state, data_iter, self.config_dict, progress):
             self.last_good = step
             self.sink.message(f"[a3jax train] checkpoint {step} -> {self.ckpts.directory}/{step}")
@@ -374,6 +373,7 @@ class _Trainer:
         return rec
 
     def _save(self, step: int) -> None:
+        self.sink.flush()  # the metrics up to a checkpoint are written out before it (gs:// buffers them)
         self.checkpoints.save(step, self.state, self.it, self.window.progress())
 
     def result(self) -> dict:
