@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from a3jax import fs
 from a3jax.checkpoint import load_params
 from a3jax.data.rows import placeholder_id
 from a3jax.data.tokenizers import load_tokenizer
@@ -45,7 +46,7 @@ def unescape(text: str) -> str:
 def load_tok(spec: str, ckpt: str):
     """--tokenizer auto: the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
     if spec == "auto":
-        spec = ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else "byte"
+        spec = ckpt if fs.isfile(fs.join(ckpt, "tokenizer.json")) else "byte"
     return load_tokenizer(spec)
 
 
@@ -148,8 +149,7 @@ def infill_main(argv) -> int:
     args = ap.parse_args(argv)
     try:
         if args.file:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
+            text = fs.read_text(args.file)
         else:
             text = args.text if args.no_escapes else unescape(args.text)
         tok = load_tok(args.tokenizer, args.ckpt)
