@@ -69,9 +69,7 @@ class ModelConfig:
     eos_token_id: int = 257  # EOS id (-1 = none); ends a generated row
     pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
     mask_token_id: int = -1  # MASK id of the mdlm objective (-1 = none; the byte tokenizer's is 259); never predicted
-    # What these params were trained for (a3 | ar | mdlm): mirrors train.objective (set either one), so
-    # model.yaml of every checkpoint records it and decoders/scorers refuse another objective's params.
-    objective: str = "a3"
+    objective: str = "a3"  # what the params are trained for (a3 | ar | mdlm): mirrors train.objective; model.yaml records it, decoders check it
     init_from: str = ""  # params checkpoint (from `a3jax convert`) to start from; "" = random init
     init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 

@@ -230,6 +230,20 @@ def test_checkpoint_records_objective_and_decoders_refuse_a_mismatch(tmp_path, c
         generate(ar, params, [[256, 97]], 4, order="confidence")
     with pytest.raises(ScoreError, match="left to right"):
         log_likelihood(ar, params, ids, np.array([0, 2, 1, 3, 4, 5, 6, 7]))
+    # the evaluation tasks (and the lm-eval adapter, which wraps A3Evaluator) take both objectives
+    from a3jax.data import load_tokenizer
+    from a3jax.eval.tasks import A3Evaluator, TaskError
+    tok = load_tokenizer("byte")
+    ev = A3Evaluator(mcfg, params, tok, batch_size=2)
+    (ll, greedy), = ev.loglikelihood([("abc", "def")])
+    assert np.isfinite(ll) and ll < 0 and isinstance(greedy, bool)  # -NELBO
+    assert len(ev.generate(["abc"], max_new_tokens=4, order="confidence", until=())[0]) > 0
+    assert len(ev.infill_texts([("ab", "ef", 2)], order="random")) == 1
+    ev_ar = A3Evaluator(ar, params, tok, batch_size=2)
+    (ll_ar, _), = ev_ar.loglikelihood([("abc", "def")])
+    assert np.isfinite(ll_ar) and ll_ar < 0
+    with pytest.raises(TaskError, match="left to right"):
+        ev_ar.loglikelihood([("abc", "def")], group_size=2)
     # the CLI says it, too
     from a3jax.decode.cli import infill_main
     save_params(str(tmp_path / "ar"), ar, params)
