@@ -196,7 +196,7 @@ def test_ar_objective_equals_hf_causal_lm_loss(tmp_path):
 def test_checkpoint_records_objective_and_decoders_refuse_a_mismatch(tmp_path, corpus, capsys):  # noqa: F811
     run = tmp_path / "run"
     ov = tiny_overrides(str(run), corpus, **{"train.objective": "mdlm", "model.mask_token_id": 259,
-                                               "data.stages": "[{ar: 3}]", "train.eval_every": 3,
+                                               "data.stages": "[{ar: 3}]", "train.eval_every": 3, "train.microbatches": 2,
                                                "checkpoint.every": 3})
     res = train(load_config(None, ov), progress_bar=False, tensorboard=False)
     assert set(res["eval"]) == {"nelbo"} and np.isfinite(res["eval"]["nelbo"])

@@ -35,7 +35,7 @@ from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 from a3jax.decode import causal, mdlm
 from a3jax.decode.orders import OrderError
-from a3jax.model import ObjectiveError, check_objective
+from a3jax.model import check_objective
 
 MODES = ("a3", "official")
 
