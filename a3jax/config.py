@@ -27,6 +27,11 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 
+# Training objectives (docs/train.md): a3 = the two-stream any-order loss; ar = the content stream as a
+# plain causal LLaMA (next-token loss); mdlm = masked diffusion on the content stream (bidirectional
+# attention inside each document).
+OBJECTIVES = ("a3", "ar", "mdlm")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -63,6 +68,8 @@ class ModelConfig:
     bos_token_id: int = 256  # BOS id (-1 = none); kept for HF round trips and decoding
     eos_token_id: int = 257  # EOS id (-1 = none); ends a generated row
     pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
+    mask_token_id: int = -1  # MASK id of the mdlm objective (-1 = none; the byte tokenizer's is 259); never predicted
+    objective: str = "a3"  # what the params are trained for (a3 | ar | mdlm): mirrors train.objective; model.yaml records it, decoders check it
     init_from: str = ""  # params checkpoint (from `a3jax convert`; local or gs://) to start from; "" = random init
     init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 
@@ -92,11 +99,12 @@ class ModelConfig:
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
             "remat": ("none", "full", "dots", "dots_no_batch"),
+            "objective": OBJECTIVES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not one of {allowed}")
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
             v = getattr(self, key)
             if v >= self.vocab_size:
                 bad(key, f"{v} is not below vocab_size={self.vocab_size}")
@@ -179,6 +187,7 @@ class TrainConfig:
     eval_batches: int = 4  # held-out batches per evaluation and strategy
     eval_at_start: bool = False  # also evaluate before the first step (the converted model's baseline)
     peak_flops_per_device: float = 0.0  # 0 = look up from the chip table
+    objective: str = "a3"  # a3 | ar (causal LM, next-token loss) | mdlm (masked diffusion NELBO); docs/train.md
     optimizer: OptimizerConfig = OptimizerConfig()  # optimizer section
 
 
@@ -198,8 +207,33 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint section
     run_dir: str = "runs/default"  # where checkpoints, metrics and logs go: a local path or gs://BUCKET/path
 
+    def __post_init__(self):
+        # train.objective is the key users set; model.objective records it with the params. Either may
+        # be given: a non-default one wins, two different non-default ones are an error (validate).
+        t, m = self.train.objective, self.model.objective
+        if t != m and "a3" in (t, m):
+            obj = m if t == "a3" else t
+            object.__setattr__(self, "train", dataclasses.replace(self.train, objective=obj))
+            object.__setattr__(self, "model", dataclasses.replace(self.model, objective=obj))
+
     def validate(self, where: str = "config") -> None:
+        obj = self.train.objective
+        if obj not in OBJECTIVES:
+            raise ConfigError(f"{where}: train.objective {obj!r} is not one of {OBJECTIVES}")
         self.model.validate(f"{where}: model")
+        if self.model.objective != obj:
+            raise ConfigError(f"{where}: train.objective={obj!r} but model.objective={self.model.objective!r}; "
+                              f"set one of them (model.objective records train.objective)")
+        if obj != "a3":
+            # ar / mdlm read rows in position order; a grouping would permute them (data/packing.py)
+            bad = [s.strategy for s in self.data.stages if s.strategy != "ar"]
+            if bad:
+                raise ConfigError(f"{where}: train.objective={obj!r} trains on rows in position order; "
+                                  f"data.stages must all use the 'ar' strategy, got {bad} "
+                                  f"(e.g. data.stages='[{{ar: 1000}}]')")
+        if obj == "mdlm" and self.model.mask_token_id < 0:
+            raise ConfigError(f"{where}: train.objective=mdlm needs model.mask_token_id (a token id the data "
+                              f"never holds; the byte tokenizer's MASK is 259)")
         for i, st in enumerate(self.data.stages):
             if st.steps <= 0:
                 raise ConfigError(f"{where}: data.stages[{i}].steps must be positive, got {st.steps}")

@@ -6,6 +6,11 @@ Every conditional is the query-stream prediction at i (it sees exactly the earli
 forward pass with the grouping's ids gives all of them; `log_likelihood` sums them over the target,
 non-padding positions. `score_rows` is the batched scorer of (ids, groups, target) rows that
 `score_texts`, `a3jax score` and the evaluation tasks (a3jax.eval) share.
+
+Per objective (model.objective, from the checkpoint): a3 scores any grouping exactly; ar (a plain
+causal LM) scores left to right only, from the content stream (logits at i-1 predict token i), and
+refuses other groupings; mdlm has no exact likelihood: `nelbo` estimates its NELBO (an upper bound on
+-log P) from Monte-Carlo maskings, and score_rows reports -NELBO in place of log P.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.data.tokenizers import load_tokenizer
-from a3jax.model import InputError, apply_model, default_layout, validate_inputs
+from a3jax.model import InputError, ObjectiveError, apply_model, check_objective, default_layout, diffusion, validate_inputs
+
+MDLM_SAMPLES = 32  # Monte-Carlo maskings per row when score_rows scores an mdlm model
 
 
 class ScoreError(ValueError):
@@ -33,11 +40,86 @@ class ScoreError(ValueError):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
-    """Per-position log p(tokens[i] | earlier groups) [B, T] and whether tokens[i] is the argmax."""
+    """Per-position log p(tokens[i] | earlier groups) [B, T] and whether tokens[i] is the argmax.
+    An ar model: the content stream (groups = positions) at i-1 predicts tokens[i]; a segment's first
+    token has no prediction (log p 0, greedy True: it is context, never a target)."""
+    if cfg.objective == "ar":
+        logits = apply_model(cfg, params, tokens, positions, positions, segment_ids, "content")
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        hit = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+        first = jnp.ones_like(tokens[:, :1], dtype=bool)
+        return (jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], 1), jnp.concatenate([first, hit], 1))
     logits = apply_model(cfg, params, tokens, positions, groups, segment_ids, "query")
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     return tok_lp, jnp.argmax(logits, axis=-1) == tokens
+
+
+def _check_scorable(cfg: ModelConfig, groups, segment_ids, target=None) -> None:
+    """mdlm has no exact likelihood here (use nelbo); ar scores left to right only: within a segment
+    the group ids must increase with the position, one token per group, over the target span."""
+    try:
+        check_objective(cfg, ("a3", "ar"), "exact log-likelihood (a3jax.score)")
+    except ObjectiveError as e:
+        raise ScoreError(f"{e}; an mdlm model's likelihood is estimated by a3jax.score.nelbo") from None
+    if cfg.objective != "ar":
+        return
+    g, seg = np.asarray(groups), np.asarray(segment_ids)
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    if target is not None:
+        same &= np.asarray(target, bool)[:, 1:]
+    if (same & (g[:, 1:] <= g[:, :-1])).any():
+        raise ScoreError("these params were trained with train.objective='ar' (a causal LM): they score "
+                         "left to right only (order 'ar', one token per group); got another grouping")
+
+
+def _rows_nelbo(cfg, params, tokens, positions, segment_ids, target, key, samples: int):
+    """[samples, B] Monte-Carlo NELBO terms (a3jax.model.diffusion.nelbo_sample), one per masking."""
+    def one(_, k):
+        return None, diffusion.nelbo_sample(cfg, params, k, tokens, positions, segment_ids, target)[0]
+
+    return jax.lax.scan(one, None, jax.random.split(key, samples))[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _nelbo_jit(cfg, params, tokens, positions, segment_ids, target, key, samples):
+    terms = _rows_nelbo(cfg, params, tokens, positions, segment_ids, target, key, samples)
+    # greedy: with every target masked, is each target the denoiser's argmax?
+    xt = jnp.where(target, jnp.int32(cfg.mask_token_id), tokens)
+    logits = diffusion.denoiser_logits(cfg, params, xt, positions, segment_ids)
+    greedy = jnp.where(target, jnp.argmax(logits, -1) == tokens, True).all(-1)
+    return terms, greedy
+
+
+def nelbo(cfg: ModelConfig, params, tokens, segment_ids=None, target_mask=None, samples: int = 32, seed: int = 0,
+          positions=None):
+    """MDLM likelihood: (per-row NELBO in nats summed over the row's target tokens [B], its standard
+    error [B]), both np.float32, from `samples` independent maskings (t ~ U(0, 1) per row and sample,
+    each target masked with probability t; a3jax.model.diffusion). The NELBO is an upper bound on
+    -log P(targets | the rest). Non-target positions are context (never masked); target_mask defaults
+    to every non-padding position. Needs an mdlm model (model.objective) and samples >= 2."""
+    check_objective(cfg, ("mdlm",), "a3jax.score.nelbo")
+    if int(samples) < 2:
+        raise ScoreError(f"samples must be >= 2 (the standard error needs two), got {samples}")
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    try:
+        validate_inputs(cfg, tokens, positions, None, segment_ids)
+    except InputError as e:
+        raise ScoreError(str(e)) from None
+    tok, pos, _, seg = default_layout(tokens, positions, None, segment_ids)
+    target = np.asarray(seg) != 0
+    if target_mask is not None:
+        tm = np.asarray(target_mask, bool)
+        if tm.shape != target.shape:
+            raise ScoreError(f"target_mask has shape {tm.shape} but tokens has shape {target.shape}")
+        target &= tm
+    terms, _ = _nelbo_jit(cfg, params, tok, pos, seg, jnp.asarray(target), jax.random.PRNGKey(int(seed)), int(samples))
+    terms = np.asarray(terms, np.float64)
+    se = terms.std(axis=0, ddof=1) / math.sqrt(terms.shape[0])
+    return terms.mean(axis=0).astype(np.float32), se.astype(np.float32)
 
 
 def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, positions=None):
@@ -54,6 +136,7 @@ def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, 
     except InputError as e:
         raise ScoreError(str(e)) from None
     tok, pos, grp, seg = default_layout(tokens, positions, groups, segment_ids)
+    _check_scorable(cfg, grp, seg)
     return _logp_and_greedy(cfg, params, tok, pos, grp, seg)[0]
 
 
@@ -90,10 +173,15 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b if b >= n else -(-n // 256) * 256
 
 
-def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0):
+def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0, samples: int = MDLM_SAMPLES,
+               seed: int = 0):
     """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
-    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket."""
+    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket.
+    An mdlm model gets (-NELBO from `samples` maskings, greedy with every target masked) instead: the
+    groups are ignored (the target is whatever the mask says)."""
+    if cfg.objective == "mdlm":
+        check_objective(cfg, ("mdlm",), "score_rows")
     out = []
     limit = cfg.max_position_embeddings
     for start in range(0, len(rows), batch_size):
@@ -106,6 +194,15 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             validate_inputs(cfg, lay.tokens, lay.positions, lay.groups, lay.segment_ids)
         except InputError as e:
             raise ScoreError(str(e)) from None
+        if cfg.objective == "mdlm":
+            target = (lay.loss_mask != 0) & (lay.segment_ids != 0)
+            terms, greedy = _nelbo_jit(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                       jnp.asarray(lay.segment_ids), jnp.asarray(target),
+                                       jax.random.fold_in(jax.random.PRNGKey(int(seed)), start), int(samples))
+            nel, greedy = np.asarray(terms).mean(0), np.asarray(greedy)
+            out += [(-float(nel[i]), bool(greedy[i])) for i in range(len(chunk))]
+            continue
+        _check_scorable(cfg, lay.groups, lay.segment_ids, lay.loss_mask != 0)
         lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
                                       jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
         lp, greedy = np.asarray(lp), np.asarray(greedy)

@@ -207,10 +207,14 @@ class RunCheckpoints:
 
 
 def check_compatible(saved: dict, cfg, step: int, where: str) -> None:
-    """Raises ConfigError when the saved run's model architecture differs from `cfg.model`."""
+    """Raises ConfigError when the saved run's model architecture or train.objective differs from cfg's."""
     saved_model = saved.get("model", {})
     diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {getattr(cfg.model, k)!r}"
              for k in ARCH_FIELDS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+    # The objective changes what the params mean (checkpoints before train.objective existed are a3).
+    saved_obj = saved.get("train", {}).get("objective", "a3")
+    if saved_obj != cfg.train.objective:
+        diffs.append(f"train.objective: checkpoint {saved_obj!r} vs config {cfg.train.objective!r}")
     if diffs:
-        raise ConfigError(f"{where}/{step} was written by a run with a different model ("
+        raise ConfigError(f"{where}/{step} was written by a run with a different model or objective ("
                           + "; ".join(diffs) + "). Use a new run_dir, or model.init_from for new runs.")

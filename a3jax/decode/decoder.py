@@ -12,6 +12,11 @@ from scratch each step.
 
 Everything after host-side preparation is one jitted function with a `lax.while_loop` over steps:
 static shapes, no Python loop over positions, steps or rows.
+
+Other objectives (model.objective, recorded in the checkpoint): an mdlm model is decoded by
+iterative unmasking (a3jax.decode.mdlm; `steps` denoiser calls, default one per `group_size` blanks,
+so it makes as many model calls as A3 committing group_size per step); an ar model only generates,
+left to right (a3jax.decode.causal). A call that does not apply to the objective raises ObjectiveError.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ from a3jax.data import rows as rows_lib
 from a3jax.decode import cache as cache_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
+from a3jax.decode import causal, mdlm
 from a3jax.decode import speculative as speculative_lib
 from a3jax.decode.orders import OrderError
+from a3jax.model import check_objective
 
 MODES = ("a3", "official")
 
@@ -226,10 +233,44 @@ def _decode(cfg: ModelConfig, st: _Static, params, tokens, known, valid, kgroups
     return out["tokens"], out["logp"], out["step"], out["s"]
 
 
+def _run_mdlm(cfg, params, tokens, known, valid, order, group_size, temperature, top_k, top_p, seed, mode,
+              threshold, prompt_group_size, teacher_forcing, steps, max_steps):
+    """Iterative unmasking (a3jax.decode.mdlm) of an mdlm model; the A3-only options are refused."""
+    if not isinstance(order, str) or orders_lib.ALIASES.get(order, order) not in mdlm.MDLM_ORDERS:
+        raise DecodeError(f"an mdlm model unmasks in order {mdlm.MDLM_ORDERS}, got {order!r}")
+    for name, val, off in (("mode", mode, "a3"), ("threshold", threshold, None),
+                           ("prompt_group_size", prompt_group_size, None), ("teacher_forcing", teacher_forcing, False)):
+        if val != off:
+            raise DecodeError(f"{name}={val!r} applies to A3 decoding, not to an mdlm model (model.objective=mdlm)")
+    order = orders_lib.ALIASES.get(order, order)
+    p = _prepare(cfg, tokens, known, valid, "random" if order == "random" else "confidence", group_size, None,
+                 None, seed)
+    n = int(p["blank"].sum(axis=1).max())
+    if steps is None:
+        steps = -(-n // int(group_size))  # the model calls of A3 committing group_size blanks per step
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise DecodeError(f"steps must be a positive int, got {steps!r}")
+    total = int(steps) if max_steps is None else min(int(steps), int(max_steps))  # benchmarks: a prefix
+    toks, lp, step = mdlm.sample(cfg, params, p["tokens"], p["known"], p["valid"], int(steps), order,
+                                 temperature, top_k, top_p, seed, stop=total)
+    return DecodeResult(toks, lp, step, total), p
+
+
 def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group_size=4, temperature=0.0,
          top_k=0, top_p=1.0, seed=0, use_cache=True, mode="a3", threshold=None, prompt_group_size=None,
-         teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None, speculative=0,
+         teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None, steps=None, speculative=0,
          independent_rows=False):
+    check_objective(cfg, ("a3", "mdlm"), "infilling (a3jax.decode.infill)")
+    if cfg.objective == "mdlm":
+        if speculative or independent_rows:
+            raise DecodeError("speculative= and independent_rows= apply to A3 decoding, not to an mdlm model "
+                              "(model.objective=mdlm)")
+        if temperature is None or float(temperature) < 0:
+            raise DecodeError(f"temperature must be >= 0, got {temperature}")
+        return _run_mdlm(cfg, params, tokens, known, valid, order, group_size, temperature, top_k, top_p, seed,
+                         mode, threshold, prompt_group_size, teacher_forcing, steps, max_steps)
+    if steps is not None:
+        raise DecodeError("steps= sets an mdlm model's denoiser calls; A3 decoding takes group_size / order")
     if mode not in MODES:
         raise DecodeError(f"mode must be one of {MODES}, got {mode!r}")
     if temperature is None or float(temperature) < 0:
@@ -308,7 +349,8 @@ def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group
            temperature: float = 0.0, seed: int = 0, use_cache: bool = True, *, top_k: int = 0,
            top_p: float = 1.0, threshold: Optional[float] = None, prompt_group_size: Optional[int] = None,
            mode: str = "a3", valid=None, teacher_forcing: bool = False, return_info: bool = False,
-           max_steps: Optional[int] = None, speculative: int = 0, independent_rows: bool = False):
+           max_steps: Optional[int] = None, steps: Optional[int] = None, speculative: int = 0,
+           independent_rows: bool = False):
     """Fills the positions where `known` is False. Returns tokens [B, T] (np.int32), or a
     `DecodeResult` with per-position log-probs and commit steps when return_info=True.
 
@@ -330,11 +372,13 @@ def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group
     independent_rows: row r samples with its own key (fold_in of r), so equal rows give independent
         samples; default False: every row draws with the same key (a row's output does not depend on
         its batch).
+    An mdlm model (cfg.objective) unmasks in `steps` denoiser calls (default ceil(blanks / group_size))
+    in order random | confidence | entropy | margin | left_to_right (a3jax.decode.mdlm; no KV cache).
     """
     res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                   mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
-                  teacher_forcing=teacher_forcing, max_steps=max_steps, speculative=speculative,
+                  teacher_forcing=teacher_forcing, max_steps=max_steps, steps=steps, speculative=speculative,
                   independent_rows=independent_rows)
     return res if return_info else res.tokens
 
@@ -358,8 +402,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
              top_k: int = 0, top_p: float = 1.0, threshold: Optional[float] = None,
              prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
              stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
-             buffer_length: Optional[int] = None, max_steps: Optional[int] = None, speculative: int = 0,
-             independent_rows: bool = False):
+             buffer_length: Optional[int] = None, max_steps: Optional[int] = None, steps: Optional[int] = None,
+             speculative: int = 0, independent_rows: bool = False):
     """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
     (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
 
@@ -368,7 +412,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     token can serve as the stop token, e.g. a newline). With return_info=True returns
     (new_tokens, DecodeResult over the whole [prompt + new] buffer). buffer_length pads that buffer
     to a fixed length (>= longest prompt + max_new_tokens), so calls with different prompt lengths
-    share one compiled program. speculative=k and independent_rows: as for `infill`."""
+    share one compiled program. speculative=k and independent_rows: as for `infill`. An mdlm model
+    fills all max_new_tokens positions by iterative unmasking (`steps`, see infill); an ar model
+    decodes left to right (order left_to_right, group_size 1 only)."""
+    check_objective(cfg, ("a3", "ar", "mdlm"), "generate")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     seqs = _prompts(prompt_tokens)
@@ -402,11 +449,23 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     for r, s in enumerate(seqs):  # host-side buffer assembly
         tokens[r, :len(s)] = s
         known[r, :len(s)] = True
-    res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
-                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
-                  mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
-                  stop_at_eos=stop, eos_id=eos, max_steps=max_steps, speculative=speculative,
-                  independent_rows=independent_rows)
+    if cfg.objective == "ar":
+        l2r = isinstance(order, str) and orders_lib.ALIASES.get(order, order) == "left_to_right"
+        if not l2r or group_size != 1 or steps is not None or speculative:
+            raise DecodeError(f"an ar model (model.objective=ar) generates left to right one token a step; "
+                              f"got order={order!r}, group_size={group_size}, steps={steps}, "
+                              f"speculative={speculative}")
+        if temperature is None or float(temperature) < 0:
+            raise DecodeError(f"temperature must be >= 0, got {temperature}")
+        n = int(max_new_tokens) if max_steps is None else min(int(max_new_tokens), int(max_steps))
+        res = DecodeResult(*causal.generate_rows(cfg, params, tokens, lens, valid, n, temperature, top_k, top_p,
+                                                 seed), n)
+    else:
+        res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                      mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
+                      stop_at_eos=stop, eos_id=eos, max_steps=max_steps, steps=steps,
+                      speculative=speculative, independent_rows=independent_rows)
     new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
     new = np.take_along_axis(res.tokens, new_idx, axis=1).astype(np.int32)
     filled = np.take_along_axis(res.step, new_idx, axis=1) >= 0

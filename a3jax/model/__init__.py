@@ -16,16 +16,32 @@ from a3jax.model.layers import dtype_of, numpy_dtype
 from a3jax.model.params import (ParamSpec, decay_mask, numpy_init, param_axes, param_count, param_shapes,
                                 param_specs, query_embed_init)
 from a3jax.model.transformer import A3Transformer, KVCache, Rows, apply_model, lm_logits, run_rows
+from a3jax.model import diffusion
 
 __all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "InputError",
            "KVCache", "Rows", "apply_model", "lm_logits", "run_rows",
            "ParamSpec", "param_specs", "param_shapes", "param_axes", "param_count", "decay_mask", "query_embed_init",
            "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel",
-           "param_shardings", "shard_params", "init_params_sharded"]
+           "param_shardings", "shard_params", "init_params_sharded", "diffusion", "ObjectiveError",
+           "check_objective"]
 
 
 class InputError(ValueError):
     """Bad model input, raised before anything is compiled."""
+
+
+class ObjectiveError(ValueError):
+    """Params trained for one objective (model.objective) handed to a decoder/scorer of another."""
+
+
+def check_objective(cfg: ModelConfig, allowed, what: str) -> None:
+    """Raises ObjectiveError unless cfg.objective (the checkpoint's train.objective) is in `allowed`."""
+    if cfg.objective not in tuple(allowed):
+        raise ObjectiveError(
+            f"{what} does not apply to these params: their checkpoint was trained with train.objective="
+            f"{cfg.objective!r} (model.objective in model.yaml), and {what} needs {' or '.join(map(repr, allowed))}")
+    if cfg.objective == "mdlm" and cfg.mask_token_id < 0:
+        raise ObjectiveError(f"{what}: an mdlm model needs model.mask_token_id (model.yaml has -1)")
 
 
 def _is_concrete(x) -> bool:

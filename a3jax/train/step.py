@@ -27,7 +27,18 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from a3jax.layout import Layout
-from a3jax.train.loss import loss_sums, objective, target_count
+from a3jax.train.loss import mdlm_noise, objective_stream, objective_sums, target_count
+
+
+def objective_of(cfg, stream=None) -> str:
+    """train.objective, or the one a legacy `stream` argument names (content = ar, query = a3)."""
+    if stream is None:
+        return cfg.train.objective
+    return "ar" if stream == "content" else "a3"
+
+
+def _noise(cfg, objective, key, batch):
+    return mdlm_noise(key, batch, cfg.model.mask_token_id) if objective == "mdlm" else None
 
 
 def _split_micro(x, k: int):
@@ -37,20 +48,28 @@ def _split_micro(x, k: int):
     return jnp.swapaxes(x, 0, 1)
 
 
-def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
-    """Unjitted step (see make_train_step). stream="content" trains the plain causal LM instead (the
-    AR baseline of bench/train.py; see loss.loss_sums)."""
+def train_step(cfg, optimizer, schedule, state, batch, stream=None):
+    """Unjitted step (see make_train_step) of train.objective (a3 | ar | mdlm; loss.objective_sums).
+    stream="content" / "query" force the ar / a3 objective (bench/train.py's baselines)."""
     mcfg, tcfg = cfg.model, cfg.train
+    obj = objective_of(cfg, stream)
     k = int(tcfg.microbatches)
     batch = Layout.from_batch(batch)
-    denom = jnp.maximum(target_count(batch, stream), 1.0)
-    grad_fn = jax.value_and_grad(
-        lambda p, mb: objective(mcfg, p, mb, denom, tcfg.z_loss, stream), has_aux=True)
+    denom = jnp.maximum(target_count(batch, objective_stream(obj)), 1.0)
+    # mdlm: the masking of the whole global batch, from the state's rng and the step (resumable)
+    noise = _noise(cfg, obj, jax.random.fold_in(state.rng, state.step), batch)
+
+    def loss_fn(p, mb):
+        lay, nz = mb
+        sums = objective_sums(mcfg, p, lay, obj, nz, tcfg.z_loss)
+        return (sums["nll"] + sums["z"]) / denom, sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     if k == 1:
-        (_, sums), grads = grad_fn(state.params, batch)
+        (_, sums), grads = grad_fn(state.params, (batch, noise))
     else:
-        micro = jax.tree.map(lambda v: _split_micro(v, k), batch)
+        micro = jax.tree.map(lambda v: _split_micro(v, k), (batch, noise))
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         zeros_s = {n: jnp.zeros((), jnp.float32) for n in ("nll", "z", "correct", "tokens")}
 
@@ -83,7 +102,7 @@ def train_step(cfg, optimizer, schedule, state, batch, stream: str = "query"):
     return new_state, metrics
 
 
-def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, stream: str = "query"):
+def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, stream=None):
     """jit(train_step) with state shardings pinned in and out, the state donated, metrics replicated.
     Every batch array gets `batch_sharding` (a pytree prefix: a layout dict or a Layout).
     Call it inside `a3jax.sharding.activate(mesh, rules)` (activation constraints use the rules)."""
@@ -93,12 +112,16 @@ def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, s
                    donate_argnums=(0,))
 
 
-def make_eval_step(cfg, param_shardings, batch_sharding, mesh, stream: str = "query"):
-    """jit: (params, batch) -> dict(nll, tokens, correct) sums (divide on the host)."""
+def make_eval_step(cfg, param_shardings, batch_sharding, mesh, stream=None):
+    """jit: (params, batch) -> dict(nll, tokens, correct) sums (divide on the host) of train.objective:
+    exact NLL for a3 and ar; for mdlm the NELBO with a fixed masking (the same at every evaluation)."""
     replicated = NamedSharding(mesh, P())
+    obj = objective_of(cfg, stream)
 
     def fn(params, batch):
-        s = loss_sums(cfg.model, params, Layout.from_batch(batch), 0.0, stream)
+        lay = Layout.from_batch(batch)
+        noise = _noise(cfg, obj, jax.random.PRNGKey(cfg.train.seed + 1), lay)
+        s = objective_sums(cfg.model, params, lay, obj, noise, 0.0)
         return {"nll": s["nll"], "tokens": s["tokens"], "correct": s["correct"]}
 
     return jax.jit(fn, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)

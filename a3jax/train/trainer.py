@@ -132,6 +132,15 @@ def batch_stage(batch: dict, step: int) -> int:
     return int(stages[0])
 
 
+def eval_sets(cfg: Config) -> list:
+    """(label, grouping strategy) of each held-out loss: the data.eval_strategies for a3 (exact NLL
+    under each grouping); ar: the exact NLL under 'ar'; mdlm: the NELBO (on position-ordered rows)."""
+    obj = cfg.train.objective
+    if obj == "a3":
+        return [(s, s) for s in cfg.data.eval_strategies]
+    return [("ar" if obj == "ar" else "nelbo", "ar")]
+
+
 class Evaluator:
     """Held-out loss per data.eval_strategies entry: `evaluator(step, params) -> {strategy: loss}`,
     also written to metrics.jsonl and the console. The eval batches (train.eval_batches deterministic
@@ -146,13 +155,13 @@ class Evaluator:
     def _build(self) -> dict:
         cfg, (pi, pc) = self.cfg, (jax.process_index(), jax.process_count())
         sets = {}
-        for strat in cfg.data.eval_strategies:
+        for label, strat in eval_sets(cfg):
             try:
                 bs = make_eval_batches(cfg.data, cfg.train.global_batch_size, strat, max(1, cfg.train.eval_batches))
             except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
                 self.sink.message(f"[a3jax train] eval under {strat!r} disabled: {type(e).__name__}: {e}")
                 continue
-            sets[strat] = [to_global_batch(Layout.from_batch(_local_rows(b, pi, pc)), self.mesh, self.rules)
+            sets[label] = [to_global_batch(Layout.from_batch(_local_rows(b, pi, pc)), self.mesh, self.rules)
                            for b in bs]
         return sets
 
@@ -285,7 +294,7 @@ class _Trainer:
         # Per-step records since the last log line, restored from the checkpoint so averages match.
         self.window = metrics_lib.MetricsWindow(
             gbs * seq, n_devices=jax.device_count(),
-            flops_per_token=metrics_lib.train_flops_per_token(cfg.model, seq, "a3"),
+            flops_per_token=metrics_lib.train_flops_per_token(cfg.model, seq, "a3" if tcfg.objective == "a3" else "ar"),
             peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tcfg.peak_flops_per_device),
             start_step=self.start, progress=progress, process_count=pc)
         self.strategies = [st.strategy for st in cfg.data.stages]  # stage index -> its strategy (for logs)
