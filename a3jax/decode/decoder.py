@@ -26,11 +26,13 @@ import numpy as np
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.decode import cache as cache_lib
+from a3jax.decode import content as content_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 from a3jax.decode.orders import OrderError
 
 MODES = ("a3", "official")
+STREAMS = ("query", "content")
 
 
 class DecodeError(ValueError):
@@ -307,7 +309,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
              top_k: int = 0, top_p: float = 1.0, threshold: Optional[float] = None,
              prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
              stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
-             buffer_length: Optional[int] = None, max_steps: Optional[int] = None):
+             buffer_length: Optional[int] = None, max_steps: Optional[int] = None, stream: str = "query"):
     """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
     (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
 
@@ -316,7 +318,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     token can serve as the stop token, e.g. a newline). With return_info=True returns
     (new_tokens, DecodeResult over the whole [prompt + new] buffer). buffer_length pads that buffer
     to a fixed length (>= longest prompt + max_new_tokens), so calls with different prompt lengths
-    share one compiled program."""
+    share one compiled program.
+
+    stream="content" decodes the content stream left to right with a KV cache (a3jax.decode.content):
+    the converted base LLaMA as it was before adaptation; order, group_size, threshold, mode and
+    prompt_group_size do not apply and must keep their defaults."""
+    if stream not in STREAMS:
+        raise DecodeError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if stream == "content":
+        _check_content_options(order, group_size, threshold, prompt_group_size, mode)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     seqs = _prompts(prompt_tokens)
@@ -350,6 +360,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     for r, s in enumerate(seqs):  # host-side buffer assembly
         tokens[r, :len(s)] = s
         known[r, :len(s)] = True
+    if stream == "content":
+        return _generate_content(cfg, params, tokens, lens, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, use_cache=use_cache, stop=stop, eos=eos, pad=pad,
+                                 max_steps=max_steps, return_info=return_info)
     res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                   mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
@@ -362,4 +376,35 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
         is_eos = new == eos
         after = np.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
         new = np.where(after, pad, new).astype(np.int32)
+    return (new, res) if return_info else new
+
+
+def _check_content_options(order, group_size, threshold, prompt_group_size, mode):
+    given = {"order": (order, "left_to_right"), "group_size": (group_size, 1), "threshold": (threshold, None),
+             "prompt_group_size": (prompt_group_size, None), "mode": (mode, "a3")}
+    bad = [f"{k}={v!r}" for k, (v, default) in given.items()
+           if not (isinstance(v, str) or v is None or np.isscalar(v)) or v != default]
+    if bad:
+        raise DecodeError(f"stream='content' decodes left to right one token per step; {', '.join(bad)} does not "
+                          f"apply (leave order, group_size, threshold, prompt_group_size and mode at their defaults)")
+
+
+def _generate_content(cfg, params, tokens, lens, max_new_tokens, *, temperature, top_k, top_p, seed, use_cache,
+                      stop, eos, pad, max_steps, return_info):
+    if temperature is None or float(temperature) < 0:
+        raise DecodeError(f"temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        bad = int(tokens.max()) if tokens.max() >= cfg.vocab_size else int(tokens.min())
+        raise DecodeError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    toks, logp, step, n = content_lib.decode_content(
+        cfg, params, tokens, lens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        use_cache=use_cache, stop_at_eos=stop, eos_id=eos, max_steps=max_steps)
+    new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
+    new = np.take_along_axis(toks, new_idx, axis=1).astype(np.int32)
+    new = np.where(np.take_along_axis(step, new_idx, axis=1) >= 0, new, pad).astype(np.int32)
+    res = DecodeResult(toks.astype(np.int32), logp, step, n)
     return (new, res) if return_info else new
