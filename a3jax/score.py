@@ -6,6 +6,10 @@ Every conditional is the query-stream prediction at i (it sees exactly the earli
 forward pass with the grouping's ids gives all of them; `log_likelihood` sums them over the target,
 non-padding positions. `score_rows` is the batched scorer of (ids, groups, target) rows that
 `score_texts`, `a3jax score` and the evaluation tasks (a3jax.eval) share.
+
+`stream="content"` scores with the content stream instead: the plain causal LLaMA (the converted base
+model before adaptation), log p(x_i | x_<i) read from the content logits at i - 1. It is left to right
+only, so the rows' groups must be AR (strictly increasing).
 """
 from __future__ import annotations
 
@@ -37,6 +41,31 @@ def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     return tok_lp, jnp.argmax(logits, axis=-1) == tokens
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids):
+    """As _logp_and_greedy, from the causal content stream (groups = positions): position i is
+    predicted by the logits at i - 1; position 0 gets 0 (it is never a target)."""
+    logits = apply_model(cfg, params, tokens, positions, positions, segment_ids, "content")[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nxt = tokens[:, 1:]
+    tok_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == nxt
+    pad = lambda x, v: jnp.concatenate([jnp.full((x.shape[0], 1), v, x.dtype), x], axis=1)  # noqa: E731
+    return pad(tok_lp, 0.0), pad(greedy, True)
+
+
+STREAMS = ("query", "content")
+
+
+def check_ar_rows(rows) -> None:
+    """The content stream scores left to right: every row's groups must be strictly increasing."""
+    for i, (ids, groups, _) in enumerate(rows):
+        g = np.asarray(groups)
+        if len(g) > 1 and not (np.diff(g) > 0).all():
+            raise ScoreError(f"row {i}: the content stream scores left to right, but its groups are not AR "
+                             f"(one token per group, in order); use order 'ar' and group size 1")
 
 
 def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, positions=None):
@@ -89,10 +118,15 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b if b >= n else -(-n // 256) * 256
 
 
-def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0):
+def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0, stream: str = "query"):
     """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
-    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket."""
+    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket. stream="content": the
+    causal content stream (AR rows only)."""
+    if stream not in STREAMS:
+        raise ScoreError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if stream == "content":
+        check_ar_rows(rows)
     out = []
     limit = cfg.max_position_embeddings
     for start in range(0, len(rows), batch_size):
@@ -105,8 +139,12 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             validate_inputs(cfg, lay.tokens, lay.positions, lay.groups, lay.segment_ids)
         except InputError as e:
             raise ScoreError(str(e)) from None
-        lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
-                                      jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
+        if stream == "content":
+            lp, greedy = _content_logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                                  jnp.asarray(lay.segment_ids))
+        else:
+            lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                          jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
         lp, greedy = np.asarray(lp), np.asarray(greedy)
         for i in range(len(chunk)):
             m = lay.loss_mask[i] != 0
