@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from a3jax.config import ConfigError, ModelConfig
-from a3jax.convert.hf import ConversionError, load_params_lazy, resolve_dtype
+from a3jax.convert.hf import ConversionError, key_plan, load_params_lazy, resolve_dtype
 from a3jax.model import query_embed_init
 from a3jax.model.layers import rope_inv_freq
 
@@ -56,6 +56,20 @@ def hf_key(name: str) -> Optional[str]:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
         return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}"
     return None
+
+
+def gguf_name(key: str) -> str:
+    """HF LLaMA key -> GGUF tensor name (inverse of hf_key)."""
+    for name, hf in GGUF_TOP_NAMES.items():
+        if key == hf:
+            return name
+    _, _, i, rest = key.split(".", 3)
+    return f"blk.{i}." + {v: k for k, v in GGUF_LAYER_NAMES.items()}[rest]
+
+
+def _ggml_shape(shape) -> tuple:
+    """A numpy (HF) shape as GGUF writes it: ggml order, innermost first."""
+    return tuple(reversed(shape))
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -231,8 +245,17 @@ class GGUFTensorReader:
                 continue
             self.name_of[key] = name
             self.shapes[key] = g.shape(name)
-        if unknown:
-            raise ConversionError(f"{g.path}: {len(unknown)} problem(s):\n  " + "\n  ".join(unknown))
+        problems = []
+        for key, slot in key_plan(cfg).items():  # in GGUF names: the ones the user can look up
+            name = gguf_name(key)
+            if key not in self.shapes:
+                problems.append(f"missing tensor {name} (expected shape {_ggml_shape(slot.shape)})")
+            elif self.shapes[key] != slot.shape:
+                problems.append(f"tensor {name}: shape {_ggml_shape(self.shapes[key])}, expected "
+                                f"{_ggml_shape(slot.shape)}")
+        problems += unknown
+        if problems:
+            raise ConversionError(f"{g.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
         self.file_of = {k: g.path for k in self.name_of}
         self.dtypes = {k: "float32" for k in self.name_of}  # dequantized
 

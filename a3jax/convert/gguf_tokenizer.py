@@ -94,6 +94,10 @@ def build_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
     if model not in MODELS:
         raise ConversionError(f"{g.path}: tokenizer.ggml.model={model!r} is not supported (byte-level BPE 'gpt2' "
                               f"and SentencePiece 'llama' are)")
+    pre = g.get("tokenizer.ggml.pre", "default")
+    if model == "gpt2" and pre not in PRE_TOKENIZERS:
+        raise ConversionError(f"{g.path}: tokenizer.ggml.pre={pre!r} is not supported (one of "
+                              f"{', '.join(sorted(PRE_TOKENIZERS))})")
     tokens = list(g.need("tokenizer.ggml.tokens"))
     types = list(g.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -103,10 +107,6 @@ def build_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
     unk_id = g.get("tokenizer.ggml.unknown_token_id")
     add_bos = g.get("tokenizer.ggml.add_bos_token")
     if model == "gpt2":
-        pre = g.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise ConversionError(f"{g.path}: tokenizer.ggml.pre={pre!r} is not supported (one of "
-                                  f"{', '.join(sorted(PRE_TOKENIZERS))})")
         tok = Tokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
         tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
