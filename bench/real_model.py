@@ -1,7 +1,7 @@
 """SmolLM2-135M from its GGUF (the file `make install` fetches): conversion time and peak host memory,
 and content-stream greedy decoding speed, a3jax vs transformers, in one run on the same CPU.
 
-    python bench/gguf.py [--gguf FILE] [--new-tokens 64] [--batches 1,8] [--out bench/results/gguf.json]
+    python bench/real_model.py [--gguf FILE] [--new-tokens 64] [--batches 1,8] [--out bench/results/real_model.json]
 
 Conversion: `a3jax convert gguf-to-a3` in a fresh subprocess (peak RSS from getrusage(RUSAGE_CHILDREN)),
 and `from_gguf` under tracemalloc in another (the numpy allocations' peak, against the fp32 weights and
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", default=os.path.join(cache_dir(), "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gguf.json"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "real_model.json"))
     args = ap.parse_args(argv)
     if not os.path.isfile(args.gguf):
         raise SystemExit(f"{args.gguf}: missing; run `make install`")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     print(f"\ncontinuation: {rows[0]['text']!r}")
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 machine=platform.platform(), cpus=os.cpu_count(), load_average=os.getloadavg(),
-                python=platform.python_version(), command="python bench/gguf.py " + " ".join(argv or sys.argv[1:]))
+                python=platform.python_version(), command="python bench/real_model.py " + " ".join(argv or sys.argv[1:]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, conversion=conv, decode=rows), f, indent=2)
