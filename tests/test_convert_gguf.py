@@ -196,6 +196,18 @@ def test_cli_gguf_to_a3_then_base_model_generation_and_evaluation(tmp_path, caps
     logp = torch.log_softmax(torch.as_tensor(hf_logits(model, [seq])[0]), -1).numpy()
     nll = -sum(logp[i - 1, seq[i]] for i in range(1, len(seq))) / (len(seq) - 1)
     assert res["nll_per_token"] == pytest.approx(float(nll), abs=1e-4)
+    # the lm-eval adapter with stream=content: the same causal log-likelihood through lm-eval's request objects
+    from lm_eval.api.instance import Instance
+
+    from a3jax.eval.lm_eval_adapter import A3JaxLM
+
+    lm = A3JaxLM(ckpt=str(ckpt), stream="content", batch_size=2)
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("hello world", " the cat"), idx=0)
+    (ll, _), = lm.loglikelihood([req])
+    ctx, cont = tok.encode("hello world"), tok.encode(" the cat")
+    seq = [tok.bos_id] + ctx + cont  # add_bos_token is true for this vocabulary
+    logp = torch.log_softmax(torch.as_tensor(hf_logits(model, [seq])[0]), -1).numpy()
+    assert ll == pytest.approx(float(sum(logp[i - 1, seq[i]] for i in range(1 + len(ctx), len(seq)))), abs=1e-4)
     infill_task = tmp_path / "inf.jsonl"
     infill_task.write_text(json.dumps({"left": "the", "answer": " cat", "right": ""}) + "\n")
     assert eval_main(["--task", str(infill_task), "--ckpt", str(ckpt), "--stream", "content"]) == 2

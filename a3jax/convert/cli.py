@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from a3jax.checkpoint import CheckpointError, load_params, save_params
@@ -125,14 +127,18 @@ def _gguf_to_a3(args) -> int:
     t0 = time.perf_counter()
     g = GGUFFile(args.gguf)  # parsed once: tokenizer and types first (from_gguf drops the metadata)
     types = ", ".join(f"{n} {k}" for k, n in sorted(tensor_types(g).items()))
-    tmp = args.out + ".tokenizer.tmp"
-    written = write_tokenizer(g, tmp)  # before any params are written: a refused tokenizer leaves nothing
-    cfg, params = from_gguf(g, dtype=args.dtype, progress=not args.no_progress)
-    t_read = time.perf_counter() - t0
-    save_params(args.out, cfg, params, force=args.force)
-    for name in written:
-        os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
-    os.rmdir(tmp)
+    out = os.path.normpath(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        written = write_tokenizer(g, tmp)  # before any params are written: a refused tokenizer leaves nothing
+        cfg, params = from_gguf(g, dtype=args.dtype, progress=not args.no_progress)
+        t_read = time.perf_counter() - t0
+        save_params(out, cfg, params, force=args.force)
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     _summary("gguf-to-a3", cfg, params, secs, args.out,
              f" (read + dequantize + tokenizer {t_read:.1f} s, write {secs - t_read:.1f} s; tensors: {types}; "
