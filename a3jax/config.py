@@ -63,7 +63,7 @@ class ModelConfig:
     bos_token_id: int = 256  # BOS id (-1 = none); kept for HF round trips and decoding
     eos_token_id: int = 257  # EOS id (-1 = none); ends a generated row
     pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
-    init_from: str = ""  # params checkpoint (from `a3jax convert`) to start from; "" = random init
+    init_from: str = ""  # params checkpoint (from `a3jax convert`; local or gs://) to start from; "" = random init
     init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 
     @property
@@ -112,9 +112,9 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir
+    source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir (local or gs://)
     text_field: str = "text"  # JSONL/Parquet field holding the text
-    tokenizer: str = "byte"  # byte | path to a tokenizer.json or a model directory
+    tokenizer: str = "byte"  # byte | path (local or gs://) to a tokenizer.json or a model directory
     seq_len: int = 256  # tokens per packed row
     shuffle_seed: int = 0  # seed of the document order
     grouping_seed: int = 0  # seed of the per-example groupings (with the global example index)
@@ -196,7 +196,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()  # device mesh section
     train: TrainConfig = TrainConfig()  # training section
     checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint section
-    run_dir: str = "runs/default"  # where checkpoints, metrics and logs go
+    run_dir: str = "runs/default"  # where checkpoints, metrics and logs go: a local path or gs://BUCKET/path
 
     def validate(self, where: str = "config") -> None:
         self.model.validate(f"{where}: model")
@@ -445,6 +445,24 @@ def load_model_config(path: str) -> ModelConfig:
     return cfg
 
 
+def parse_model_config(text: str, where: str) -> ModelConfig:
+    """A ModelConfig from YAML text (read by the caller from anywhere, e.g. gs://); `where` names it."""
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of model keys, got {type(values).__name__}")
+    cfg = build(ModelConfig, values, where)
+    cfg.validate(where)
+    return cfg
+
+
+def yaml_text(obj) -> str:
+    """The YAML that save_yaml writes (callers that write through a3jax.fs use this)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def save_yaml(obj, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+        f.write(yaml_text(obj))

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import sys
 import time
 
 import jax
 import numpy as np
 
+from a3jax import fs
 from a3jax.checkpoint import RunCheckpoints, save_params
 from a3jax.config import MeshConfig, load_config
 from a3jax.data import load_tokenizer, make_eval_batches
@@ -134,7 +134,7 @@ def run(config_path: str, overrides=(), infill_count: int = 16, show: int = 4) -
           f"({' -> '.join(f'{s.strategy}x{s.steps}' for s in cfg.data.stages)})", flush=True)
     metrics = train(cfg)
     params = final_params(cfg)
-    final_dir = os.path.join(cfg.run_dir, "final")
+    final_dir = fs.join(cfg.run_dir, "final")
     save_params(final_dir, cfg.model, params, force=True)
     print(f"   final params -> {final_dir}", flush=True)
 
@@ -155,9 +155,9 @@ def run(config_path: str, overrides=(), infill_count: int = 16, show: int = 4) -
         print(f"{strat:>14} {r['nats_per_token']:>11.3f} {r['bits_per_byte']:>10.3f}")
     report = dict(train=metrics, infill=infill_res, log_likelihood=ll_res, loss_png=png,
                   final_checkpoint=final_dir, seconds=time.time() - t0)
-    with open(os.path.join(cfg.run_dir, "demo_report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    print(f"\nloss curves: {png}\nreport: {os.path.join(cfg.run_dir, 'demo_report.json')}\n"
+    report_path = fs.join(cfg.run_dir, "demo_report.json")
+    fs.write_text(report_path, json.dumps(report, indent=2, default=str))
+    print(f"\nloss curves: {png}\nreport: {report_path}\n"
           f"try: a3jax infill --ckpt {final_dir} --text 'def add(a, b):\\n    [MASK:12]\\n'")
     return report
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from a3jax import fs
 from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
@@ -180,16 +181,16 @@ def score_texts(cfg: ModelConfig, params, tokenizer, texts, strategy: str = "ar"
 def _read_texts(args) -> list[str]:
     texts = list(args.text or [])
     for path in args.file or []:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        obj = json.loads(line)
-                        if args.field not in obj:
-                            raise ScoreError(f"{path}:{n}: no field {args.field!r}")
-                        texts.append(obj[args.field])
-            else:
-                texts.append(f.read())
+        content = fs.read_text(path)  # local or gs://
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(content.splitlines(), 1):
+                if line.strip():
+                    obj = json.loads(line)
+                    if args.field not in obj:
+                        raise ScoreError(f"{path}:{n}: no field {args.field!r}")
+                    texts.append(obj[args.field])
+        else:
+            texts.append(content)
     return texts
 
 

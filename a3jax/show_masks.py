@@ -8,11 +8,12 @@ Rows are the attending positions, columns the attended ones; both masks come fro
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import numpy as np
 
-from a3jax import masks
+from a3jax import fs, masks
 from a3jax.data.grouping import make_groups
 
 
@@ -52,8 +53,10 @@ def render(groups: np.ndarray, out: str, positions: np.ndarray | None = None, ti
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fs.basename(out).rsplit(".", 1)[-1] if "." in fs.basename(out) else "png", dpi=110)
     plt.close(fig)
+    fs.write_bytes(out, buf.getvalue())  # local or gs://
     return out
 
 

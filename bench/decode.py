@@ -1,7 +1,11 @@
-"""Exact KV-cached any-order decoding vs recomputing every step (the reference code's way).
+"""Exact KV-cached any-order decoding vs recomputing every step (the reference code's way), and
+self-speculative sampling vs token-by-token and plain group-wise decoding.
 
     python bench/decode.py [--blanks 256 512 1024] [--group-sizes 1 4 8] [--uncached-steps 6]
                            [--orders left_to_right] [--out bench/results/decode.json]
+    python bench/decode.py --speculative [--ks 2 4 8] [--demo-ckpt runs/demo/final] [--rows 16]
+                           [--prompt-tokens 32] [--new-tokens 64] [--temperatures 1.0 0.0]
+                           [--out bench/results/decode_speculative.json]
 
 Fills N blanks after a 16-token prompt (one row, greedy) with a random model of the `tiny` shape
 (4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688, byte vocab 260). Cached: the whole decode
@@ -9,6 +13,15 @@ Fills N blanks after a 16-token prompt (one row, greedy) with a random model of 
 T = 16 + N rows, so its cost per step is flat; on a 2-core CPU running all of them (up to 1024 steps)
 takes too long, so the first `--uncached-steps` steps are timed after a compile run and the total is
 extrapolated as per-step time x number of steps (said in the table and the JSON).
+
+--speculative: `generate` continues `--rows` prompts by `--new-tokens` tokens (left to right, no EOS
+stop, independent rows) on a random model of the tiny shape and, with --demo-ckpt, on the trained
+demo model (prompts: the starts of held-out stdlib functions). Per setting: token-by-token (k=1),
+speculative=k and plain group-wise group_size=k. Columns: wall-clock tokens/s (best of 2 after a
+compile run), model passes per generated token (per row: its passes / its tokens), tokens committed
+per verify pass (the accepted drafts plus the corrected token), drafts accepted per verify pass
+(DecodeResult.accepted; the first draft of a block always is), and the NLL per token of the output under the
+model's token-by-token factorisation (a3jax.score.log_likelihood; mean +- standard error over rows).
 """
 from __future__ import annotations
 
@@ -25,8 +38,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import ModelConfig  # noqa: E402
-from a3jax.decode import infill  # noqa: E402
+from a3jax.decode import generate, infill  # noqa: E402
 from a3jax.model import numpy_init  # noqa: E402
+from a3jax.score import log_likelihood  # noqa: E402
 
 CFG = ModelConfig(max_position_embeddings=2048)  # defaults = configs' tiny shape
 PROMPT = 16
@@ -41,14 +55,98 @@ def timed(fn, repeat=1):
     return best, out
 
 
+def _nll(cfg, params, info, prompt_len, n_new):
+    """Per-row NLL per generated token under the token-by-token (left-to-right) factorisation."""
+    t = info.tokens.shape[1]
+    groups = np.where(np.arange(t) < prompt_len, 0, np.arange(t))[None].repeat(len(info.tokens), 0)
+    target = np.broadcast_to(np.arange(t) >= prompt_len, info.tokens.shape)
+    return -log_likelihood(cfg, params, info.tokens, groups, target_mask=target) / n_new
+
+
+def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0):
+    """The speculative table's rows for one model."""
+    prompt_len = len(prompts[0])
+    out = []
+    for temp in temperatures:
+        settings = [("token-by-token", 1, dict(group_size=1))]
+        for k in ks:
+            settings += [("speculative", k, dict(speculative=k)), ("group-wise", k, dict(group_size=k))]
+        for method, k, kw in settings:
+            run = lambda: generate(cfg, params, prompts, n_new, temperature=temp, seed=seed, stop_at_eos=False,
+                                   independent_rows=True, return_info=True, **kw)
+            timed(run)  # compile
+            sec, (_, info) = timed(run, repeat=2)
+            new_steps = info.step[:, prompt_len:prompt_len + n_new]
+            passes = new_steps.max(axis=1) + 1  # per row: the pass that committed its last token, + 1
+            verify = np.array([len(np.unique(r)) for r in new_steps])  # passes that committed anything
+            spec = method == "speculative"
+            nll = _nll(cfg, params, info, prompt_len, n_new)
+            row = dict(model=name, temperature=temp, method=method, k=k, rows=len(prompts), new_tokens=n_new,
+                       seconds=sec, tokens_per_s=len(prompts) * n_new / sec, loop_passes=info.num_steps,
+                       passes_per_token=float(np.mean(passes / n_new)),
+                       tokens_per_verify_pass=float(np.mean(n_new / verify)) if spec else None,
+                       accepted_per_verify_pass=float(np.mean(info.accepted / verify)) if spec else None,
+                       nll=float(nll.mean()), nll_se=float(nll.std(ddof=1) / np.sqrt(len(nll))))
+            out.append(row)
+            tpv = f"{row['tokens_per_verify_pass']:.2f}" if spec else "-"
+            apv = f"{row['accepted_per_verify_pass']:.2f}" if spec else "-"
+            print(f"{name:<7} {temp:>4} {method:<15} {k:>2} {row['tokens_per_s']:>9.1f} "
+                  f"{row['passes_per_token']:>10.3f} {tpv:>10} {apv:>10} {row['nll']:>7.3f} +- {row['nll_se']:.3f}",
+                  flush=True)
+    return out
+
+
+def speculative_main(args) -> int:
+    print(f"{'model':<7} {'temp':>4} {'method':<15} {'k':>2} {'tok/s':>9} {'passes/tok':>10} {'tok/verify':>10} "
+          f"{'acc/verify':>10} {'nll/tok':>7}")
+    rng = np.random.default_rng(0)
+    n_p = args.prompt_tokens
+    rand_prompts = [[CFG.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]
+    rows = speculative_rows("random", CFG, numpy_init(CFG), rand_prompts, args.new_tokens, args.ks,
+                            args.temperatures)
+    model_meta = dict(random=dict(layers=CFG.num_layers, hidden=CFG.hidden_size, vocab=CFG.vocab_size))
+    if args.demo_ckpt:
+        from a3jax.checkpoint import load_params
+        from a3jax.data.tokenizers import load_tokenizer
+        from a3jax.demo import heldout_functions
+
+        cfg, params = load_params(args.demo_ckpt)
+        tok = load_tokenizer("byte")
+        texts = [f["text"] for f in heldout_functions(512, 4 * args.rows) if len(f["text"]) >= n_p][:args.rows]
+        if len(texts) < args.rows:
+            raise SystemExit(f"only {len(texts)} held-out functions have {n_p} bytes")
+        prompts = [[tok.bos_id] + list(tok.encode(t))[:n_p - 1] for t in texts]
+        rows += speculative_rows("demo", cfg, params, prompts, args.new_tokens, args.ks, args.temperatures)
+        model_meta["demo"] = dict(ckpt=args.demo_ckpt, layers=cfg.num_layers, hidden=cfg.hidden_size)
+    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
+                jax=jax.__version__, backend=jax.default_backend(), models=model_meta, prompt_tokens=n_p,
+                load_average=os.getloadavg())
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode_speculative.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--speculative", action="store_true", help="the speculative-sampling table instead")
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="--speculative: draft block sizes")
+    ap.add_argument("--demo-ckpt", default=None, help="--speculative: also the trained demo model (params ckpt)")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
     ap.add_argument("--blanks", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--orders", nargs="+", default=["left_to_right"])
     ap.add_argument("--uncached-steps", type=int, default=6)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/decode[_speculative].json)")
     args = ap.parse_args(argv)
+    if args.speculative:
+        return speculative_main(args)
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode.json")
     params = numpy_init(CFG)
     rows = []
     hdr = (f"{'order':<14} {'blanks':>6} {'k':>2} {'steps':>5} {'cached s':>9} {'cached tok/s':>12} "

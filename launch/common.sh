@@ -22,3 +22,19 @@ run() {
     "$@"
   fi
 }
+
+# with_run_dir SCRIPT CONFIG BUCKET ARG...: sets run_args to the ARGs, plus
+# run_dir=gs://BUCKET/runs/<config name> when none of them is a run_dir= override. Every worker must
+# see the run directory, so with neither the script stops here.
+with_run_dir() {
+  local script="$1" config="$2" bucket="$3" a name
+  shift 3
+  run_args=("$@")
+  for a in "$@"; do [[ "$a" == run_dir=* ]] && return 0; done
+  if [[ -z "$bucket" ]]; then
+    echo "$script: no run directory: pass --bucket BUCKET (run_dir=gs://BUCKET/runs/NAME) or run_dir=gs://BUCKET/PATH" >&2
+    exit 2
+  fi
+  name="$(basename "$config")"; name="${name%.yaml}"; name="${name%.yml}"
+  run_args+=("run_dir=gs://$bucket/runs/$name")
+}

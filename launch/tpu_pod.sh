@@ -14,6 +14,8 @@
 #   --skip-install       the code is already installed on the workers; just (re)start training
 #   --stop               send SIGTERM to the training on every worker (it saves a checkpoint) and exit
 #   --delete             delete the TPU VM and exit
+#   --bucket BUCKET      GCS bucket for the run directory: run_dir=gs://BUCKET/runs/<config name>
+#                        unless a run_dir=... override is given           (env A3JAX_BUCKET)
 #   --remote-dir DIR     code directory on the workers (default: a3jax)
 #   --dry-run            print every command instead of running it
 #
@@ -21,12 +23,12 @@
 # and `pip install -r requirements.txt 'jax[tpu]'` + the package on every worker -> start training
 # on all workers at once in the background (log: ~/a3jax-train.log, pid: ~/a3jax-train.pid) ->
 # stream worker 0's log here. Ctrl-C stops only the streaming; the run goes on (use --stop).
-# Put run_dir on storage every worker sees, e.g. a GCS bucket mounted with gcsfuse at /gcs/BUCKET
-# (run_dir=/gcs/BUCKET/runs/NAME); rerunning the same command after a preemption resumes from the
+# The run directory is on GCS (gs://..., read and written natively by every worker; a gcsfuse or NFS
+# mount every worker sees works too); rerunning the same command after a preemption resumes from the
 # latest checkpoint. See docs/launch.md.
 set -euo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 tpu="${TPU_NAME:-}"
 zone="${ZONE:-${CLOUDSDK_COMPUTE_ZONE:-}}"
@@ -34,6 +36,7 @@ project="${PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}"
 accel="${ACCELERATOR_TYPE:-}"
 version="${TPU_VERSION:-v2-alpha-tpuv5}"
 remote_dir=a3jax
+bucket="${A3JAX_BUCKET:-}"
 create=0; spot=0; install=1; action=train; dry_run=0
 
 while [[ $# -gt 0 ]]; do
@@ -44,6 +47,7 @@ while [[ $# -gt 0 ]]; do
     --accelerator-type) accel="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --remote-dir) remote_dir="$2"; shift 2 ;;
+    --bucket) bucket="$2"; shift 2 ;;
     --create) create=1; shift ;;
     --spot) spot=1; shift ;;
     --skip-install) install=0; shift ;;
@@ -78,6 +82,7 @@ esac
 
 [[ $# -ge 1 ]] || die "need CONFIG (a path inside this checkout) and optional key=value overrides"
 config="$1"; shift
+with_run_dir tpu_pod.sh "$config" "$bucket" "$@"
 
 if [[ "$create" == 1 ]]; then
   [[ -n "$accel" ]] || die "--create needs --accelerator-type (e.g. v5p-128) or ACCELERATOR_TYPE"
@@ -103,7 +108,7 @@ fi
 
 # The training command, quoted once for the remote shell.
 train_cmd="cd ~/$remote_dir && nohup .venv/bin/python -m a3jax train $(q "$config")"
-for arg in "$@"; do train_cmd+=" $(q "$arg")"; done
+for arg in "${run_args[@]}"; do train_cmd+=" $(q "$arg")"; done
 train_cmd+=" --no-progress > ~/a3jax-train.log 2>&1 < /dev/null & echo \$! > ~/a3jax-train.pid"
 ssh_all "$train_cmd"
 

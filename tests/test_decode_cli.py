@@ -78,3 +78,17 @@ def test_unescape_and_parse():
     ids, known, spans = dcli.parse_masked("[MASK:2]ab[MASK:1]", tok)
     assert spans == [(1, 3), (5, 6)] and list(known) == [True, False, False, True, True, False]
     assert dcli.render(tok, np.array([256, 104, 105, 97, 98, 33]), spans, False) == "hiab!"
+
+
+def test_speculative_cli(ckpt, capsys):
+    """--speculative K is the API's speculative=K: greedy gives the token-by-token completion."""
+    args = ["generate", "--ckpt", ckpt, "--prompt", "Hello", "--max-new-tokens", "6", "--json", "--no-eos"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--speculative", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["results"] == plain["results"]
+    assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--speculative", "2", "--group-size", "2"]) == 2
+    assert "--group-size 2 does not apply" in capsys.readouterr().err
+    assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--speculative", "2", "--order", "margin"]) == 2
+    assert "fixed order" in capsys.readouterr().err

@@ -8,7 +8,7 @@ PKG = os.path.join(ROOT, "a3jax")
 
 # docs/design.md, "What each part owns and what it may import".
 TIERS = [
-    {"config", "distributed"},
+    {"config", "distributed", "fs"},
     {"masks", "layout", "sharding"},
     {"model"},
     {"data"},

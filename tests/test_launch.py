@@ -82,7 +82,7 @@ def test_local_bad_arguments_and_failing_processes(tmp_path):
 
 def test_tpu_pod_dry_run():
     r = _run("tpu_pod.sh", "--dry-run", "--tpu", "a3-pod", "--zone", "us-east5-a", "--project", "proj",
-             "--create", "--spot", "--accelerator-type", "v5p-128", CONFIG, "run_dir=/gcs/bkt/runs/8b",
+             "--create", "--spot", "--accelerator-type", "v5p-128", CONFIG, "run_dir=gs://bkt/runs/8b",
              "train.steps=1000")
     assert r.returncode == 0, r.stderr
     where = "--zone=us-east5-a --project=proj"
@@ -96,7 +96,7 @@ def test_tpu_pod_dry_run():
         "--upgrade pip && .venv/bin/pip install -q -r requirements.txt '\\''jax[tpu]'\\'' && .venv/bin/pip install "
         "-q --no-deps -e .'",
         f"gcloud compute tpus tpu-vm ssh a3-pod {where} --worker=all --command 'cd ~/a3jax && nohup "
-        f".venv/bin/python -m a3jax train {CONFIG} run_dir=/gcs/bkt/runs/8b train.steps=1000 --no-progress > "
+        f".venv/bin/python -m a3jax train {CONFIG} run_dir=gs://bkt/runs/8b train.steps=1000 --no-progress > "
         "~/a3jax-train.log 2>&1 < /dev/null & echo $! > ~/a3jax-train.pid'",
         f"gcloud compute tpus tpu-vm ssh a3-pod {where} --worker=0 --command 'tail -n +1 -F ~/a3jax-train.log "
         "--pid=$(cat ~/a3jax-train.pid)'",
@@ -104,12 +104,19 @@ def test_tpu_pod_dry_run():
 
 
 def test_tpu_pod_env_stop_delete_and_errors():
-    env = {"TPU_NAME": "pod2", "ZONE": "europe-west4-b", "PROJECT": "p2", "TMPDIR": "/scratch"}
+    env = {"TPU_NAME": "pod2", "ZONE": "europe-west4-b", "PROJECT": "p2", "TMPDIR": "/scratch", "A3JAX_BUCKET": "b2"}
     r = _run("tpu_pod.sh", "--dry-run", "--skip-install", "cfg.yaml", "data.source=my file.txt", env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and "tpu-vm ssh pod2 --zone=europe-west4-b --project=p2 --worker=all" in lines[0]
-    assert "a3jax train cfg.yaml '\\''data.source=my file.txt'\\'' --no-progress" in lines[0]
+    # no run_dir= given: the bucket's runs/<config name> is the run directory
+    assert ("a3jax train cfg.yaml '\\''data.source=my file.txt'\\'' run_dir=gs://b2/runs/cfg --no-progress"
+            in lines[0])
+    r = _run("tpu_pod.sh", "--dry-run", "--skip-install", "--bucket", "b3", CONFIG, env=env)
+    assert "a3jax train configs/pod/llama3.1-8b-v5p.yaml run_dir=gs://b3/runs/llama3.1-8b-v5p --no-progress" in r.stdout
+    no_bucket = {k: v for k, v in env.items() if k != "A3JAX_BUCKET"}
+    r = _run("tpu_pod.sh", "--dry-run", "--skip-install", "cfg.yaml", env=no_bucket)
+    assert r.returncode == 2 and "no run directory: pass --bucket BUCKET" in r.stderr
     r = _run("tpu_pod.sh", "--dry-run", "--stop", env=env)
     assert r.stdout == ("gcloud compute tpus tpu-vm ssh pod2 --zone=europe-west4-b --project=p2 --worker=all "
                         "--command 'if [ -f ~/a3jax-train.pid ]; then kill -TERM $(cat ~/a3jax-train.pid) "
@@ -130,17 +137,20 @@ def test_tpu_pod_env_stop_delete_and_errors():
 
 def test_xpk_dry_run():
     r = _run("xpk.sh", "--dry-run", "--cluster", "c1", "--zone", "us-east5-a", "--project", "proj", "--tpu-type",
-             "v5p-128", "--num-slices", "2", "--workload", "a3-8b", CONFIG, "run_dir=/gcs/bkt/runs/8b")
+             "v5p-128", "--num-slices", "2", "--workload", "a3-8b", CONFIG, "run_dir=gs://bkt/runs/8b")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "xpk workload create --workload a3-8b --cluster c1 --zone us-east5-a --project proj --tpu-type v5p-128 "
         f"--num-slices 2 --base-docker-image python:3.11-slim --script-dir {ROOT} --max-restarts 10 --command "
         "'pip install -q -r requirements.txt '\\''jax[tpu]'\\'' && pip install -q --no-deps -e . && "
-        f"A3JAX_DISTRIBUTED=tpu python -m a3jax train {CONFIG} run_dir=/gcs/bkt/runs/8b --no-progress'"]
+        f"A3JAX_DISTRIBUTED=tpu python -m a3jax train {CONFIG} run_dir=gs://bkt/runs/8b --no-progress'"]
     r = _run("xpk.sh", "--dry-run", "--cluster", "c1", "--zone", "z", "--project", "p", "--tpu-type", "v5e-16",
-             "--docker-image", "gcr.io/p/a3jax:1", "--workload", "w", "cfg.yaml")
+             "--docker-image", "gcr.io/p/a3jax:1", "--workload", "w", "--bucket", "bk", "cfg.yaml")
     assert "--docker-image gcr.io/p/a3jax:1 --max-restarts 10 --command 'cd /app && A3JAX_DISTRIBUTED=tpu python " \
-           "-m a3jax train cfg.yaml --no-progress'" in r.stdout
+           "-m a3jax train cfg.yaml run_dir=gs://bk/runs/cfg --no-progress'" in r.stdout
+    r = _run("xpk.sh", "--dry-run", "--cluster", "c1", "--zone", "z", "--project", "p", "--tpu-type", "v5e-16",
+             "cfg.yaml")
+    assert r.returncode == 2 and "no run directory: pass --bucket BUCKET" in r.stderr
     r = _run("xpk.sh", "--dry-run", "--delete", "--workload", "w", env={"XPK_CLUSTER": "c", "ZONE": "z", "PROJECT": "p"})
     assert r.stdout == "xpk workload delete --workload w --cluster c --zone z --project p\n"
     r = _run("xpk.sh", "--dry-run", "cfg.yaml", env={"XPK_CLUSTER": "c", "ZONE": "z", "PROJECT": "p"})

@@ -13,7 +13,6 @@ host copy is made. Run checkpoints (train state + data iterator) are a3jax.check
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from a3jax import config as config_lib
+from a3jax import fs
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import dtype_of, numpy_dtype, param_shapes, param_shardings
 from a3jax.sharding import rules_of
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 
 def _abs(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(str(path)))
+    return fs.normalize(path)
 
 
 def _is_shape(x) -> bool:
@@ -43,16 +43,16 @@ def _is_shape(x) -> bool:
 
 def is_params_checkpoint(ckpt_dir: str) -> bool:
     d = _abs(ckpt_dir)
-    return os.path.isdir(os.path.join(d, PARAMS_ITEM)) and os.path.isfile(os.path.join(d, MODEL_YAML))
+    return fs.isdir(fs.join(d, PARAMS_ITEM)) and fs.isfile(fs.join(d, MODEL_YAML))
 
 
 def load_model_config(ckpt_dir: str) -> ModelConfig:
     """The ModelConfig saved beside the params (CKPT/model.yaml)."""
-    path = os.path.join(_abs(ckpt_dir), MODEL_YAML)
-    if not os.path.isfile(path):
+    path = fs.join(_abs(ckpt_dir), MODEL_YAML)
+    if not fs.isfile(path):
         raise CheckpointError(f"{path}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
     try:
-        return config_lib.load_model_config(path)
+        return config_lib.parse_model_config(fs.read_text(path), path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
 
@@ -74,10 +74,10 @@ def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) ->
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or want != got:
         raise CheckpointError(f"{d}: params do not match the config (expected shapes {want}, got {got})")
-    item = os.path.join(d, PARAMS_ITEM)
-    if os.path.exists(item) and not force:
+    item = fs.join(d, PARAMS_ITEM)
+    if fs.exists(item) and not force:
         raise CheckpointError(f"{item}: already exists (pass force=True / --force to overwrite)")
-    os.makedirs(d, exist_ok=True)
+    fs.makedirs(d)
     # Readable by StandardCheckpointHandler (what load_params uses), but written (1) without Orbax's
     # defensive deep copy of host numpy arrays (the save below is synchronous, so nothing can modify them
     # meanwhile) and (2) without zstd: compressing holds every encoded chunk in memory at once. Either one
@@ -87,7 +87,7 @@ def save_params(ckpt_dir: str, cfg: ModelConfig, params, force: bool = False) ->
         use_ocdbt=True, use_compression=False, type_handler_registry=_save_registry()))
     ckptr.save(item, args=ocp.args.PyTreeSave(params), force=force)
     if jax.process_index() == 0:
-        config_lib.save_yaml(cfg, os.path.join(d, MODEL_YAML))
+        fs.write_text(fs.join(d, MODEL_YAML), config_lib.yaml_text(cfg))
     return d
 
 
@@ -145,8 +145,8 @@ def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = Non
     (one host copy, e.g. for exporting). dtype casts while restoring (the returned cfg's param_dtype follows)."""
     d = _abs(ckpt_dir)
     cfg = load_model_config(d)
-    item = os.path.join(d, PARAMS_ITEM)
-    if not os.path.isdir(item):
+    item = fs.join(d, PARAMS_ITEM)
+    if not fs.isdir(item):
         raise CheckpointError(f"{item}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype)

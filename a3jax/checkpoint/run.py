@@ -21,8 +21,6 @@ restores, nothing is moved and the error is raised. A step that already exists i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 
 import grain
@@ -30,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from a3jax import fs
 from a3jax.config import ConfigError
 
 # Model fields that change the shapes or the meaning of params; everything else (dtype, remat,
@@ -49,16 +48,34 @@ class _FrozenState:
         return self._state
 
 
+class _KeepLatestGood:
+    """Orbax preservation policy: the newest `n` checkpoints that are not set aside as bad, and every
+    bad one (kept for inspection on gs://; Orbax must not garbage-collect them)."""
+
+    def __init__(self, n, bad: set):
+        self.n, self.bad = n, bad
+
+    def should_preserve(self, checkpoints, *, context=None):
+        good = [c.step for c in checkpoints if c.step not in self.bad]
+        keep = set(good if self.n is None else good[max(0, len(good) - self.n):])
+        return [c.step in self.bad or c.step in keep for c in checkpoints]
+
+
 class RunCheckpoints:
     """Thin wrapper over ocp.CheckpointManager with the trainer's items and fault handling."""
 
     def __init__(self, run_dir: str, ckpt_cfg, log=print):
-        self.run_dir = os.path.abspath(run_dir)
-        self.directory = os.path.join(self.run_dir, "checkpoints")
-        self.bad_directory = os.path.join(self.run_dir, "checkpoints_bad")
+        self.run_dir = fs.normalize(run_dir)
+        self.directory = fs.join(self.run_dir, "checkpoints")
+        self.bad_directory = fs.join(self.run_dir, "checkpoints_bad")
+        self.bad_ledger = fs.join(self.run_dir, "checkpoints_bad.json")
+        self.in_place = fs.is_gcs(self.run_dir)  # gs://: bad checkpoints stay where they are
         self.log = log
+        fs.makedirs(self.run_dir)  # for gs://: credentials and bucket checked before tensorstore runs
+        self.bad = self._read_ledger()
+        keep = ckpt_cfg.max_to_keep if ckpt_cfg.max_to_keep > 0 else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.max_to_keep if ckpt_cfg.max_to_keep > 0 else None,
+            preservation_policy=_KeepLatestGood(keep, self.bad),
             enable_async_checkpointing=bool(ckpt_cfg.async_save),
             cleanup_tmp_directories=True,
             create=True,
@@ -68,7 +85,13 @@ class RunCheckpoints:
 
     # ------------------------------------------------------------------ queries
     def steps(self) -> list[int]:
-        return sorted(int(s) for s in self.mngr.all_steps())
+        """The restorable candidates: committed steps, less those set aside as bad."""
+        return sorted(int(s) for s in self.mngr.all_steps() if int(s) not in self.bad)
+
+    def _read_ledger(self) -> set:
+        if not (self.in_place and fs.exists(self.bad_ledger)):
+            return set()
+        return {int(k) for k in json.loads(fs.read_text(self.bad_ledger)).get("steps", {})}
 
     def latest_step(self):
         s = self.steps()
@@ -77,6 +100,10 @@ class RunCheckpoints:
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, data_iter, config_dict: dict, progress: dict) -> bool:
         """Starts an (async) save of `step`; returns False (and saves nothing) if `step` exists."""
+        if step in self.bad:
+            self.log(f"not saving step {step}: {self.directory}/{step} holds a corrupt checkpoint kept for "
+                     f"inspection (see {self.bad_ledger}); the next checkpoint is saved as usual")
+            return False
         if step in self.steps():
             return False
         # Snapshot the mutable parts now: the save may finish in a background thread while the loop
@@ -146,7 +173,7 @@ class RunCheckpoints:
                          f"trying the previous one")
                 continue
             if failures:
-                self._quarantine([s for s, _ in failures])
+                self._quarantine(failures)
             return step, state, it, progress
         if failures:
             msg = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
@@ -154,15 +181,25 @@ class RunCheckpoints:
                                f"Move the directory away to start from scratch.")
         return None
 
-    def _quarantine(self, steps) -> None:
-        """Moves unreadable step directories out of the manager's way (process 0 moves, all wait)."""
-        if jax.process_index() == 0:
-            os.makedirs(self.bad_directory, exist_ok=True)
-            for s in steps:
-                src = os.path.join(self.directory, str(s))
-                if os.path.exists(src):
-                    dst = os.path.join(self.bad_directory, f"{s}-{int(time.time())}")
-                    shutil.move(src, dst)
+    def _quarantine(self, failures) -> None:
+        """Sets unreadable steps aside (process 0 writes, all wait): moved locally, listed on gs://."""
+        if self.in_place:
+            self.bad.update(s for s, _ in failures)
+        if jax.process_index() == 0 and self.in_place:
+            ledger = json.loads(fs.read_text(self.bad_ledger)) if fs.exists(self.bad_ledger) else {"steps": {}}
+            for s, e in failures:
+                ledger["steps"][str(s)] = {"error": f"{type(e).__name__}: {str(e)[:1000]}", "time": time.time(),
+                                           "path": f"{self.directory}/{s}"}
+                self.log(f"kept unreadable checkpoint {s} in place at {self.directory}/{s} for inspection "
+                         f"(listed in {self.bad_ledger}; never restored or deleted)")
+            fs.write_text(self.bad_ledger, json.dumps(ledger, indent=1))
+        elif jax.process_index() == 0:
+            fs.makedirs(self.bad_directory)
+            for s, _ in failures:
+                src = fs.join(self.directory, str(s))
+                if fs.exists(src):
+                    dst = fs.join(self.bad_directory, f"{s}-{int(time.time())}")
+                    fs.move_local(src, dst)
                     self.log(f"moved unreadable checkpoint {s} to {dst}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("a3jax_checkpoint_quarantine")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 import time
 
+from a3jax import fs
 from a3jax.checkpoint import CheckpointError, load_params, save_params
 from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
 from a3jax.convert.gguf_tokenizer import write_tokenizer
@@ -104,16 +104,25 @@ def _leaves(tree):
             yield v
 
 
+def local_input(path: str) -> str:
+    """The readers need local files (safetensors memory-maps them, torch.load, gguf): a gs:// input is
+    copied to the host's cache first (a3jax.fs.local_copy); a local one is used where it is."""
+    if fs.is_gcs(path) and not fs.exists(path):
+        raise ConversionError(f"{path}: not found")
+    return fs.local_copy(path)
+
+
 def _to_a3(args, official: bool) -> int:
-    item = os.path.join(args.out, "params")
-    if os.path.exists(item) and not args.force:
+    item = fs.join(args.out, "params")
+    if fs.exists(item) and not args.force:
         raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
     t0 = time.perf_counter()
     load = from_official if official else from_hf
-    cfg, params = load(args.src if official else args.hf, dtype=args.dtype, progress=not args.no_progress)
+    src = local_input(args.src if official else args.hf)
+    cfg, params = load(src, dtype=args.dtype, progress=not args.no_progress)
     t_read = time.perf_counter() - t0
-    save_params(args.out, cfg, params, force=args.force)
-    copied = copy_tokenizer_files(args.src if official else args.hf, args.out)
+    save_params(args.out, cfg, params, force=args.force)  # Orbax writes gs:// itself
+    copied = copy_tokenizer_files(src, args.out)
     secs = time.perf_counter() - t0
     _summary("official-to-a3" if official else "hf-to-a3", cfg, params, secs, args.out,
              f" (read {t_read:.1f} s, write {secs - t_read:.1f} s; tokenizer files: {', '.join(copied) or 'none'})")
@@ -121,24 +130,21 @@ def _to_a3(args, official: bool) -> int:
 
 
 def _gguf_to_a3(args) -> int:
-    item = os.path.join(args.out, "params")
-    if os.path.exists(item) and not args.force:
+    item = fs.join(args.out, "params")
+    if fs.exists(item) and not args.force:
         raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
     t0 = time.perf_counter()
-    g = GGUFFile(args.gguf)  # parsed once: tokenizer and types first (from_gguf drops the metadata)
+    g = GGUFFile(local_input(args.gguf))  # parsed once: tokenizer and types first (from_gguf drops the metadata)
     types = ", ".join(f"{n} {k}" for k, n in sorted(tensor_types(g).items()))
-    out = os.path.normpath(args.out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=os.path.dirname(os.path.abspath(out)))
+    tmp = tempfile.mkdtemp(prefix="a3jax-tokenizer-")
     try:
         written = write_tokenizer(g, tmp)  # before any params are written: a refused tokenizer leaves nothing
         cfg, params = from_gguf(g, dtype=args.dtype, progress=not args.no_progress)
         t_read = time.perf_counter() - t0
-        save_params(out, cfg, params, force=args.force)
-        for name in written:
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        save_params(args.out, cfg, params, force=args.force)  # Orbax writes gs:// itself
+        fs.upload_dir(tmp, args.out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary directory
     secs = time.perf_counter() - t0
     _summary("gguf-to-a3", cfg, params, secs, args.out,
              f" (read + dequantize + tokenizer {t_read:.1f} s, write {secs - t_read:.1f} s; tensors: {types}; "
@@ -149,11 +155,16 @@ def _gguf_to_a3(args) -> int:
 def _from_a3(args, official: bool) -> int:
     t0 = time.perf_counter()
     cfg, params = load_params(args.ckpt, host=True)  # numpy: one host copy, written tensor by tensor
+    # the writers write local files: a gs:// --out is written to a temporary directory, then uploaded
+    out = tempfile.mkdtemp(prefix="a3jax-convert-") if fs.is_gcs(args.out) else args.out
     if official:
-        to_official(cfg, params, args.out, fmt=args.format, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        to_official(cfg, params, out, fmt=args.format, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     else:
-        to_hf(cfg, params, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-    copy_tokenizer_files(args.ckpt, args.out)
+        to_hf(cfg, params, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    copy_tokenizer_files(args.ckpt, out)
+    if out != args.out:
+        fs.upload_dir(out, args.out)
+        shutil.rmtree(out)  # our own temporary directory
     _summary("a3-to-official" if official else "a3-to-hf", cfg, params, time.perf_counter() - t0, args.out)
     return 0
 
@@ -170,7 +181,7 @@ def cli_main(argv: list[str]) -> int:
         if args.command == "a3-to-hf":
             return _from_a3(args, official=False)
         return _from_a3(args, official=True)
-    except (ConversionError, CheckpointError) as e:
+    except (ConversionError, CheckpointError, FileNotFoundError, fs.StorageError) as e:
         print(f"a3jax convert {args.command}: error: {e}", file=sys.stderr)
         return 1
 

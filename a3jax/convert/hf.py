@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Callable, Iterable, Optional
 
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from a3jax import fs
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
@@ -477,7 +477,10 @@ def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **
     """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
     dtype: bf16 | fp32 | None (keep the checkpoint's). The query vector comes from
     `query_embed.safetensors` when the directory was written by `to_hf`, else cfg.query_init
-    (default: the mean token embedding)."""
+    (default: the mean token embedding). A gs:// directory is copied to the host's cache first
+    (a3jax.fs.local_copy: safetensors are memory-mapped from local files)."""
+    if fs.is_gcs(hf_dir):
+        hf_dir = fs.local_copy(hf_dir)
     hf, path = read_config_json(hf_dir)
     cfg = config_from_hf(hf, path, **config_overrides)
     reader = TensorReader(hf_dir)
@@ -587,11 +590,12 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
 
 
 def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
+    """The tokenizer files of src_dir that exist, copied to out_dir (either may be gs://)."""
     copied = []
     for name in TOKENIZER_FILES:
-        p = os.path.join(src_dir, name)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(out_dir, name))
+        p = fs.join(src_dir, name)
+        if fs.isfile(p):
+            fs.copy_file(p, fs.join(out_dir, name))
             copied.append(name)
     return copied
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from a3jax import fs
 from a3jax.config import ModelConfig
 from a3jax.convert.hf import (ConversionError, TensorReader, config_from_hf, config_to_hf, copy_tokenizer_files,
                               hf_tensors_of, load_params_lazy, read_config_json, resolve_dtype, write_safetensors)
@@ -24,7 +25,9 @@ from a3jax.model import numpy_dtype
 
 
 def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = False, **config_overrides):
-    """(cfg, params) from a reference-code checkpoint directory; cfg.block == "official"."""
+    """(cfg, params) from a reference-code checkpoint directory (local or gs://); cfg.block == "official"."""
+    if fs.is_gcs(model_dir):
+        model_dir = fs.local_copy(model_dir)  # the readers need local files
     hf, path = read_config_json(model_dir)
     overrides = {"block": "official", "query_init": "normal", **config_overrides}
     cfg = config_from_hf(hf, path, **overrides)

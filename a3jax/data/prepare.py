@@ -20,13 +20,17 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Optional
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
+
+from a3jax import fs
 
 from .sources import (PREPARED_FORMAT, PREPARED_META, PREPARED_VERSION, SkipStats, read_file_documents,
                       resolve_files, tokenize_texts)
@@ -54,10 +58,15 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
     tok = load_tokenizer(tokenizer)  # fail early (missing file, missing BOS/EOS) in this process
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<i4")
     root, files = resolve_files(source)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    if fs.isdir(out_dir) and fs.listdir(out_dir):
         raise FileExistsError(f"output directory is not empty: {out_dir}")
-    os.makedirs(out_dir, exist_ok=True)
-    jobs = [(p, os.path.relpath(p, root), text_field, dtype.str) for p in files]
+    target = out_dir
+    if fs.is_gcs(out_dir):
+        # ArrayRecord writes local files only: the shards are written here, then uploaded, metadata
+        # last (its presence is what marks a prepared directory, so a half upload is never read)
+        out_dir = tempfile.mkdtemp(prefix="a3jax-prepare-")
+    fs.makedirs(out_dir)
+    jobs = [(p, fs.relpath(p, root), text_field, dtype.str) for p in files]
     skips = SkipStats()
     keys: list[str] = []
     lengths: list[int] = []
@@ -70,7 +79,7 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
             if writer is not None:
                 writer.close()
             name = f"data-{len(shards):05d}.array_record"
-            writer = ArrayRecordWriter(os.path.join(out_dir, name), "group_size:1")
+            writer = ArrayRecordWriter(fs.join(out_dir, name), "group_size:1")
             shards.append({"file": name, "num_records": 0})
         writer.write(raw)
         shards[-1]["num_records"] += 1
@@ -104,7 +113,7 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
             pool.shutdown(cancel_futures=True)
     if not keys:
         raise ValueError(f"data source {source!r} produced no documents; {skips.summary()}")
-    np.savez(os.path.join(out_dir, "index.npz"), keys=np.asarray(keys, dtype=str),
+    np.savez(fs.join(out_dir, "index.npz"), keys=np.asarray(keys, dtype=str),
              lengths=np.asarray(lengths, np.int64))
     meta = {
         "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "source": source, "tokenizer": tok.spec,
@@ -113,8 +122,11 @@ def prepare(source: str, tokenizer: str, out_dir: str, num_workers: int = 0, tex
         "num_tokens": int(sum(lengths)), "num_files": len(files), "skipped": skips.counts,
         "skipped_examples": skips.examples, "seconds": round(time.time() - t0, 3),
     }
-    with open(os.path.join(out_dir, PREPARED_META), "w") as f:
-        json.dump(meta, f, indent=1)
+    meta_text = json.dumps(meta, indent=1)
+    if target != out_dir:
+        fs.upload_dir(out_dir, target)
+        shutil.rmtree(out_dir)  # our own temporary directory
+    fs.write_text(fs.join(target, PREPARED_META), meta_text)
     return meta
 
 

@@ -26,7 +26,6 @@ that yields no document raises `EmptyCorpusError` with the skip summary.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -35,7 +34,10 @@ from typing import Iterator, Optional, Sequence
 
 import grain
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from a3jax import fs
 
 STDLIB_EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                                  "__pycache__"})
@@ -110,19 +112,6 @@ def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def _walk(root: str, exclude: frozenset = frozenset(), suffix: str = "") -> list[str]:
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in exclude and not x.startswith("."))
-        for f in sorted(files):
-            if f.startswith(".") or (suffix and not f.endswith(suffix)):
-                continue
-            p = os.path.join(d, f)
-            if os.path.isfile(p):
-                out.append(p)
-    return out
-
-
 def file_kind(path: str) -> str:
     p = path.lower()
     if p.endswith((".jsonl", ".json", ".ndjson")):
@@ -133,37 +122,37 @@ def file_kind(path: str) -> str:
 
 
 def is_prepared_dir(spec: str) -> bool:
-    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, PREPARED_META))
+    return fs.isdir(spec) and fs.isfile(fs.join(spec, PREPARED_META))
 
 
 def resolve_files(spec: str) -> tuple[str, list[str]]:
-    """Source spec -> (root used for relative keys, sorted list of files). Raises on a missing path."""
+    """Source spec (local or gs://) -> (root used for relative keys, sorted list of files). Raises on a
+    missing path."""
     if spec == "stdlib":
         root = stdlib_root()
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Python stdlib source directory not found: {root}")
-        return root, _walk(root, STDLIB_EXCLUDE_DIRS, ".py")
-    spec = os.path.expanduser(spec)
+        return root, fs.find(root, STDLIB_EXCLUDE_DIRS, ".py")
+    spec = spec if fs.is_gcs(spec) else os.path.expanduser(spec)
     if any(c in spec for c in "*?["):
-        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        files = fs.glob(spec)
         if not files:
             raise FileNotFoundError(f"no files match the source glob {spec!r}")
         base = spec
         for i, c in enumerate(spec):
             if c in "*?[":
-                base = os.path.dirname(spec[:i])
+                base = fs.dirname(spec[:i])
                 break
         return base or ".", files
-    if not os.path.exists(spec):
+    if not fs.exists(spec):
         raise FileNotFoundError(f"data source not found: {spec}")
-    if os.path.isdir(spec):
-        return spec, _walk(spec)
-    return os.path.dirname(spec) or ".", [spec]
+    if fs.isdir(spec):
+        return spec, fs.find(spec)
+    return fs.dirname(spec) or ".", [spec]
 
 
 def _decode_file(path: str, name: str, skips: SkipStats) -> Optional[str]:
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = fs.read_bytes(path)
     if not raw.strip():
         skips.add("empty", name)
         return None
@@ -215,15 +204,17 @@ def read_file_documents(path: str, key: str, text_field: str = "text",
             else:
                 docs.append((k, text))
     elif kind == "parquet":
+        # gs://: the file's bytes in memory (pyarrow reads local files itself, memory-mapped)
+        src = pa.BufferReader(fs.read_bytes(path)) if fs.is_gcs(path) else path
         try:
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(src)
         except Exception:
             skips.add("unreadable_parquet", key)
             return docs, skips
         if text_field not in schema.names:
             raise KeyError(f"{path}: no column {text_field!r} (columns: {schema.names}); "
                            f"set data.text_field")
-        col = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+        col = pq.read_table(src, columns=[text_field]).column(text_field).to_pylist()
         for row, text in enumerate(col):
             k = f"{key}:{row}"
             if keep is not None and not keep(k):
@@ -244,7 +235,7 @@ def iter_documents(spec: str, text_field: str = "text", split: str = "all",
     skips = skips if skips is not None else SkipStats()
     keep = (lambda k: in_split(k, split, heldout_fraction)) if split != "all" else None
     for path in files:
-        key = os.path.relpath(path, root)
+        key = fs.relpath(path, root)
         docs, s = read_file_documents(path, key, text_field, keep)
         skips.merge(s)
         yield from docs
@@ -284,24 +275,27 @@ class Corpus:
 
 def read_meta(directory: str) -> dict:
     """The metadata of a prepared directory; raises if it is not one (or of another format)."""
-    path = os.path.join(directory, PREPARED_META)
-    if not os.path.isfile(path):
+    path = fs.join(directory, PREPARED_META)
+    if not fs.isfile(path):
         raise FileNotFoundError(f"not a prepared data directory (no {PREPARED_META}): {directory}")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(fs.read_text(path))
     if meta.get("format") != PREPARED_FORMAT:
         raise ValueError(f"{path}: unknown format {meta.get('format')!r} (expected {PREPARED_FORMAT!r})")
     return meta
 
 
 class ArrayRecordCorpus:
-    """Pre-tokenized documents in ArrayRecord shards written by `prepare`, read lazily by index."""
+    """Pre-tokenized documents in ArrayRecord shards written by `prepare`, read lazily by index.
+
+    ArrayRecord's reader opens local files only, so a gs:// directory is first copied to the host's
+    cache (a3jax.fs.local_copy: once per host, skipped when the cached files have the right sizes)."""
 
     def __init__(self, directory: str, split: str = "all", heldout_fraction: float = 0.0,
                  max_documents: int = 0):
         check_split(split)
-        self.directory = directory
+        self.name = directory
         self.meta = read_meta(directory)
+        directory = self.directory = fs.local_copy(directory)
         index = np.load(os.path.join(directory, self.meta["index"]), allow_pickle=False)
         keys = [str(k) for k in index["keys"]]
         lengths = index["lengths"].astype(np.int64)
@@ -314,7 +308,6 @@ class ArrayRecordCorpus:
         self.dtype = np.dtype(self.meta["dtype"])
         self.paths = [os.path.join(directory, s["file"]) for s in self.meta["shards"]]
         self.skips = SkipStats(dict(self.meta.get("skipped", {})), {})
-        self.name = directory
         self._source = None
 
     def _src(self):
@@ -355,13 +348,14 @@ def load_corpus(spec: str, tokenizer, split: str = "train", heldout_fraction: fl
     check_split(split)
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if spec != "stdlib" and is_prepared_dir(os.path.expanduser(spec)):
-        corpus = ArrayRecordCorpus(os.path.expanduser(spec), split, heldout_fraction, max_documents)
+    local_spec = spec if fs.is_gcs(spec) else os.path.expanduser(spec)
+    if spec != "stdlib" and not any(c in spec for c in "*?[") and is_prepared_dir(local_spec):
+        corpus = ArrayRecordCorpus(local_spec, split, heldout_fraction, max_documents)
         meta = corpus.meta
         for key in ("bos_id", "eos_id", "pad_id", "vocab_size"):
             if meta.get(key) != getattr(tokenizer, key):
                 raise ValueError(
-                    f"{os.path.join(spec, PREPARED_META)}: prepared with tokenizer "
+                    f"{fs.join(spec, PREPARED_META)}: prepared with tokenizer "
                     f"{meta.get('tokenizer')!r} ({key}={meta.get(key)}), but data.tokenizer="
                     f"{tokenizer.spec!r} has {key}={getattr(tokenizer, key)}")
     else:

@@ -25,6 +25,8 @@ from typing import Iterable, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
+from a3jax import fs
+
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or lacks a special token the pipeline needs."""
@@ -153,8 +155,23 @@ class HFTokenizer:
         return f"HFTokenizer({self.file!r}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
 
 
+# The files HFTokenizer reads from a model directory (what a gs:// tokenizer copies to the local cache).
+TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json", "config.json")
+
+
 def load_tokenizer(spec: str):
-    """`byte` -> ByteTokenizer; otherwise a path to tokenizer.json or a directory containing one."""
+    """`byte` -> ByteTokenizer; otherwise a path (local or gs://) to tokenizer.json or a directory
+    containing one."""
     if spec in ("byte", "bytes", ""):
         return ByteTokenizer()
+    if fs.is_gcs(spec):
+        # the tokenizers library reads local files only: its few files go to the local cache first
+        is_file = spec.endswith(".json")
+        file = spec if is_file else fs.join(spec, "tokenizer.json")
+        if not fs.isfile(file):
+            raise FileNotFoundError(f"tokenizer not found: {file}")
+        d = fs.local_copy(fs.dirname(file), names=TOKENIZER_FILES + (fs.basename(file),))
+        tok = HFTokenizer(os.path.join(d, fs.basename(file)) if is_file else d)
+        tok.spec = spec
+        return tok
     return HFTokenizer(os.path.expanduser(spec))

@@ -61,6 +61,17 @@ def write(cache: KVCache, kv, pos, groups, segment_id=1) -> KVCache:
     return _laid_out(KVCache(k, v, g, s))
 
 
+def release(cache: KVCache, pos) -> KVCache:
+    """Marks slots pos [B, C] (-1 = skip) empty (segment 0: invisible); their keys/values stay until
+    a `write` replaces them. Speculative decoding frees the slots of rejected drafts this way."""
+    b, c = pos.shape
+    length = cache.groups.shape[1]
+    slot = jnp.where(pos >= 0, pos, length)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, c))
+    seg = cache.segments.at[rows, slot].set(0, mode="drop")
+    return _laid_out(cache._replace(segments=seg))
+
+
 def prefill(cfg: ModelConfig, params, tokens, known_pos, known_groups) -> KVCache:
     """Encodes the known tokens once: content rows at known_pos [B, P] (-1 = none) with group ids
     known_groups [B, P]; returns the cache with their keys/values in their slots."""

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from a3jax import fs
 from a3jax.checkpoint import load_params
 from a3jax.data.rows import placeholder_id
 from a3jax.data.tokenizers import load_tokenizer
@@ -46,7 +47,7 @@ def unescape(text: str) -> str:
 def load_tok(spec: str, ckpt: str):
     """--tokenizer auto: the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
     if spec == "auto":
-        spec = ckpt if os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else "byte"
+        spec = ckpt if fs.isfile(fs.join(ckpt, "tokenizer.json")) else "byte"
     return load_tokenizer(spec)
 
 
@@ -112,6 +113,11 @@ def _common(ap):
                     help="encode the context as AR chunks of this size (default: one group)")
     ap.add_argument("--no-cache", action="store_true", help="recompute every step (baseline)")
     ap.add_argument("--mode", default="a3", choices=("a3", "official"))
+    ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                    help="self-speculative sampling with draft blocks of K (fixed orders): exactly the "
+                         "token-by-token distribution; --group-size is then not used")
+    ap.add_argument("--independent-rows", action="store_true",
+                    help="each row samples with its own key (repeated prompts give different samples)")
     ap.add_argument("--no-escapes", action="store_true", help="do not decode \\n \\t \\\\ in the text")
     ap.add_argument("--color", default="auto", choices=("auto", "always", "never"))
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
@@ -119,10 +125,14 @@ def _common(ap):
 
 def _decode_options(args, group_size: int) -> dict:
     """The keyword options `_common` adds, as infill/generate take them (group_size: the default)."""
+    if args.speculative and args.group_size not in (None, 1):
+        raise DecodeError(f"--speculative {args.speculative} samples token by token (the draft block is K); "
+                          f"--group-size {args.group_size} does not apply")
     return dict(order=args.order or "left_to_right", group_size=args.group_size or group_size,
                 temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
                 top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
-                mode=args.mode, return_info=True)
+                mode=args.mode, speculative=args.speculative, independent_rows=args.independent_rows,
+                return_info=True)
 
 
 def _fail(prog, e) -> int:
@@ -140,8 +150,7 @@ def infill_main(argv) -> int:
     args = ap.parse_args(argv)
     try:
         if args.file:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
+            text = fs.read_text(args.file)
         else:
             text = args.text if args.no_escapes else unescape(args.text)
         tok = load_tok(args.tokenizer, args.ckpt)
@@ -189,7 +198,8 @@ def generate_main(argv) -> int:
         if content:
             fixed = {"--order": args.order, "--group-size": args.group_size, "--threshold": args.threshold,
                      "--prompt-group-size": args.prompt_group_size}
-            given = [k for k, v in fixed.items() if v is not None] + (["--mode"] if args.mode != "a3" else [])
+            given = [k for k, v in fixed.items() if v is not None] + (["--mode"] if args.mode != "a3" else []) + (
+                ["--speculative"] if args.speculative else []) + (["--independent-rows"] if args.independent_rows else [])
             if given:
                 raise ValueError(f"--stream content decodes left to right one token per step; "
                                  f"{', '.join(given)} does not apply")

@@ -29,6 +29,7 @@ from a3jax.decode import cache as cache_lib
 from a3jax.decode import content as content_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
+from a3jax.decode import speculative as speculative_lib
 from a3jax.decode.orders import OrderError
 
 MODES = ("a3", "official")
@@ -42,11 +43,14 @@ class DecodeError(ValueError):
 class DecodeResult(NamedTuple):
     """tokens [B, T] (known tokens unchanged, blanks filled); logprobs [B, T]: log p of each filled
     token under the model (temperature 1, unfiltered; 0 at known/padding); step [B, T]: the step
-    that committed each position (-1 for known/padding/unfilled); num_steps: steps run."""
+    that committed each position (-1 for known/padding/unfilled); num_steps: steps run.
+    Speculative decoding: steps are model passes, and accepted [B] counts each row's accepted drafts
+    (the corrected tokens not included); None otherwise."""
     tokens: np.ndarray
     logprobs: np.ndarray
     step: np.ndarray
     num_steps: int
+    accepted: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _prepare(cfg: ModelConfig, tokens, known, valid, order, group_size, threshol
 def _decode(cfg: ModelConfig, st: _Static, params, tokens, known, valid, kgroups, known_pos, known_groups,
             queries, opts):
     """opts (all traced): criterion index, max_steps, temperature, top_k, top_p, threshold, seed,
-    teacher_forcing, stop_at_eos, eos_id."""
+    independent, teacher_forcing, stop_at_eos, eos_id."""
     b, t = tokens.shape
     base_key = jax.random.PRNGKey(opts["seed"])
     g0 = t  # group id of step 0; later than every known group (< t)
@@ -192,7 +196,7 @@ def _decode(cfg: ModelConfig, st: _Static, params, tokens, known, valid, kgroups
 
         forced = jnp.take_along_axis(toks, jnp.maximum(q_pos, 0), axis=1)
         drawn = jax.lax.cond(opts["teacher_forcing"], lambda: forced, lambda: sampling.sample(
-            k_sample, logits, opts["temperature"], opts["top_k"], opts["top_p"]))
+            k_sample, logits, opts["temperature"], opts["top_k"], opts["top_p"], opts["independent"]))
         lp = sampling.token_logprobs(logits, drawn)
         if st.kind == "dynamic":
             scores = orders_lib.criterion_scores_by_index(opts["criterion"], logits, k_order)
@@ -226,7 +230,8 @@ def _decode(cfg: ModelConfig, st: _Static, params, tokens, known, valid, kgroups
 
 def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group_size=4, temperature=0.0,
          top_k=0, top_p=1.0, seed=0, use_cache=True, mode="a3", threshold=None, prompt_group_size=None,
-         teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None):
+         teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None, speculative=0,
+         independent_rows=False):
     if mode not in MODES:
         raise DecodeError(f"mode must be one of {MODES}, got {mode!r}")
     if temperature is None or float(temperature) < 0:
@@ -235,10 +240,16 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
         raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < float(top_p) <= 1.0:
         raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
-    try:
-        p = _prepare(cfg, tokens, known, valid, order, group_size, threshold, prompt_group_size, seed)
+    spec = _check_speculative(speculative, order, mode, threshold, teacher_forcing)
+    try:  # speculative: the target is token-by-token in the order, so its groups are singletons
+        p = _prepare(cfg, tokens, known, valid, order, 1 if spec else group_size, threshold, prompt_group_size,
+                     seed)
     except OrderError as e:
         raise DecodeError(str(e)) from None
+    eos = cfg.eos_token_id if eos_id is None else int(eos_id)
+    if spec:
+        return _run_speculative(cfg, params, p, spec, use_cache, temperature, top_k, top_p, seed, independent_rows,
+                                stop_at_eos and eos >= 0, eos, max_steps), p
     if p["kind"] == "dynamic":
         n = int(p["blank"].sum(axis=1).max())
         commit = 0 if threshold is not None else min(int(group_size), n)
@@ -249,11 +260,11 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
         total = min(total, int(max_steps))
     crit = orders_lib.DYNAMIC_ORDERS.index(p["criterion"]) if p["kind"] == "dynamic" else 0
     st = _Static(kind=p["kind"], commit=commit, use_cache=bool(use_cache), official=(mode == "official"))
-    eos = cfg.eos_token_id if eos_id is None else int(eos_id)
     opts = dict(criterion=jnp.int32(crit), max_steps=jnp.int32(total), temperature=jnp.float32(temperature),
                 top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
                 threshold=jnp.float32(threshold if threshold is not None else 1.0),
-                seed=jnp.uint32(int(seed) & 0xFFFFFFFF), teacher_forcing=jnp.bool_(teacher_forcing),
+                seed=jnp.uint32(int(seed) & 0xFFFFFFFF), independent=jnp.bool_(independent_rows),
+                teacher_forcing=jnp.bool_(teacher_forcing),
                 stop_at_eos=jnp.bool_(stop_at_eos and eos >= 0), eos_id=jnp.int32(eos))
     toks, logp, step, n_steps = _decode(
         cfg, st, params, jnp.asarray(p["tokens"]), jnp.asarray(p["known"]), jnp.asarray(p["valid"]),
@@ -262,11 +273,44 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
     return DecodeResult(np.asarray(toks), np.asarray(logp), np.asarray(step), int(n_steps)), p
 
 
+def _check_speculative(speculative, order, mode, threshold, teacher_forcing) -> int:
+    """The draft block size k (0 = off), or a DecodeError for options speculation cannot honour."""
+    if speculative is None or speculative is False or speculative == 0:
+        return 0
+    if isinstance(speculative, bool) or not isinstance(speculative, (int, np.integer)) or speculative < 1:
+        raise DecodeError(f"speculative must be a positive int (the draft block size k) or 0, got {speculative!r}")
+    if isinstance(order, str) and orders_lib.ALIASES.get(order, order) in orders_lib.DYNAMIC_ORDERS:
+        raise DecodeError(f"speculative decoding needs a fixed order (left_to_right, random or a user grouping), "
+                          f"not the dynamic order {order!r}")
+    if mode != "a3":
+        raise DecodeError(f"speculative decoding runs in mode 'a3', not {mode!r}")
+    if threshold is not None:
+        raise DecodeError("threshold applies to dynamic orders, not to speculative decoding")
+    if teacher_forcing:
+        raise DecodeError("teacher_forcing commits given tokens; it has no speculative form")
+    return int(speculative)
+
+
+def _run_speculative(cfg, params, p, k, use_cache, temperature, top_k, top_p, seed, independent, stop, eos,
+                     max_steps):
+    n = int(p["blank"].sum(axis=1).max())
+    order = speculative_lib.token_order(p["queries"], -(-n // 16) * 16)  # bucketed like the query shapes
+    total = 2 * n + 1 if max_steps is None else min(2 * n + 1, int(max_steps))  # passes: at most 2 per token
+    opts = dict(max_steps=jnp.int32(total), temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
+                top_p=jnp.float32(top_p), seed=jnp.uint32(int(seed) & 0xFFFFFFFF),
+                independent=jnp.bool_(independent), stop_at_eos=jnp.bool_(stop), eos_id=jnp.int32(eos))
+    toks, logp, step, passes, accepted = speculative_lib.run(
+        cfg, k, bool(use_cache), params, jnp.asarray(p["tokens"]), jnp.asarray(p["known"]),
+        jnp.asarray(p["valid"]), jnp.asarray(p["kgroups"]), jnp.asarray(p["known_pos"]),
+        jnp.asarray(p["known_groups"]), jnp.asarray(order), opts)
+    return DecodeResult(np.asarray(toks), np.asarray(logp), np.asarray(step), int(passes), np.asarray(accepted))
+
+
 def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group_size: int = 4,
            temperature: float = 0.0, seed: int = 0, use_cache: bool = True, *, top_k: int = 0,
            top_p: float = 1.0, threshold: Optional[float] = None, prompt_group_size: Optional[int] = None,
            mode: str = "a3", valid=None, teacher_forcing: bool = False, return_info: bool = False,
-           max_steps: Optional[int] = None):
+           max_steps: Optional[int] = None, speculative: int = 0, independent_rows: bool = False):
     """Fills the positions where `known` is False. Returns tokens [B, T] (np.int32), or a
     `DecodeResult` with per-position log-probs and commit steps when return_info=True.
 
@@ -282,11 +326,18 @@ def infill(cfg: ModelConfig, params, tokens, known, order="left_to_right", group
     temperature 0 = greedy; top_k / top_p filter sampling; deterministic given seed.
     use_cache False recomputes the full forward each step; mode='official' is the reference code's
         semantics (committed tokens form one group 0, recomputed each step).
+    speculative=k (fixed orders): self-speculative sampling with draft blocks of k, exactly the
+        token-by-token distribution of the order (a user grouping is read as a token order: by
+        value, ties by position); group_size is not used. `step` then counts model passes.
+    independent_rows: row r samples with its own key (fold_in of r), so equal rows give independent
+        samples; default False: every row draws with the same key (a row's output does not depend on
+        its batch).
     """
     res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                   mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
-                  teacher_forcing=teacher_forcing, max_steps=max_steps)
+                  teacher_forcing=teacher_forcing, max_steps=max_steps, speculative=speculative,
+                  independent_rows=independent_rows)
     return res if return_info else res.tokens
 
 
@@ -309,7 +360,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
              top_k: int = 0, top_p: float = 1.0, threshold: Optional[float] = None,
              prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
              stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
-             buffer_length: Optional[int] = None, max_steps: Optional[int] = None, stream: str = "query"):
+             buffer_length: Optional[int] = None, max_steps: Optional[int] = None, speculative: int = 0,
+             independent_rows: bool = False, stream: str = "query"):
     """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
     (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
 
@@ -318,15 +370,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     token can serve as the stop token, e.g. a newline). With return_info=True returns
     (new_tokens, DecodeResult over the whole [prompt + new] buffer). buffer_length pads that buffer
     to a fixed length (>= longest prompt + max_new_tokens), so calls with different prompt lengths
-    share one compiled program.
+    share one compiled program. speculative=k and independent_rows: as for `infill`.
 
     stream="content" decodes the content stream left to right with a KV cache (a3jax.decode.content):
-    the converted base LLaMA as it was before adaptation; order, group_size, threshold, mode and
-    prompt_group_size do not apply and must keep their defaults."""
+    the converted base LLaMA as it was before adaptation; order, group_size, threshold, mode,
+    prompt_group_size, speculative and independent_rows do not apply and must keep their defaults."""
     if stream not in STREAMS:
         raise DecodeError(f"stream must be one of {STREAMS}, got {stream!r}")
     if stream == "content":
-        _check_content_options(order, group_size, threshold, prompt_group_size, mode)
+        _check_content_options(order, group_size, threshold, prompt_group_size, mode, speculative, independent_rows)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     seqs = _prompts(prompt_tokens)
@@ -367,7 +419,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
                   mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
-                  stop_at_eos=stop, eos_id=eos, max_steps=max_steps)
+                  stop_at_eos=stop, eos_id=eos, max_steps=max_steps, speculative=speculative,
+                  independent_rows=independent_rows)
     new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
     new = np.take_along_axis(res.tokens, new_idx, axis=1).astype(np.int32)
     filled = np.take_along_axis(res.step, new_idx, axis=1) >= 0
@@ -379,14 +432,16 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     return (new, res) if return_info else new
 
 
-def _check_content_options(order, group_size, threshold, prompt_group_size, mode):
+def _check_content_options(order, group_size, threshold, prompt_group_size, mode, speculative, independent_rows):
     given = {"order": (order, "left_to_right"), "group_size": (group_size, 1), "threshold": (threshold, None),
-             "prompt_group_size": (prompt_group_size, None), "mode": (mode, "a3")}
+             "prompt_group_size": (prompt_group_size, None), "mode": (mode, "a3"), "speculative": (speculative, 0),
+             "independent_rows": (independent_rows, False)}
     bad = [f"{k}={v!r}" for k, (v, default) in given.items()
            if not (isinstance(v, str) or v is None or np.isscalar(v)) or v != default]
     if bad:
         raise DecodeError(f"stream='content' decodes left to right one token per step; {', '.join(bad)} does not "
-                          f"apply (leave order, group_size, threshold, prompt_group_size and mode at their defaults)")
+                          f"apply (leave order, group_size, threshold, prompt_group_size, mode, speculative and "
+                          f"independent_rows at their defaults)")
 
 
 def _generate_content(cfg, params, tokens, lens, max_new_tokens, *, temperature, top_k, top_p, seed, use_cache,

@@ -3,9 +3,11 @@
 temperature, top_k and top_p may be traced values: one compiled decoding loop serves greedy and every
 sampling setting (a `lax.cond` runs only the branch a call needs).
 
-Randomness is per step, not per row: every row of a batch draws with the same key, so a row gives the
-same tokens whether it is decoded alone or inside a batch (the decoder derives the step key as
-`fold_in(PRNGKey(seed), step)`).
+Randomness is per step, and by default not per row: every row of a batch draws with the same key, so
+a row gives the same tokens whether it is decoded alone or inside a batch (the decoder derives the
+step key as `fold_in(PRNGKey(seed), step)`). With `independent=True` row r draws with
+`fold_in(step key, r)` instead (`row_keys`): N copies of one prompt in a batch give N independent
+samples.
 """
 from __future__ import annotations
 
@@ -31,9 +33,27 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0):
+def row_keys(key, batch: int, independent=False):
+    """Per-row keys [B, 2]: `key` for every row, or fold_in(key, r) for row r when `independent`
+    (may be traced)."""
+    own = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
+    return jnp.where(jnp.asarray(independent), own, jnp.broadcast_to(key, own.shape))
+
+
+def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The sampling distribution [..., V] (float32) of logits: softmax of logits / temperature
+    filtered by top-k / top-p (temperature <= 0 reads as 1: greedy callers take the argmax)."""
+    t = jnp.asarray(temperature, jnp.float32)
+    scaled = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+    off = (jnp.asarray(top_k) <= 0) & (jnp.asarray(top_p) >= 1.0)  # no filter: skip its sort over V
+    scaled = jax.lax.cond(off, lambda x: x, lambda x: filter_logits(x, top_k, top_p), scaled)
+    return jax.nn.softmax(scaled, axis=-1)
+
+
+def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0, independent=False):
     """Token ids [B, Q] from logits [B, Q, V]. temperature 0 takes the argmax; otherwise
-    logits / temperature are filtered by top-k / top-p and sampled. Every row uses the same key."""
+    logits / temperature are filtered by top-k / top-p and sampled. Every row uses the same key
+    unless `independent` (see `row_keys`)."""
     temperature = jnp.asarray(temperature, jnp.float32)
 
     def greedy(_):
@@ -42,8 +62,9 @@ def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0):
     def draw(_):
         t = jnp.where(temperature > 0, temperature, 1.0)
         scaled = filter_logits(logits.astype(jnp.float32) / t, top_k, top_p)
-        one_row = lambda row: jax.random.categorical(key, row, axis=-1)
-        return jax.vmap(one_row)(scaled).astype(jnp.int32)
+        keys = row_keys(key, logits.shape[0], independent)
+        one_row = lambda k, row: jax.random.categorical(k, row, axis=-1)
+        return jax.vmap(one_row)(keys, scaled).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)
 

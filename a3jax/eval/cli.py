@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from a3jax import fs
 from a3jax.checkpoint import load_params
 from a3jax.decode.cli import load_tok
 from a3jax.eval.tasks import A3Evaluator, TaskError, run_task
@@ -36,7 +36,7 @@ def cli_main(argv) -> int:
     args = ap.parse_args(argv)
     try:
         for path in args.task:
-            if not os.path.isfile(path):
+            if not fs.isfile(path):
                 raise FileNotFoundError(f"task file not found: {path}")
         tok = load_tok(args.tokenizer, args.ckpt)
         cfg, params = load_params(args.ckpt)
@@ -50,7 +50,7 @@ def cli_main(argv) -> int:
                            max_new_tokens=args.max_new_tokens)
             for kind, m in res.items():
                 m["seconds"] = round(time.perf_counter() - t0, 3)
-            results[os.path.basename(path)] = res
+            results[fs.basename(path)] = res
     except (TaskError, ValueError, FileNotFoundError, OSError) as e:
         print(f"a3jax eval: error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +66,6 @@ def cli_main(argv) -> int:
             metrics = "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("n", "seconds"))
             print(f"{name:<28} {kind:<16} {m['n']:>5}  {metrics}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        fs.write_text(args.json, json.dumps(out, indent=2))  # local or gs://
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

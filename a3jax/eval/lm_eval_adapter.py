@@ -27,6 +27,7 @@ from typing import Optional
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from a3jax import fs
 from a3jax.checkpoint import load_params
 from a3jax.decode.cli import load_tok
 from a3jax.eval.tasks import A3Evaluator
@@ -111,7 +112,8 @@ def write_mc_task(jsonl_path: str, out_dir: str, name: str) -> str:
     written (put a leading space in the choices if the context does not end with one)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
-        f.write(MC_TASK_YAML.format(name=name, path=os.path.abspath(jsonl_path)))
+        # lm-eval reads the task file itself, from a local path: a gs:// one is copied to the cache first
+        f.write(MC_TASK_YAML.format(name=name, path=fs.local_copy(jsonl_path)))
     return out_dir
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from a3jax import fs
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.decode import generate, infill
@@ -61,26 +62,25 @@ REQUIRED = {"multiple_choice": ("context", "choices", "label"), "infill": ("left
 def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
     """kind -> examples, validated (the error names the file and line)."""
     out: dict[str, list[dict]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: not JSON: {e}") from None
-            try:
-                kind = infer_kind(obj)
-                missing = [k for k in REQUIRED[kind] if k not in obj]
-                if missing:
-                    raise TaskError(f"{kind} line lacks {missing}")
-                if kind == "multiple_choice" and not (0 <= int(obj["label"]) < len(obj["choices"])):
-                    raise TaskError(f"label {obj['label']} is not an index into {len(obj['choices'])} choices")
-                if kind == "qa" and isinstance(obj["answers"], str):
-                    obj["answers"] = [obj["answers"]]
-            except TaskError as e:
-                raise TaskError(f"{path}:{n}: {e}") from None
-            out.setdefault(kind, []).append(obj)
+    for n, line in enumerate(fs.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{n}: not JSON: {e}") from None
+        try:
+            kind = infer_kind(obj)
+            missing = [k for k in REQUIRED[kind] if k not in obj]
+            if missing:
+                raise TaskError(f"{kind} line lacks {missing}")
+            if kind == "multiple_choice" and not (0 <= int(obj["label"]) < len(obj["choices"])):
+                raise TaskError(f"label {obj['label']} is not an index into {len(obj['choices'])} choices")
+            if kind == "qa" and isinstance(obj["answers"], str):
+                obj["answers"] = [obj["answers"]]
+        except TaskError as e:
+            raise TaskError(f"{path}:{n}: {e}") from None
+        out.setdefault(kind, []).append(obj)
     if limit:
         out = {k: v[:limit] for k, v in out.items()}
     if not out:

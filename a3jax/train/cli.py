@@ -6,6 +6,7 @@ import sys
 
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.distributed import DistributedError, initialize, is_main_process
+from a3jax.fs import StorageError
 from a3jax.train.trainer import NonFiniteLossError, train
 
 USAGE = """\
@@ -55,7 +56,7 @@ def cli_main(argv) -> int:
         return 1
     try:
         result = train(cfg, progress_bar=False if ns.no_progress else None, stop_at_step=ns.stop_at_step)
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, NonFiniteLossError, StorageError, FileNotFoundError) as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
     if result.get("interrupted"):

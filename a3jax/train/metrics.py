@@ -29,13 +29,14 @@ MetricsWindow holds what the trainer logs every train.log_every steps (and saves
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
+
+from a3jax import fs
 
 # Dense bf16 peak FLOP/s per chip (per device JAX sees). Matched by substring of device_kind, lowercase;
 # longer keys are tried first.
@@ -99,29 +100,35 @@ class MetricsSink:
 
     On resume from step S, metrics.jsonl lines with step > S are dropped first (those steps are run
     again), and TensorBoard events after S are purged, so a resumed run's logs read like an
-    uninterrupted run's."""
+    uninterrupted run's.
+
+    In a gs:// run directory both files are buffered (a3jax.fs.AppendFile): written out every
+    `flush_s` seconds, at every checkpoint (`flush()`) and at the end, never once per line."""
 
     def __init__(self, run_dir: str, start_step: int, total_steps: int, enabled: bool = True,
-                 tensorboard: bool = True, progress_bar: Optional[bool] = None):
+                 tensorboard: bool = True, progress_bar: Optional[bool] = None, flush_s: float = 30.0):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = fs.join(run_dir, "metrics.jsonl")
         self.tb = None
         self.bar = None
+        self.event_files: list = []
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        if os.path.exists(self.path):
-            keep = [json.dumps(rec) for rec in read_records(self.path) if int(rec.get("step", 0)) <= start_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.write("".join(k + "\n" for k in keep))
-            os.replace(self.path + ".tmp", self.path)
-        self.file = open(self.path, "a")
+        fs.makedirs(run_dir)
+        keep = None
+        if fs.exists(self.path):
+            keep = "".join(json.dumps(rec) + "\n" for rec in read_records(self.path)
+                           if int(rec.get("step", 0)) <= start_step).encode()
+        self.file = fs.AppendFile(self.path, initial=keep, interval_s=flush_s)
         if tensorboard:
             # deferred: tensorboardX takes ~1.3 s to import and only runs that write TensorBoard
             # events need it (not `a3jax plot`, which reads metrics through this module)
             from tensorboardX import SummaryWriter
+            from tensorboardX.record_writer import register_writer_factory
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+            # Our gs:// writer replaces tensorboardX's (google-cloud-storage, one upload per flush).
+            register_writer_factory("gs", _EventFiles(self.event_files, flush_s))
+            self.tb = SummaryWriter(fs.join(run_dir, "tensorboard"),
                                     purge_step=start_step + 1 if start_step else None)
         if progress_bar is None:
             progress_bar = sys.stderr.isatty()
@@ -131,7 +138,7 @@ class MetricsSink:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write((json.dumps(record) + "\n").encode())
         self.file.flush()
         if self.tb is not None:
             step = int(record["step"])
@@ -163,6 +170,16 @@ class MetricsSink:
         else:
             print(line, flush=True)
 
+    def flush(self) -> None:
+        """Writes out everything buffered (the trainer calls it before each checkpoint)."""
+        if not self.enabled:
+            return
+        self.file.flush(force=True)
+        if self.tb is not None:
+            self.tb.flush()
+            for f in self.event_files:
+                f.flush(force=True)
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -171,6 +188,22 @@ class MetricsSink:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+
+
+class _EventFiles:
+    """tensorboardX writer factory for gs:// event files (a3jax.fs.AppendFile); remembers what it
+    opened so that MetricsSink.flush can force them out."""
+
+    def __init__(self, opened: list, flush_s: float):
+        self.opened, self.flush_s = opened, flush_s
+
+    def directory_check(self, path):  # gs:// has no directories
+        pass
+
+    def open(self, path):
+        f = fs.AppendFile(path, initial=b"", interval_s=self.flush_s)
+        self.opened.append(f)
+        return f
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -187,19 +220,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def read_records(path: str) -> list[dict]:
     """The records of a metrics.jsonl file, in order; a line torn by a kill is skipped."""
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in fs.read_text(path, errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return records
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of RUN_DIR/metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = fs.join(run_dir, "metrics.jsonl")
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path} not found (is {run_dir} a run directory?)")
     train, evals = [], []
     for rec in read_records(path):

@@ -4,9 +4,10 @@ RUN_DIR/metrics.jsonl into RUN_DIR/loss.png (matplotlib, Agg backend: no display
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 
+from a3jax import fs
 from a3jax.train.metrics import read_metrics
 
 
@@ -20,7 +21,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     train, evals = read_metrics(run_dir)
     if not train and not evals:
         raise ValueError(f"{run_dir}/metrics.jsonl has no records yet")
-    out = out or os.path.join(run_dir, "loss.png")
+    out = out or fs.join(run_dir, "loss.png")
     fig, ax = plt.subplots(figsize=(9, 5))
     if train:
         steps = [r["step"] for r in train]
@@ -45,12 +46,14 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         ax.plot(*zip(*pts), marker="o", ms=3, ls="-", lw=1.2, label=f"held-out, {strat}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+    ax.set_title(fs.basename(fs.normalize(run_dir)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    fs.write_bytes(out, buf.getvalue())  # local or gs://
     return out
 
 

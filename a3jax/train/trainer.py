@@ -32,8 +32,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from a3jax import fs
 from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible, load_params
-from a3jax.config import Config, ConfigError, save_yaml, to_dict
+from a3jax.config import Config, ConfigError, to_dict, yaml_text
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
 from a3jax.data.checks import mean_group_size
 from a3jax.layout import Layout
@@ -213,10 +214,10 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
     """
     cfg.validate("train config")
     main = jax.process_index() == 0
-    run_dir = os.path.abspath(cfg.run_dir)
+    run_dir = fs.normalize(cfg.run_dir)  # local or gs://; for gs:// credentials are checked here
     if main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        fs.makedirs(run_dir)
+        fs.write_text(fs.join(run_dir, "config.yaml"), yaml_text(cfg))
 
     def log(msg):
         if main:
@@ -243,7 +244,7 @@ class _Trainer:
     def __init__(self, cfg: Config, log, progress_bar, tensorboard, stop_at_step):
         pi, pc = jax.process_index(), jax.process_count()
         self.cfg, self.log = cfg, log
-        self.run_dir = os.path.abspath(cfg.run_dir)
+        self.run_dir = fs.normalize(cfg.run_dir)
         tcfg = cfg.train
         self.total = total = cfg.total_steps
         self.end = total if stop_at_step is None else min(total, int(stop_at_step))
@@ -372,6 +373,7 @@ class _Trainer:
         return rec
 
     def _save(self, step: int) -> None:
+        self.sink.flush()  # the metrics up to a checkpoint are written out before it (gs:// buffers them)
         self.checkpoints.save(step, self.state, self.it, self.window.progress())
 
     def result(self) -> dict:
