@@ -11,6 +11,10 @@ Per objective (model.objective, from the checkpoint): a3 scores any grouping exa
 causal LM) scores left to right only, from the content stream (logits at i-1 predict token i), and
 refuses other groupings; mdlm has no exact likelihood: `nelbo` estimates its NELBO (an upper bound on
 -log P) from Monte-Carlo maskings, and score_rows reports -NELBO in place of log P.
+
+`stream="content"` scores with the content stream instead: the plain causal LLaMA (the converted base
+model before adaptation), log p(x_i | x_<i) read from the content logits at i - 1. It is left to right
+only, so the rows' groups must be AR (strictly increasing).
 """
 from __future__ import annotations
 
@@ -44,12 +48,7 @@ def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
     An ar model: the content stream (groups = positions) at i-1 predicts tokens[i]; a segment's first
     token has no prediction (log p 0, greedy True: it is context, never a target)."""
     if cfg.objective == "ar":
-        logits = apply_model(cfg, params, tokens, positions, positions, segment_ids, "content")
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        hit = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
-        first = jnp.ones_like(tokens[:, :1], dtype=bool)
-        return (jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], 1), jnp.concatenate([first, hit], 1))
+        return _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids)
     logits = apply_model(cfg, params, tokens, positions, groups, segment_ids, "query")
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
@@ -122,6 +121,31 @@ def nelbo(cfg: ModelConfig, params, tokens, segment_ids=None, target_mask=None, 
     return terms.mean(axis=0).astype(np.float32), se.astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids):
+    """As _logp_and_greedy, from the causal content stream (groups = positions): position i is
+    predicted by the logits at i - 1; position 0 gets 0 (it is never a target)."""
+    logits = apply_model(cfg, params, tokens, positions, positions, segment_ids, "content")[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nxt = tokens[:, 1:]
+    tok_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == nxt
+    pad = lambda x, v: jnp.concatenate([jnp.full((x.shape[0], 1), v, x.dtype), x], axis=1)  # noqa: E731
+    return pad(tok_lp, 0.0), pad(greedy, True)
+
+
+STREAMS = ("query", "content")
+
+
+def check_ar_rows(rows) -> None:
+    """The content stream scores left to right: every row's groups must be strictly increasing."""
+    for i, (ids, groups, _) in enumerate(rows):
+        g = np.asarray(groups)
+        if len(g) > 1 and not (np.diff(g) > 0).all():
+            raise ScoreError(f"row {i}: the content stream scores left to right, but its groups are not AR "
+                             f"(one token per group, in order); use order 'ar' and group size 1")
+
+
 def token_log_probs(cfg: ModelConfig, params, tokens, groups, segment_ids=None, positions=None):
     """Per-position log p(tokens[i] | earlier groups) [B, T] float32 (padding positions included;
     mask them yourself, or use log_likelihood)."""
@@ -174,12 +198,22 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0, samples: int = MDLM_SAMPLES,
-               seed: int = 0):
+               seed: int = 0, stream: str = "query"):
     """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
-    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket.
+    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket. stream="content": the
+    causal content stream (AR rows only); an ar model always scores so.
     An mdlm model gets (-NELBO from `samples` maskings, greedy with every target masked) instead: the
     groups are ignored (the target is whatever the mask says)."""
+    if stream not in STREAMS:
+        raise ScoreError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if cfg.objective == "ar":
+        stream = "content"
+    if stream == "content":
+        if cfg.objective == "mdlm":
+            raise ScoreError("an mdlm model's content stream is a bidirectional denoiser: stream='content' does "
+                             "not apply; its likelihood is estimated by a3jax.score.nelbo")
+        check_ar_rows(rows)
     if cfg.objective == "mdlm":
         check_objective(cfg, ("mdlm",), "score_rows")
     out = []
@@ -203,8 +237,12 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             out += [(-float(nel[i]), bool(greedy[i])) for i in range(len(chunk))]
             continue
         _check_scorable(cfg, lay.groups, lay.segment_ids, lay.loss_mask != 0)
-        lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
-                                      jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
+        if stream == "content":
+            lp, greedy = _content_logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                                  jnp.asarray(lay.segment_ids))
+        else:
+            lp, greedy = _logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
+                                          jnp.asarray(lay.groups), jnp.asarray(lay.segment_ids))
         lp, greedy = np.asarray(lp), np.asarray(greedy)
         for i in range(len(chunk)):
             m = lay.loss_mask[i] != 0

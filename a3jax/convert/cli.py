@@ -1,4 +1,4 @@
-"""`a3jax convert hf-to-a3 | a3-to-hf | official-to-a3 | a3-to-official`."""
+"""`a3jax convert hf-to-a3 | a3-to-hf | official-to-a3 | a3-to-official | gguf-to-a3`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ import time
 
 from a3jax import fs
 from a3jax.checkpoint import CheckpointError, load_params, save_params
+from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
+from a3jax.convert.gguf_tokenizer import write_tokenizer
 from a3jax.convert.hf import ConversionError, copy_tokenizer_files, count_params, from_hf, human_bytes, to_hf
 from a3jax.convert.official import from_official, to_official
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert weights between HF LLaMA / the reference A3 code and a3jax params checkpoints "
                     "(Orbax params + model.yaml). Reading is tensor by tensor, so peak host memory stays "
                     "close to one copy of the weights.")
-    sub = ap.add_subparsers(dest="command", metavar="{hf-to-a3,a3-to-hf,official-to-a3,a3-to-official}")
+    sub = ap.add_subparsers(dest="command", metavar="{hf-to-a3,a3-to-hf,official-to-a3,a3-to-official,gguf-to-a3}")
     sub.required = True
     dtype_help = "parameter dtype of the output (default: keep the source's)"
 
@@ -40,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("gguf-to-a3", help="GGUF file (llama.cpp) -> a3jax params checkpoint + tokenizer",
+                       description="GGUF file of a LLaMA (general.architecture llama; any tensor type the gguf "
+                                   "package dequantizes) -> params-only Orbax checkpoint + model.yaml + the "
+                                   "tokenizer rebuilt from the file's metadata (tokenizer.json, "
+                                   "tokenizer_config.json, special_tokens_map.json).")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the .gguf file")
+    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="parameter dtype of the output (default fp32: the "
+                   "dequantized values are exact in fp32)")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -115,6 +129,29 @@ def _to_a3(args, official: bool) -> int:
     return 0
 
 
+def _gguf_to_a3(args) -> int:
+    item = fs.join(args.out, "params")
+    if fs.exists(item) and not args.force:
+        raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
+    t0 = time.perf_counter()
+    g = GGUFFile(local_input(args.gguf))  # parsed once: tokenizer and types first (from_gguf drops the metadata)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(tensor_types(g).items()))
+    tmp = tempfile.mkdtemp(prefix="a3jax-tokenizer-")
+    try:
+        written = write_tokenizer(g, tmp)  # before any params are written: a refused tokenizer leaves nothing
+        cfg, params = from_gguf(g, dtype=args.dtype, progress=not args.no_progress)
+        t_read = time.perf_counter() - t0
+        save_params(args.out, cfg, params, force=args.force)  # Orbax writes gs:// itself
+        fs.upload_dir(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary directory
+    secs = time.perf_counter() - t0
+    _summary("gguf-to-a3", cfg, params, secs, args.out,
+             f" (read + dequantize + tokenizer {t_read:.1f} s, write {secs - t_read:.1f} s; tensors: {types}; "
+             f"tokenizer files: {', '.join(written)})")
+    return 0
+
+
 def _from_a3(args, official: bool) -> int:
     t0 = time.perf_counter()
     cfg, params = load_params(args.ckpt, host=True)  # numpy: one host copy, written tensor by tensor
@@ -139,6 +176,8 @@ def cli_main(argv: list[str]) -> int:
             return _to_a3(args, official=False)
         if args.command == "official-to-a3":
             return _to_a3(args, official=True)
+        if args.command == "gguf-to-a3":
+            return _gguf_to_a3(args)
         if args.command == "a3-to-hf":
             return _from_a3(args, official=False)
         return _from_a3(args, official=True)

@@ -7,6 +7,7 @@ Both expose the same small surface the pipeline, the decoder and the CLI use:
     tok.decode(ids) -> str                   # undecodable bytes become U+FFFD (errors="replace")
     tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id (None when the tokenizer has none), tok.vocab_size
     tok.spec                                 # the string `load_tokenizer` accepts to rebuild it
+    tok.add_bos                              # whether the model was trained with BOS before a text
 
 `load_tokenizer("byte")` gives the byte tokenizer (ids 0..255 = bytes, BOS 256, EOS 257, PAD 258,
 MASK 259, vocab 260: the defaults of `ModelConfig`). Any other spec is a path to a tokenizer.json or to
@@ -40,6 +41,7 @@ class ByteTokenizer:
     pad_id = 258
     mask_id = 259
     vocab_size = 260
+    add_bos = True
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -85,6 +87,7 @@ class HFTokenizer:
         searched = [file]
         names: dict[str, str] = {}
         ids: dict[str, int] = {}
+        self.add_bos = True  # tokenizer_config.json's add_bos_token (false e.g. for SmolLM2)
         for fname in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(d, fname)
             if os.path.isfile(p):
@@ -94,6 +97,8 @@ class HFTokenizer:
                         cfg = json.load(f)
                     except json.JSONDecodeError as e:
                         raise TokenizerError(f"{p}: not valid JSON: {e}") from e
+                if isinstance(cfg.get("add_bos_token"), bool):
+                    self.add_bos = cfg["add_bos_token"]
                 for key in ("bos", "eos", "pad", "mask"):
                     c = _token_content(cfg.get(f"{key}_token"))
                     if c is not None:

@@ -1,6 +1,7 @@
 """`a3jax generate` and `a3jax infill`.
 
     a3jax generate --ckpt CKPT --prompt "def main():" --max-new-tokens 64 --order left_to_right --group-size 1
+    a3jax generate --ckpt CKPT --prompt "The capital of France is" --stream content   # the base LLaMA
     a3jax infill   --ckpt CKPT --text "def add(a, b):\\n    [MASK:12]\\n" --order confidence --group-size 2
 
 Blanks are written `[MASK:n]` (n tokens each). Backslash escapes \\n, \\t and \\\\ in --text/--prompt
@@ -180,15 +181,36 @@ def generate_main(argv) -> int:
     ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-eos", action="store_true", help="do not stop at EOS")
+    ap.add_argument("--stream", default="query", choices=("query", "content"),
+                    help="query: A3 group decoding (default); content: the content stream left to right with a "
+                         "KV cache, i.e. the converted base LLaMA before adaptation (BOS only if the tokenizer "
+                         "adds one)")
     args = ap.parse_args(argv)
     try:
         tok = load_tok(args.tokenizer, args.ckpt)
         prompts = [p if args.no_escapes else unescape(p) for p in args.prompt]
-        seqs = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
+        content = args.stream == "content"
+        seqs = []
+        for p in prompts:
+            ids = list(tok.encode(p))
+            bos = not content or getattr(tok, "add_bos", True) or not ids
+            seqs.append(([tok.bos_id] if bos else []) + ids)
+        if content:
+            fixed = {"--order": args.order, "--group-size": args.group_size, "--threshold": args.threshold,
+                     "--prompt-group-size": args.prompt_group_size}
+            given = [k for k, v in fixed.items() if v is not None] + (["--mode"] if args.mode != "a3" else []) + (
+                ["--speculative"] if args.speculative else []) + (["--independent-rows"] if args.independent_rows else [])
+            if given:
+                raise ValueError(f"--stream content decodes left to right one token per step; "
+                                 f"{', '.join(given)} does not apply")
+            opts = dict(temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache,
+                        top_k=args.top_k, top_p=args.top_p, return_info=True, stream="content")
+        else:
+            opts = _decode_options(args, group_size=1)
         cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
         new, res = generate(cfg, params, seqs, args.max_new_tokens, stop_at_eos=not args.no_eos,
-                            eos_token_id=tok.eos_id, **_decode_options(args, group_size=1))
+                            eos_token_id=tok.eos_id, **opts)
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("generate", e)

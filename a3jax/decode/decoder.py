@@ -31,14 +31,16 @@ import numpy as np
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.decode import cache as cache_lib
+from a3jax.decode import content as content_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
-from a3jax.decode import causal, mdlm
+from a3jax.decode import mdlm
 from a3jax.decode import speculative as speculative_lib
 from a3jax.decode.orders import OrderError
 from a3jax.model import check_objective
 
 MODES = ("a3", "official")
+STREAMS = ("query", "content")
 
 
 class DecodeError(ValueError):
@@ -403,7 +405,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
              prompt_group_size: Optional[int] = None, mode: str = "a3", prompt_lengths=None,
              stop_at_eos: bool = True, eos_token_id: Optional[int] = None, return_info: bool = False,
              buffer_length: Optional[int] = None, max_steps: Optional[int] = None, steps: Optional[int] = None,
-             speculative: int = 0, independent_rows: bool = False):
+             speculative: int = 0, independent_rows: bool = False, stream: str = "query"):
     """Continues each prompt by max_new_tokens positions. prompt_tokens: a list of id sequences
     (ragged is fine) or an array [B, P] (with prompt_lengths [B] when rows are right-padded).
 
@@ -412,10 +414,25 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     token can serve as the stop token, e.g. a newline). With return_info=True returns
     (new_tokens, DecodeResult over the whole [prompt + new] buffer). buffer_length pads that buffer
     to a fixed length (>= longest prompt + max_new_tokens), so calls with different prompt lengths
-    share one compiled program. speculative=k and independent_rows: as for `infill`. An mdlm model
-    fills all max_new_tokens positions by iterative unmasking (`steps`, see infill); an ar model
-    decodes left to right (order left_to_right, group_size 1 only)."""
+    share one compiled program. speculative=k and independent_rows: as for `infill`.
+
+    stream="content" decodes the content stream left to right with a KV cache (a3jax.decode.content):
+    the converted base LLaMA as it was before adaptation; order, group_size, threshold, mode,
+    prompt_group_size, speculative and independent_rows do not apply and must keep their defaults.
+    An ar model (model.objective=ar) is its content stream: it always decodes this way. An mdlm model
+    fills all max_new_tokens positions by iterative unmasking (`steps`, see infill)."""
     check_objective(cfg, ("a3", "ar", "mdlm"), "generate")
+    if stream not in STREAMS:
+        raise DecodeError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if cfg.objective == "ar":
+        stream = "content"  # a causal LM has no trained query stream
+    if stream == "content":
+        if cfg.objective == "mdlm":
+            raise DecodeError("an mdlm model's content stream is a bidirectional denoiser, not a causal LM: "
+                              "stream='content' does not apply (model.objective=mdlm)")
+        if steps is not None:
+            raise DecodeError("steps= sets an mdlm model's denoiser calls; left-to-right decoding takes none")
+        _check_content_options(order, group_size, threshold, prompt_group_size, mode, speculative, independent_rows)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     seqs = _prompts(prompt_tokens)
@@ -449,23 +466,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     for r, s in enumerate(seqs):  # host-side buffer assembly
         tokens[r, :len(s)] = s
         known[r, :len(s)] = True
-    if cfg.objective == "ar":
-        l2r = isinstance(order, str) and orders_lib.ALIASES.get(order, order) == "left_to_right"
-        if not l2r or group_size != 1 or steps is not None or speculative:
-            raise DecodeError(f"an ar model (model.objective=ar) generates left to right one token a step; "
-                              f"got order={order!r}, group_size={group_size}, steps={steps}, "
-                              f"speculative={speculative}")
-        if temperature is None or float(temperature) < 0:
-            raise DecodeError(f"temperature must be >= 0, got {temperature}")
-        n = int(max_new_tokens) if max_steps is None else min(int(max_new_tokens), int(max_steps))
-        res = DecodeResult(*causal.generate_rows(cfg, params, tokens, lens, valid, n, temperature, top_k, top_p,
-                                                 seed), n)
-    else:
-        res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
-                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
-                      mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
-                      stop_at_eos=stop, eos_id=eos, max_steps=max_steps, steps=steps,
-                      speculative=speculative, independent_rows=independent_rows)
+    if stream == "content":
+        return _generate_content(cfg, params, tokens, lens, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, use_cache=use_cache, stop=stop, eos=eos, pad=pad,
+                                 max_steps=max_steps, return_info=return_info)
+    res, _ = _run(cfg, params, tokens, known, valid=valid, order=order, group_size=group_size,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                  mode=mode, threshold=threshold, prompt_group_size=prompt_group_size,
+                  stop_at_eos=stop, eos_id=eos, max_steps=max_steps, steps=steps, speculative=speculative,
+                  independent_rows=independent_rows)
     new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
     new = np.take_along_axis(res.tokens, new_idx, axis=1).astype(np.int32)
     filled = np.take_along_axis(res.step, new_idx, axis=1) >= 0
@@ -474,4 +483,37 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
         is_eos = new == eos
         after = np.cumsum(is_eos, axis=1) - is_eos > 0  # strictly after the first EOS
         new = np.where(after, pad, new).astype(np.int32)
+    return (new, res) if return_info else new
+
+
+def _check_content_options(order, group_size, threshold, prompt_group_size, mode, speculative, independent_rows):
+    given = {"order": (order, "left_to_right"), "group_size": (group_size, 1), "threshold": (threshold, None),
+             "prompt_group_size": (prompt_group_size, None), "mode": (mode, "a3"), "speculative": (speculative, 0),
+             "independent_rows": (independent_rows, False)}
+    bad = [f"{k}={v!r}" for k, (v, default) in given.items()
+           if not (isinstance(v, str) or v is None or np.isscalar(v)) or v != default]
+    if bad:
+        raise DecodeError(f"stream='content' decodes left to right one token per step; {', '.join(bad)} does not "
+                          f"apply (leave order, group_size, threshold, prompt_group_size, mode, speculative and "
+                          f"independent_rows at their defaults)")
+
+
+def _generate_content(cfg, params, tokens, lens, max_new_tokens, *, temperature, top_k, top_p, seed, use_cache,
+                      stop, eos, pad, max_steps, return_info):
+    if temperature is None or float(temperature) < 0:
+        raise DecodeError(f"temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        bad = int(tokens.max()) if tokens.max() >= cfg.vocab_size else int(tokens.min())
+        raise DecodeError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    toks, logp, step, n = content_lib.decode_content(
+        cfg, params, tokens, lens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        use_cache=use_cache, stop_at_eos=stop, eos_id=eos, max_steps=max_steps)
+    new_idx = lens[:, None] + np.arange(max_new_tokens)[None]
+    new = np.take_along_axis(toks, new_idx, axis=1).astype(np.int32)
+    new = np.where(np.take_along_axis(step, new_idx, axis=1) >= 0, new, pad).astype(np.int32)
+    res = DecodeResult(toks.astype(np.int32), logp, step, n)
     return (new, res) if return_info else new

@@ -29,6 +29,9 @@ def cli_main(argv) -> int:
     ap.add_argument("--infill-order", default="confidence", help="decoding order for infill tasks")
     ap.add_argument("--infill-group-size", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="QA answer length cap")
+    ap.add_argument("--stream", default="query", choices=("query", "content"),
+                    help="query: A3 (default); content: the causal content stream, i.e. the base LLaMA before "
+                         "adaptation (the AR baseline; left to right only)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file ('-' = stdout only)")
     args = ap.parse_args(argv)
     try:
@@ -37,7 +40,7 @@ def cli_main(argv) -> int:
                 raise FileNotFoundError(f"task file not found: {path}")
         tok = load_tok(args.tokenizer, args.ckpt)
         cfg, params = load_params(args.ckpt)
-        ev = A3Evaluator(cfg, params, tok, batch_size=args.batch_size)
+        ev = A3Evaluator(cfg, params, tok, batch_size=args.batch_size, stream=args.stream)
         results = {}
         for path in args.task:
             t0 = time.perf_counter()
@@ -51,7 +54,7 @@ def cli_main(argv) -> int:
     except (TaskError, ValueError, FileNotFoundError, OSError) as e:
         print(f"a3jax eval: error: {e}", file=sys.stderr)
         return 2
-    out = dict(ckpt=args.ckpt, settings=dict(order=args.order, group_size=args.group_size,
+    out = dict(ckpt=args.ckpt, settings=dict(stream=args.stream, order=args.order, group_size=args.group_size,
                                              context_order=args.context_order, infill_order=args.infill_order,
                                              infill_group_size=args.infill_group_size), results=results)
     if args.json == "-":

@@ -15,6 +15,8 @@ Scoring semantics: a request's context is encoded left to right after BOS and it
 scored exactly as AR groups of `group_size` (1 = plain AR chain rule). `loglikelihood_rolling` scores
 the whole text left to right (or under `rolling_order`, any a3jax.data.grouping strategy).
 `generate_until` decodes greedily (or with temperature from gen_kwargs) with the KV-cached decoder.
+`stream=content` (model_args) evaluates the causal content stream instead: the converted base LLaMA
+before adaptation, the AR baseline (left to right only: group_size 1, AR orders).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def _bool(x) -> bool:
 class A3JaxLM(LM):
     def __init__(self, ckpt: Optional[str] = None, tokenizer: str = "auto", batch_size=8, group_size=1,
                  context_order: str = "ar", rolling_order: str = "ar", gen_order: str = "left_to_right",
-                 gen_group_size=1, max_gen_toks=64, cfg=None, params=None, tokenizer_obj=None, **_ignored):
+                 gen_group_size=1, max_gen_toks=64, stream: str = "query", cfg=None, params=None,
+                 tokenizer_obj=None, **_ignored):
         super().__init__()
         if cfg is None or params is None:
             if ckpt is None:
@@ -51,7 +54,7 @@ class A3JaxLM(LM):
             bs = int(batch_size)
         except (TypeError, ValueError):  # lm-eval's "auto"
             bs = 8
-        self.ev = A3Evaluator(cfg, params, tokenizer_obj, batch_size=bs)
+        self.ev = A3Evaluator(cfg, params, tokenizer_obj, batch_size=bs, stream=stream)
         self.group_size = int(group_size)
         self.context_order = context_order
         self.rolling_order = rolling_order

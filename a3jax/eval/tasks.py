@@ -10,6 +10,11 @@
 
 A line may carry "kind"; otherwise it is inferred from its fields. `A3Evaluator` wraps
 (cfg, params, tokenizer) with batched scoring/decoding shared by these tasks and the lm-eval adapter.
+
+`stream="content"` evaluates the content stream: the causal base LLaMA (a converted model before A3
+adaptation), the AR baseline. It scores and generates left to right only (group size 1, AR context
+and perplexity order; no infill tasks), and follows the tokenizer's add_bos: without it (SmolLM2)
+BOS is put before a text only when nothing else precedes the first scored token.
 """
 from __future__ import annotations
 
@@ -86,8 +91,19 @@ def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
 class A3Evaluator:
     """Batched exact scoring and decoding for (cfg, params, tokenizer)."""
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer, batch_size: int = 8):
+    def __init__(self, cfg: ModelConfig, params, tokenizer, batch_size: int = 8, stream: str = "query"):
+        if stream not in ("query", "content"):
+            raise TaskError(f"stream must be 'query' or 'content', got {stream!r}")
         self.cfg, self.params, self.tok, self.batch_size = cfg, params, tokenizer, int(batch_size)
+        self.stream = stream
+
+    def _bos(self, follows: int) -> list:
+        """BOS before a text with `follows` tokens ahead of the first scored/generated one: always for
+        the query stream (its anchor), for the content stream as the tokenizer's add_bos says
+        (or when nothing precedes)."""
+        if self.stream == "query" or getattr(self.tok, "add_bos", True) or follows == 0:
+            return [self.tok.bos_id]
+        return []
 
     @property
     def max_length(self) -> int:
@@ -100,7 +116,7 @@ class A3Evaluator:
         """rows: list of (ids, groups, target mask) -> list of (sum log p over target, all greedy)
         (a3jax.score.score_rows, in fixed [batch_size, bucket] shapes: few compiles)."""
         try:
-            return score_rows(self.cfg, self.params, rows, self.batch_size, self._pad())
+            return score_rows(self.cfg, self.params, rows, self.batch_size, self._pad(), stream=self.stream)
         except ScoreError as e:
             raise TaskError(str(e)) from None
 
@@ -115,6 +131,14 @@ class A3Evaluator:
         if keep < 0:
             raise TaskError(f"continuation of {len(cont)} tokens does not fit max_position_embeddings")
         ctx = ctx[len(ctx) - keep:] if len(ctx) > keep else ctx
+        if self.stream == "content":
+            ids = self._bos(len(ctx)) + ctx + cont
+            m = np.zeros(len(ids), bool)
+            m[len(ids) - len(cont):] = True
+            if group_size != 1 or context_order != "ar":
+                raise TaskError(f"the content stream scores left to right: group_size={group_size}, "
+                                f"context_order={context_order!r} do not apply (use 1 and 'ar')")
+            return np.asarray(ids), np.arange(len(ids), dtype=np.int32), m
         ids = [self.tok.bos_id] + ctx + cont
         m = np.zeros(len(ids), bool)
         m[1 + len(ctx):] = True
@@ -154,13 +178,20 @@ class A3Evaluator:
             seqs = []
             for c in chunk:
                 ids = list(self.tok.encode(c))
-                seqs.append([self.tok.bos_id] + (ids[len(ids) - keep:] if len(ids) > keep else ids))
+                ids = ids[len(ids) - keep:] if len(ids) > keep else ids
+                seqs.append(self._bos(len(ids)) + ids)
             # fixed batch size (copies, dropped) and bucketed buffer length: few distinct compiles
             seqs += [seqs[0]] * (self.batch_size - len(seqs))
             need = max(len(q) for q in seqs) + int(max_new_tokens)
-            new = generate(self.cfg, self.params, seqs, int(max_new_tokens), order=order, group_size=group_size,
-                           temperature=temperature, seed=seed, eos_token_id=self.tok.eos_id,
-                           buffer_length=min(bucket(need), self.max_length))
+            if self.stream == "content":
+                if group_size != 1 or order != "left_to_right":
+                    raise TaskError(f"the content stream generates left to right one token at a time: "
+                                    f"order={order!r}, group_size={group_size} do not apply")
+                opts = dict(stream="content")
+            else:
+                opts = dict(order=order, group_size=group_size)
+            new = generate(self.cfg, self.params, seqs, int(max_new_tokens), temperature=temperature, seed=seed,
+                           eos_token_id=self.tok.eos_id, buffer_length=min(bucket(need), self.max_length), **opts)
             for row in new[:len(chunk)]:
                 text = self.tok.decode([int(x) for x in row if int(x) not in (self.tok.pad_id, self.tok.eos_id)])
                 cut = len(text)
@@ -174,6 +205,9 @@ class A3Evaluator:
                      seed: int = 0) -> list[str]:
         """items: [(left, right, n_tokens)] -> the text filled into each n-token blank. Batched, rows
         padded to a bucketed length (padding is neither context nor blank)."""
+        if self.stream == "content":
+            raise TaskError("infill tasks need the query stream (the content stream only continues a text "
+                            "left to right); evaluate them without --stream content")
         place = rows_lib.placeholder_id(self.tok)
         outs = []
         for start in range(0, len(items), self.batch_size):
