@@ -236,7 +236,7 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             nel, greedy = np.asarray(terms).mean(0), np.asarray(greedy)
             out += [(-float(nel[i]), bool(greedy[i])) for i in range(len(chunk))]
             continue
-        _check_scorable(cfg, lay.groups, lay.segment_ids, lay.loss_mask != 0)
+        # an ar model scores through the content stream: check_ar_rows above checked its rows
         if stream == "content":
             lp, greedy = _content_logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
                                                   jnp.asarray(lay.segment_ids))

@@ -30,7 +30,7 @@ from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import train
 from train_helpers import (compile_cache, corpus, exact_view, tiny_config,  # noqa: F401 (fixtures)
-                           tiny_overrides)
+                           tiny_overrides, wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "a3jax-test"
@@ -93,17 +93,6 @@ def _spawn(run_dir, data, env, log, sleep):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def _wait_for(cond, proc, what, timeout=240):
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited (rc={proc.returncode}) before {what}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _committed(run, step):
     return fs.exists(f"{run}/checkpoints/{step}/commit_success.txt")  # Orbax's marker on GCS
 
@@ -121,14 +110,14 @@ def gs_run(gcs, gs_corpus, reference, compile_cache, tmp_path_factory):
     run, logs = f"{GS}/runs/faults", tmp_path_factory.mktemp("logs")
     env = {**gcs, **compile_cache}
     proc = _spawn(run, gs_corpus, env, logs / "1.log", sleep=0.3)
-    _wait_for(lambda: _committed(run, 6), proc, "checkpoint 6 on gs://")
+    wait_for(lambda: _committed(run, 6), proc, "checkpoint 6 on gs://")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert _steps(run) == [6], "the kill came too late"
     # buffered metrics: written out before checkpoint 6, so the kill lost none up to it
     assert [r["step"] for r in _records(run) if r["kind"] == "train"][:3] == [2, 4, 6]
     proc = _spawn(run, gs_corpus, env, logs / "2.log", sleep=0.3)
-    _wait_for(lambda: "step 8/12" in (logs / "2.log").read_text(), proc, "the resumed run's step 8")
+    wait_for(lambda: "step 8/12" in (logs / "2.log").read_text(), proc, "the resumed run's step 8")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (logs / "2.log").read_text()[-3000:]
     out2 = (logs / "2.log").read_text()

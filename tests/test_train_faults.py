@@ -22,7 +22,7 @@ from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import NonFiniteLossError, train
 from train_helpers import (compile_cache, corpus, exact_view, read_jsonl, tiny_config,  # noqa: F401 (fixtures)
-                           tiny_overrides)
+                           tiny_overrides, wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,17 +57,6 @@ def _spawn(run_dir, corpus, cache_env, sleep=0.0):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log.name
 
 
-def _wait_for(cond, proc, timeout=240, what=""):
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited (rc={proc.returncode}) before {what}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _logged_steps(run_dir):
     try:
         return [r["step"] for r in read_jsonl(run_dir) if r["kind"] == "train"]
@@ -80,7 +69,7 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(reference, corpus, c
     ck = lambda s: os.path.isdir(os.path.join(run, "checkpoints", str(s)))
     # 1) kill -9 once checkpoint 6 is committed (steps sleep 0.4 s, so we are well before step 12)
     proc, log1 = _spawn(run, corpus, compile_cache, sleep=0.4)
-    _wait_for(lambda: ck(6) and max(_logged_steps(run) or [0]) >= 8, proc, what="checkpoint 6 and step 8")
+    wait_for(lambda: ck(6) and max(_logged_steps(run) or [0]) >= 8, proc, what="checkpoint 6 and step 8")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -88,7 +77,7 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(reference, corpus, c
     assert max(_logged_steps(run)) >= 8  # work after the checkpoint was lost and will be redone
     # 2) rerun; SIGTERM (preemption) after it logged step 8 again: it must save and exit 143
     proc, log2 = _spawn(run, corpus, compile_cache, sleep=0.4)
-    _wait_for(lambda: "step 8/12" in open(log2).read(), proc, what="the resumed run's step 8")
+    wait_for(lambda: "step 8/12" in open(log2).read(), proc, what="the resumed run's step 8")
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
     out2 = open(log2).read()

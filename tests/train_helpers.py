@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -42,6 +43,18 @@ def tiny_overrides(run_dir: str, corpus: str, **extra) -> list[str]:
 
 def tiny_config(run_dir, corpus, **extra):
     return load_config(None, tiny_overrides(str(run_dir), str(corpus), **extra))
+
+
+def wait_for(cond, proc, what, timeout=240):
+    """Polls cond() while the training subprocess proc runs; fails naming `what` if it exits or times out."""
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited (rc={proc.returncode}) before {what}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def read_jsonl(run_dir) -> list[dict]:

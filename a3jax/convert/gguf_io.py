@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from a3jax.config import ConfigError, ModelConfig
-from a3jax.convert.hf import ConversionError, key_plan, load_params_lazy, resolve_dtype
+from a3jax.config import ModelConfig
+from a3jax.convert.hf import ConversionError, converted_config, key_plan, load_params_lazy, resolve_dtype
 from a3jax.model import query_embed_init
 from a3jax.model.layers import rope_inv_freq
 
@@ -198,13 +198,7 @@ def config_from_gguf(g: GGUFFile, **overrides) -> ModelConfig:
     kwargs["rms_norm_eps"] = float(f"{kwargs['rms_norm_eps']:.6g}")
     if ROPE_FREQS in g.tensors:
         kwargs.update(_llama3_rope(g, kwargs))
-    kwargs.update(overrides)
-    cfg = ModelConfig(**kwargs)
-    try:
-        cfg.validate(where)
-    except ConfigError as e:
-        raise ConversionError(str(e)) from e
-    return cfg
+    return converted_config(kwargs, overrides, where)
 
 
 def _llama3_rope(g: GGUFFile, kwargs: dict) -> dict:

@@ -87,8 +87,13 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
     )
     if kwargs["head_dim"] * heads == kwargs["hidden_size"]:
         kwargs["head_dim"] = 0
-    kwargs.update(overrides)
-    cfg = ModelConfig(**kwargs)
+    return converted_config(kwargs, overrides, where)
+
+
+def converted_config(kwargs: dict, overrides: dict, where: str) -> ModelConfig:
+    """The ModelConfig of a converted checkpoint's fields plus the user's overrides, validated; a bad
+    value is a ConversionError naming `where` (the file it came from)."""
+    cfg = ModelConfig(**{**kwargs, **overrides})
     try:
         cfg.validate(where)
     except ConfigError as e:

@@ -258,6 +258,15 @@ def _run_mdlm(cfg, params, tokens, known, valid, order, group_size, temperature,
     return DecodeResult(toks, lp, step, total), p
 
 
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if temperature is None or float(temperature) < 0:
+        raise DecodeError(f"temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group_size=4, temperature=0.0,
          top_k=0, top_p=1.0, seed=0, use_cache=True, mode="a3", threshold=None, prompt_group_size=None,
          teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None, steps=None, speculative=0,
@@ -275,12 +284,7 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
         raise DecodeError("steps= sets an mdlm model's denoiser calls; A3 decoding takes group_size / order")
     if mode not in MODES:
         raise DecodeError(f"mode must be one of {MODES}, got {mode!r}")
-    if temperature is None or float(temperature) < 0:
-        raise DecodeError(f"temperature must be >= 0, got {temperature}")
-    if int(top_k) < 0:
-        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     spec = _check_speculative(speculative, order, mode, threshold, teacher_forcing)
     try:  # speculative: the target is token-by-token in the order, so its groups are singletons
         p = _prepare(cfg, tokens, known, valid, order, 1 if spec else group_size, threshold, prompt_group_size,
@@ -500,12 +504,7 @@ def _check_content_options(order, group_size, threshold, prompt_group_size, mode
 
 def _generate_content(cfg, params, tokens, lens, max_new_tokens, *, temperature, top_k, top_p, seed, use_cache,
                       stop, eos, pad, max_steps, return_info):
-    if temperature is None or float(temperature) < 0:
-        raise DecodeError(f"temperature must be >= 0, got {temperature}")
-    if int(top_k) < 0:
-        raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         bad = int(tokens.max()) if tokens.max() >= cfg.vocab_size else int(tokens.min())
         raise DecodeError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
