@@ -3,8 +3,8 @@
 A config file is a YAML mapping whose top-level keys are the sections of `Config`. A section may be
 given as a string naming another YAML file (e.g. `model: tiny` -> configs/model/tiny.yaml), or as a
 mapping whose `base` key names one (`model: {base: tiny, block: official}`: the file, then the keys
-over it), and a file may start from another with `base: other.yaml`. Every unknown key, wrong type or inconsistent value
-raises `ConfigError` naming the key and the file it came from.
+over it), and a file may start from another with `base: other.yaml`. Every unknown key, wrong type or
+inconsistent value raises `ConfigError` naming the key and the file it came from.
 """
 from __future__ import annotations
 

@@ -65,10 +65,11 @@ class ExampleLayout:
     def _batch_groups(self, step: int, strategy: str, length: int) -> np.ndarray:
         """One grouping of the T slots of a row per global step (drawn as for one T-token document)."""
         key = (step, strategy, length)
-        if self._shared[0] != key:
-            g = group_document(strategy, length, batch_rng(self.grouping_seed, step), self.anchor_bos)
-            self._shared = (key, g)
-        return self._shared[1]
+        cached = self._shared  # one read: another reader thread may replace it meanwhile
+        if cached[0] != key:
+            cached = (key, group_document(strategy, length, batch_rng(self.grouping_seed, step), self.anchor_bos))
+            self._shared = cached
+        return cached[1]
 
     def __call__(self, index: int, row: dict) -> dict:
         step = index // self.global_batch_size
