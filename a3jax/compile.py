@@ -146,7 +146,8 @@ def _abstract(shape, dtype, sharding):
 
 def lower_train(cfg, mesh, rules):
     """(lowered, description) of the real train step over `mesh`."""
-    optimizer, schedule = make_optimizer(cfg.train.optimizer, cfg.total_steps)
+    optimizer, schedule = make_optimizer(cfg.train.optimizer, cfg.total_steps,
+                                         [s.steps for s in cfg.data.stages])
     pshapes = param_shapes(cfg.model)
     psh = param_shardings(cfg.model, mesh, rules)
     ssh = state_shardings(optimizer, psh, pshapes, mesh)

@@ -1,9 +1,10 @@
 """Typed configs: YAML files plus MaxText-style `key.sub=value` overrides, validated strictly.
 
 A config file is a YAML mapping whose top-level keys are the sections of `Config`. A section may be
-given as a string naming another YAML file (e.g. `model: tiny` -> configs/model/tiny.yaml), and a file
-may start from another with `base: other.yaml`. Every unknown key, wrong type or inconsistent value
-raises `ConfigError` naming the key and the file it came from.
+given as a string naming another YAML file (e.g. `model: tiny` -> configs/model/tiny.yaml), or as a
+mapping whose `base` key names one (`model: {base: tiny, block: official}`: the file, then the keys
+over it), and a file may start from another with `base: other.yaml`. Every unknown key, wrong type or
+inconsistent value raises `ConfigError` naming the key and the file it came from.
 """
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ class DataConfig:
     seq_len: int = 256  # tokens per packed row
     shuffle_seed: int = 0  # seed of the document order
     grouping_seed: int = 0  # seed of the per-example groupings (with the global example index)
-    anchor_bos: bool = True  # each document's BOS alone in its first group (off = reference behaviour)
+    anchor_bos: bool = True  # each document's BOS alone in its first group (off: BOS grouped like any token, as the reference code)
+    grouping_scope: str = "example"  # example: every example draws its own grouping | batch: one grouping per global batch, shared by its rows (the reference code; docs/curriculum.md)
     split: str = "train"  # train | heldout (stdlib: split by file)
     heldout_fraction: float = 0.05  # fraction of documents (by file for file sources) held out for eval
     worker_count: int = 0  # Grain worker processes (0 = in-process)
@@ -161,6 +163,10 @@ class MeshConfig:
     )
 
 
+GROUPING_SCOPES = ("example", "batch")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     learning_rate: float = 3e-4  # peak learning rate (AdamW)
@@ -170,8 +176,34 @@ class OptimizerConfig:
     b1: float = 0.9  # Adam beta1
     b2: float = 0.95  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 0.01  # decoupled weight decay (matrices only; not norms, query_embed)
+    weight_decay: float = 0.01  # decoupled weight decay (matrices and embeddings; not norms, nor query_embed unless decay_query_embed)
+    decay_query_embed: bool = False  # also weight-decay the query vector (HF Trainer, so the reference code, does)
     grad_clip: float = 1.0  # global-norm gradient clipping (0 = off)
+    schedule_per_stage: bool = False  # restart warmup + decay at every data.stages boundary, each over its stage's steps (the reference: one Trainer run per stage)
+    reset_moments_per_stage: bool = False  # zero the AdamW moments and their bias correction at every data.stages boundary (the reference: a fresh optimizer per Trainer run)
+
+    def validate(self, where: str = "train.optimizer", stages=(), total_steps: int = 0) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{where}.schedule: {self.schedule!r} is not one of {SCHEDULES}")
+        for key in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "eps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.end_learning_rate_fraction <= 1:
+            raise ConfigError(f"{where}.end_learning_rate_fraction: must be in [0, 1], got "
+                              f"{self.end_learning_rate_fraction}")
+        if self.schedule_per_stage and stages:
+            short = [i for i, st in enumerate(stages) if st.steps <= self.warmup_steps]
+            if short:
+                raise ConfigError(f"{where}.schedule_per_stage: warmup_steps={self.warmup_steps} is not below the "
+                                  f"steps of data.stages{short} (each stage warms up again)")
+            curriculum = sum(st.steps for st in stages)
+            if total_steps > curriculum:
+                raise ConfigError(f"{where}.schedule_per_stage: train.steps={total_steps} runs past the "
+                                  f"curriculum's {curriculum} steps, where the per-stage schedule has decayed "
+                                  f"to its end; add a stage or set train.steps <= {curriculum}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +269,10 @@ class Config:
         for i, st in enumerate(self.data.stages):
             if st.steps <= 0:
                 raise ConfigError(f"{where}: data.stages[{i}].steps must be positive, got {st.steps}")
+        if self.data.grouping_scope not in GROUPING_SCOPES:
+            raise ConfigError(f"{where}: data.grouping_scope {self.data.grouping_scope!r} is not one of "
+                              f"{GROUPING_SCOPES}")
+        self.train.optimizer.validate(f"{where}: train.optimizer", self.data.stages, self.total_steps)
         if self.train.global_batch_size % self.train.microbatches:
             raise ConfigError(f"{where}: train.microbatches={self.train.microbatches} does not divide "
                               f"train.global_batch_size={self.train.global_batch_size}")
@@ -370,17 +406,28 @@ def to_dict(obj) -> dict:
 SECTION_FILES = ("model", "data", "mesh", "train", "checkpoint")  # sections that may name a YAML file
 
 
+def parse_yaml(text: str, where: str) -> dict:
+    """The one YAML reader of configs: text -> the top-level mapping; `where` (a file name) starts every
+    error message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: keys must be strings, got {bad[0]!r}")
+    return data
+
+
 def _read_yaml(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+        return parse_yaml(f.read(), path)
 
 
 def _resolve(name: str, base_dir: str, section: str = "") -> str:
@@ -418,6 +465,13 @@ def load_dict(path: str, _seen=()) -> dict:
     for section, value in data.items():
         if isinstance(value, str) and section in SECTION_FILES:
             value = _read_yaml(_resolve(value, base_dir, section))
+        elif isinstance(value, dict) and "base" in value and section in SECTION_FILES:
+            # `model: {base: llama3.2-1b, block: official}`: a section file, then keys over it
+            value = dict(value)
+            name = value.pop("base")
+            if not isinstance(name, str):
+                raise ConfigError(f"{path}: {section}.base must name a {section} file, got {name!r}")
+            value = _merge(_read_yaml(_resolve(name, base_dir, section)), value)
         merged = _merge(merged, {section: value})
     return merged
 
@@ -481,13 +535,7 @@ def load_model_config(path: str) -> ModelConfig:
 
 def parse_model_config(text: str, where: str) -> ModelConfig:
     """A ModelConfig from YAML text (read by the caller from anywhere, e.g. gs://); `where` names it."""
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({e})") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of model keys, got {type(values).__name__}")
-    cfg = build(ModelConfig, values, where)
+    cfg = build(ModelConfig, parse_yaml(text, where), where)
     cfg.validate(where)
     return cfg
 

@@ -81,3 +81,30 @@ def test_section_file_overrides_merge():
     assert cfg.data.seq_len == 512 and cfg.data.source == "stdlib"  # merged, not replaced
     with pytest.raises(ConfigError, match="not found"):
         load_config(None, ["model=nope-70b"])
+
+
+def test_section_mapping_with_base(tmp_path):
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "model" / "small.yaml", "hidden_size: 48\nnum_heads: 4\nnum_kv_heads: 4\nnum_layers: 3\n")
+    f = write(tmp_path / "c.yaml", "model:\n  base: small\n  num_layers: 5\n  block: official\n")
+    cfg = load_config(f)
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.block) == (48, 5, "official")
+    with pytest.raises(ConfigError, match=r"c2\.yaml: model\.base must name a model file, got 3"):
+        load_config(write(tmp_path / "c2.yaml", "model:\n  base: 3\n"))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: [unclosed\n", r"bad\.yaml: not valid YAML \("),
+    ("- 1\n- 2\n", r"bad\.yaml: the top level must be a mapping of keys, got list"),
+    ("1: 2\n", r"bad\.yaml: keys must be strings, got 1"),
+])
+def test_one_yaml_reader_one_error_style(tmp_path, text, match):
+    """A run config, a model.yaml (load_model_config and parse_model_config, which checkpoints on gs://
+    use) and a curriculum file go through the same reader and fail the same way, naming the file."""
+    from a3jax.config import load_model_config, parse_model_config
+    from a3jax.data import load_curriculum
+
+    f = write(tmp_path / "bad.yaml", text)
+    for read in (load_config, load_model_config, lambda p: parse_model_config(open(p).read(), p), load_curriculum):
+        with pytest.raises(ConfigError, match=match):
+            read(f)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from test_convert_common import assert_bit_exact, make_official, read_all
+from test_convert_common import assert_bit_exact, make_checkpoint, make_official, read_all, tree_bit_exact
 
 from a3jax.checkpoint import load_model_config
 from a3jax.convert import ConversionError, from_hf, from_official, to_hf, to_official
@@ -132,3 +132,132 @@ def test_block_official_matches_numpy_reference(tmp_path, tie):
     llama = np.asarray(forward(dataclasses.replace(cfg, block="llama"), params, tokens[None],
                                groups=groups[None], stream="query"))[0]
     assert np.abs(llama - reference_forward(sd, hf, tokens, groups, "query")).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- HF Trainer output folders
+
+LAYOUTS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
+DECOYS = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One reference checkpoint (single model.safetensors) and what from_official reads from it."""
+    src = tmp_path_factory.mktemp("ref") / "ref"
+    _, hf, sd = make_official(src, fmt="safetensors", seed=5)
+    cfg, params = from_official(str(src))
+    return src, sd, cfg, params
+
+
+def write_trainer_checkpoint(d, src, sd, layout, decoys=True):
+    """What HF Trainer leaves in a checkpoint-N folder of the reference script: config.json, the
+    weights in `layout` (huggingface_hub's writer, which save_pretrained uses: model.safetensors,
+    model-0000i-of-0000n.safetensors + index, pytorch_model.bin, or .bin shards + index), and the
+    training state, each written by torch as Trainer writes it."""
+    import argparse
+    import random
+    import shutil
+
+    import torch
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(src / "config.json", d / "config.json")
+    if layout is not None:
+        save_torch_state_dict(sd, str(d), max_shard_size="20KB" if layout.startswith("sharded") else "5GB",
+                              safe_serialization=layout.endswith("safetensors"))
+        names = os.listdir(d)
+        assert (len([n for n in names if n.endswith((".safetensors", ".bin"))]) > 1) == layout.startswith("sharded")
+    if decoys:
+        # optimizer.pt: a real AdamW state after one step; its moments have the weights' shapes
+        ps = [torch.nn.Parameter(v.float().clone()) for v in sd.values()]
+        opt = torch.optim.AdamW(ps, lr=1e-3)
+        sum((p * p).sum() for p in ps).backward()
+        opt.step()
+        torch.save(opt.state_dict(), d / "optimizer.pt")
+        torch.save(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).state_dict(), d / "scheduler.pt")
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                    "cpu": torch.random.get_rng_state()}, d / "rng_state.pth")
+        torch.save(argparse.Namespace(output_dir=str(d.parent), learning_rate=2e-5), d / "training_args.bin")
+        with open(d / "trainer_state.json", "w") as f:
+            f.write('{"global_step": 1}')
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_trainer_checkpoint_folder_every_layout(tmp_path, reference, layout):
+    src, sd, cfg, params = reference
+    d = tmp_path / "run" / "checkpoint-800"
+    write_trainer_checkpoint(d, src, sd, layout)
+    cfg2, params2 = from_official(str(d))
+    assert cfg2 == cfg
+    tree_bit_exact(params, params2)
+
+
+def test_trainer_state_alone_is_a_clear_error(tmp_path, reference, capsys):
+    src, sd, _, _ = reference
+    d = tmp_path / "checkpoint-50"
+    write_trainer_checkpoint(d, src, sd, layout=None)
+    with pytest.raises(ConversionError) as e:
+        from_official(str(d))
+    msg = str(e.value)
+    assert msg.startswith(f"{d}: no weights found")
+    assert all(n in msg for n in DECOYS + ("config.json",)) and "training state" in msg
+    # the CLI says the same and writes nothing
+    assert cli_main(["official-to-a3", "--official", str(d), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no weights found" in err and "optimizer.pt" in err and not os.path.exists(tmp_path / "ckpt" / "params")
+
+
+def test_trainer_output_folder_picks_highest_checkpoint(tmp_path, reference, capsys):
+    src, sd, cfg, params = reference
+    run = tmp_path / "run"
+    older = {k: v + 1 for k, v in sd.items()}  # other weights: picking them would show
+    # 9 < 50 < 100 numerically, but "checkpoint-9" sorts last as a string
+    write_trainer_checkpoint(run / "checkpoint-9", src, older, "safetensors")
+    write_trainer_checkpoint(run / "checkpoint-50", src, older, "bin")
+    write_trainer_checkpoint(run / "checkpoint-100", src, sd, "sharded-safetensors")
+    (run / "tokenizer_config.json").write_text("{}")  # the final save's tokenizer, at the top only
+    logs = []
+    _, got = from_official(str(run), log=logs.append)
+    tree_bit_exact(params, got)
+    assert len(logs) == 1 and "checkpoint-100" in logs[0] and "checkpoint-9" in logs[0]
+    ckpt = tmp_path / "ckpt"
+    assert cli_main(["official-to-a3", "--official", str(run), "--out", str(ckpt), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "using checkpoint-100" in out.err and "tokenizer_config.json" in out.out
+    assert os.path.exists(ckpt / "tokenizer_config.json")
+
+    # The final save_model at the top wins over the checkpoints.
+    for k, v in older.items():
+        older[k] = v + 1
+    write_trainer_checkpoint(run, src, older, "safetensors", decoys=False)
+    logs = []
+    _, top = from_official(str(run), log=logs.append)
+    np.testing.assert_array_equal(top["final_norm"], np.asarray(older["model.norm.weight"]))
+    assert len(logs) == 1 and "top" in logs[0]
+
+
+def test_newest_checkpoint_without_weights_is_refused(tmp_path, reference):
+    src, sd, _, _ = reference
+    run = tmp_path / "run"
+    write_trainer_checkpoint(run / "checkpoint-50", src, sd, "safetensors")
+    write_trainer_checkpoint(run / "checkpoint-100", src, sd, layout=None)  # a save cut short
+    with pytest.raises(ConversionError) as e:
+        from_official(str(run))
+    msg = str(e.value)
+    assert str(run / "checkpoint-100") in msg and "optimizer.pt" in msg and str(run / "checkpoint-50") in msg
+
+
+def test_plain_llama_needs_from_llama(tmp_path):
+    src = tmp_path / "llama"
+    make_checkpoint(src, "single-safetensors", seed=3)
+    with pytest.raises(ConversionError, match=r"(?s)missing model\.query_embed.*--from-llama"):
+        from_official(str(src))
+    logs = []
+    cfg, params = from_official(str(src), from_llama=True, log=logs.append)
+    hcfg, hparams = from_hf(str(src))
+    assert cfg.block == "official" and cfg.query_init == "normal" and "plain LLaMA" in logs[0]
+    tree_bit_exact({k: v for k, v in hparams.items() if k != "query_embed"},
+                   {k: v for k, v in params.items() if k != "query_embed"})
+    q = params["query_embed"].astype(np.float64)
+    assert q.shape == (64,) and abs(q.mean()) < 0.4 and 0.7 < q.std() < 1.3  # N(0, 1), not the tiny embed mean

@@ -2,6 +2,7 @@
 resolves the named configs (`model=llama3.2-1b`, `data=curriculum/paper`) shipped as package data."""
 import glob
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -10,15 +11,25 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Every subprocess runs without PYTHONPATH: with the checkout on it, pip would see this source tree's
+# a3jax (and the a3jax.egg-info a build leaves) as already installed and skip the wheel.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _run(cmd, **kw):
+    kw.setdefault("env", ENV)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
     assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
     return r
 
 
 def test_wheel_in_a_fresh_venv_finds_its_configs(tmp_path):
+    # Built from a copy, so the build's egg-info and build/ never land in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache", "results"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), ROOT])
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)])
     (wheel,) = glob.glob(str(wheels / "a3jax-*.whl"))
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
@@ -32,8 +43,7 @@ def test_wheel_in_a_fresh_venv_finds_its_configs(tmp_path):
         f.write("\n".join(site.getsitepackages()) + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = dict(ENV, JAX_PLATFORMS="cpu")
     r = _run([str(venv / "bin" / "a3jax"), "train", "--help"], cwd=elsewhere, env=env)
     assert "CONFIG" in r.stdout
     probe = textwrap.dedent("""

@@ -12,7 +12,7 @@ from a3jax.checkpoint import CheckpointError, load_params, save_params
 from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
 from a3jax.convert.gguf_tokenizer import write_tokenizer
 from a3jax.convert.hf import ConversionError, copy_tokenizer_files, count_params, from_hf, human_bytes, to_hf
-from a3jax.convert.official import from_official, to_official
+from a3jax.convert.official import from_official, resolve_checkpoint_dir, to_official
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -69,9 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("official-to-a3", help="reference A3 code checkpoint -> a3jax params checkpoint (block official)",
                        description="Reference PyTorch A3 checkpoint (HF-style config.json + state dict with "
-                                   "model.query_embed [1,1,hidden]; .bin or .safetensors) -> a3jax params "
-                                   "checkpoint with block: official.")
-    p.add_argument("--official", "--src", required=True, dest="src", metavar="DIR", help="reference checkpoint directory")
+                                   "model.query_embed [1,1,hidden]; model.safetensors, sharded safetensors, "
+                                   "pytorch_model.bin or sharded .bin) -> a3jax params checkpoint with block: "
+                                   "official. DIR may be a HF Trainer output folder (its final weights, else "
+                                   "the checkpoint-N with the highest N) or a checkpoint-N folder; "
+                                   "optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin are never "
+                                   "read as weights.")
+    p.add_argument("--official", "--src", required=True, dest="src", metavar="DIR",
+                   help="reference checkpoint directory, HF Trainer output folder or checkpoint-N folder")
+    p.add_argument("--from-llama", action="store_true",
+                   help="DIR is a plain HF LLaMA (no model.query_embed): read it into the official block with "
+                        "a N(0,1) query vector, as the reference's from_pretrained does (the start of "
+                        "configs/recipe/official.yaml)")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
@@ -117,12 +126,17 @@ def _to_a3(args, official: bool) -> int:
     if fs.exists(item) and not args.force:
         raise CheckpointError(f"{item}: already exists (pass --force to overwrite)")
     t0 = time.perf_counter()
-    load = from_official if official else from_hf
-    src = local_input(args.src if official else args.hf)
-    cfg, params = load(src, dtype=args.dtype, progress=not args.no_progress)
+    src = root = local_input(args.src if official else args.hf)
+    if official:
+        # a HF Trainer output folder -> the folder with the weights (its top, or the newest checkpoint-N)
+        src = resolve_checkpoint_dir(root, log=lambda m: print(m, file=sys.stderr))
+        cfg, params = from_official(src, dtype=args.dtype, progress=not args.no_progress, from_llama=args.from_llama)
+    else:
+        cfg, params = from_hf(src, dtype=args.dtype, progress=not args.no_progress)
     t_read = time.perf_counter() - t0
     save_params(args.out, cfg, params, force=args.force)  # Orbax writes gs:// itself
-    copied = copy_tokenizer_files(src, args.out)
+    # Trainer saves the tokenizer in each checkpoint-N when it has one; else the run's top folder may
+    copied = copy_tokenizer_files(src, args.out) or (copy_tokenizer_files(root, args.out) if root != src else [])
     secs = time.perf_counter() - t0
     _summary("official-to-a3" if official else "hf-to-a3", cfg, params, secs, args.out,
              f" (read {t_read:.1f} s, write {secs - t_read:.1f} s; tokenizer files: {', '.join(copied) or 'none'})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Callable, Iterable, Optional
 
@@ -34,6 +35,10 @@ class ConversionError(ValueError):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 QUERY_EMBED_FILE = "query_embed.safetensors"
+
+
+class NoWeightsError(ConversionError):
+    """A model directory without weight files (its message says what the directory holds)."""
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
                  "f32": "float32", "fp16": "float16", "float16": "float16", "f16": "float16"}
 
@@ -247,6 +252,34 @@ def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, official: bo
 # ----------------------------------------------------------------------------- reading tensors
 
 
+# What HF Trainer (and accelerate) write beside the weights of a checkpoint-N folder: optimizer and
+# scheduler state, grad-scaler state, per-process RNG state, the pickled TrainingArguments. None holds
+# model weights, though .pt/.pth/.bin names look like it.
+TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin|pth)$|^rng_state(_\d+)?\.pth$"
+                            r"|^random_states_\d+\.pkl$|^training_args\.bin$")
+WEIGHT_NAMES = "model.safetensors[.index.json] or pytorch_model.bin[.index.json] (+ shards)"
+
+
+def is_training_state(name: str) -> bool:
+    """True for a Trainer state file name (optimizer.pt, scheduler.pt, rng_state_3.pth, training_args.bin)."""
+    return bool(TRAINING_STATE.match(name))
+
+
+def no_weights_message(d: str, names: list[str]) -> str:
+    """The error for a directory without model weights, saying what it does hold."""
+    if not names:
+        return f"{d}: no weights found ({WEIGHT_NAMES}); the directory is empty"
+    state = [n for n in names if is_training_state(n)]
+    msg = f"{d}: no weights found ({WEIGHT_NAMES}); it holds: {', '.join(names)}"
+    if state:
+        msg += f". {', '.join(state)}: HF Trainer training state (optimizer, scheduler, RNG, arguments), not weights"
+    zero = [n for n in names if re.match(r"^global_step\d+$", n) and os.path.isdir(os.path.join(d, n))]
+    if zero:
+        msg += (f". {', '.join(zero)}/: a DeepSpeed ZeRO checkpoint: consolidate it first with the zero_to_fp32.py "
+                f"script saved beside it (or save with stage3_gather_16bit_weights_on_model_save)")
+    return msg
+
+
 def _torch_to_numpy(t) -> np.ndarray:
     import torch  # deferred: torch is only needed for .bin checkpoints
 
@@ -265,6 +298,44 @@ def _import_torch(path: str):
     return torch
 
 
+def find_weight_files(d: str, prefer: Optional[str] = None) -> tuple[list[str], str]:
+    """(weight files, "safetensors" | "bin") of a model directory; ConversionError naming what it holds
+    when there are none. Trainer state files (optimizer.pt, ...) are never taken for weights."""
+    def from_index(index):
+        try:
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{index}: not a valid index file ({e!r})") from e
+        files = sorted({os.path.join(d, v) for v in wm.values()})
+        missing = [p for p in files if not os.path.exists(p)]
+        if missing:
+            raise ConversionError(f"{index}: lists files that do not exist: {', '.join(missing)}")
+        return files
+
+    cands = {
+        "safetensors": [("model.safetensors.index.json", None), ("model.safetensors", None)],
+        "bin": [("pytorch_model.bin.index.json", None), ("pytorch_model.bin", None)],
+    }
+    order = ["safetensors", "bin"] if prefer != "bin" else ["bin", "safetensors"]
+    for kind in order:
+        for name, _ in cands[kind]:
+            p = os.path.join(d, name)
+            if os.path.exists(p):
+                return (from_index(p) if name.endswith(".json") else [p]), kind
+    # Other single-file names (e.g. a reference-code `model.bin` or `*.safetensors` without an index);
+    # never a training-state file of HF Trainer / accelerate (optimizer.pt, rng_state.pth, ...).
+    names = sorted(os.listdir(d))
+    weights = [f for f in names if os.path.isfile(os.path.join(d, f)) and not is_training_state(f)]
+    others = [f for f in weights if f.endswith(".safetensors") and f != QUERY_EMBED_FILE]
+    if others:
+        return [os.path.join(d, f) for f in others], "safetensors"
+    others = [f for f in weights if f.endswith((".bin", ".pt", ".pth"))]
+    if others:
+        return [os.path.join(d, f) for f in others], "bin"
+    raise NoWeightsError(no_weights_message(d, names))
+
+
 class TensorReader:
     """Lazy view of the weights in a model directory: safetensors (single, or sharded with
     `model.safetensors.index.json`) or PyTorch `.bin` (single or sharded with `pytorch_model.bin.index.json`).
@@ -274,7 +345,7 @@ class TensorReader:
 
     def __init__(self, model_dir: str, prefer: Optional[str] = None):
         self.dir = model_dir
-        self.files, self.kind = self._find_files(model_dir, prefer)
+        self.files, self.kind = find_weight_files(model_dir, prefer)
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, str] = {}
@@ -284,39 +355,6 @@ class TensorReader:
                     raise ConversionError(f"{path}: tensor {key} is also in {self.file_of[key]}")
                 self.file_of[key], self.shapes[key], self.dtypes[key] = path, tuple(shape), dtype
         self._bin_cache: tuple[str, dict] | None = None
-
-    @staticmethod
-    def _find_files(d: str, prefer: Optional[str]) -> tuple[list[str], str]:
-        def from_index(index):
-            try:
-                with open(index) as f:
-                    wm = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConversionError(f"{index}: not a valid index file ({e!r})") from e
-            files = sorted({os.path.join(d, v) for v in wm.values()})
-            missing = [p for p in files if not os.path.exists(p)]
-            if missing:
-                raise ConversionError(f"{index}: lists files that do not exist: {', '.join(missing)}")
-            return files
-
-        cands = {
-            "safetensors": [("model.safetensors.index.json", None), ("model.safetensors", None)],
-            "bin": [("pytorch_model.bin.index.json", None), ("pytorch_model.bin", None)],
-        }
-        order = ["safetensors", "bin"] if prefer != "bin" else ["bin", "safetensors"]
-        for kind in order:
-            for name, _ in cands[kind]:
-                p = os.path.join(d, name)
-                if os.path.exists(p):
-                    return (from_index(p) if name.endswith(".json") else [p]), kind
-        # Other single-file names (e.g. a reference-code `model.bin` or `*.safetensors` without an index).
-        others = sorted(f for f in os.listdir(d) if f.endswith(".safetensors") and f != QUERY_EMBED_FILE)
-        if others:
-            return [os.path.join(d, f) for f in others], "safetensors"
-        others = sorted(f for f in os.listdir(d) if f.endswith((".bin", ".pt", ".pth")) and f != "training_args.bin")
-        if others:
-            return [os.path.join(d, f) for f in others], "bin"
-        raise ConversionError(f"{d}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
 
     def _headers(self, path: str):
         if path.endswith(".safetensors"):
@@ -457,7 +495,7 @@ def read_hf_tensors(hf_dir: str) -> dict:
 
 def safetensors_files(hf_dir: str) -> list[str]:
     try:
-        files, kind = TensorReader._find_files(hf_dir, None)
+        files, kind = find_weight_files(hf_dir)
     except ConversionError:
         return []
     return files if kind == "safetensors" else []

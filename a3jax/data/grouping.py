@@ -39,9 +39,8 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
-import yaml
 
-from a3jax.config import CONFIG_ROOT, DataConfig, build
+from a3jax.config import CONFIG_ROOT, DataConfig, build, parse_yaml
 
 StrategyFn = Callable[..., np.ndarray]
 _REGISTRY: dict[str, StrategyFn] = {}
@@ -110,6 +109,12 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
     """The generator for one example: a pure function of (grouping seed, global example index)."""
     # the trailing 0 keeps every example's stream what it has always been
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0])
+
+
+def batch_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator of a batch-shared grouping (data.grouping_scope: batch): a pure function of
+    (grouping seed, global step); the trailing 1 keeps it apart from every example's stream."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 1])
 
 
 # ----------------------------------------------------------------------------- argument helpers
@@ -302,7 +307,7 @@ def load_curriculum(name_or_path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"curriculum not found: {name_or_path} (looked for {path})")
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        values = parse_yaml(f.read(), path)
     stages = build(DataConfig, {"stages": values.get("stages", [])}, path).stages
     validate_stages(stages, f"{path}: stages")
     return stages

@@ -10,7 +10,8 @@ Packing (decided once, deterministically, when the dataset is built):
   attention crosses pieces or documents;
 * `segment_ids` number the pieces of a row 1, 2, ...; `positions` restart at 0 in every segment.
 
-Layout (per example, see `layout_row`): every segment draws its own groups (a3jax.data.grouping), the
+Layout (per example, see `layout_row`): every segment draws its own groups (a3jax.data.grouping), or,
+with a batch-shared grouping, takes the groups of its slots from the batch's one grouping; the
 group ids of segment s are offset past those of segments < s so they are globally non-decreasing,
 and the row is stably sorted by group, i.e. by (segment, group, original position), with tokens,
 positions and segment ids carried along. Padding comes last: token = pad id, segment 0, position 0,
@@ -117,11 +118,15 @@ class PackedRows:
         return {"tokens": tokens, "positions": positions, "segment_ids": segs}
 
 
-def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: bool, bos_id: int) -> dict:
+def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: bool, bos_id: int,
+               slot_groups: Optional[np.ndarray] = None) -> dict:
     """Packed row (segments contiguous, positions from 0) -> generation-order layout with groups.
 
     Returns the a3jax.layout dict (exactly LAYOUT_KEYS, int32 [T]) sorted by (segment, group).
     `bos_id` is the tokenizer's (it marks each segment's leading BOS, which is not a target).
+    `slot_groups` (int [T], a grouping of the row's T slots shared by every row of a batch) replaces the
+    per-segment draw: each segment keeps the order of its slots' groups (re-ranked; with anchor_bos its
+    BOS first, alone), and `strategy` / `rng` are unused.
     """
     tokens = np.asarray(row["tokens"], np.int32)
     positions = np.asarray(row["positions"], np.int32)
@@ -136,7 +141,13 @@ def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: b
         for run in np.split(real, cut):
             order_in_seg = np.argsort(positions[run], kind="stable")
             run = run[order_in_seg]
-            g = group_document(strategy, len(run), rng, anchor_bos)
+            if slot_groups is None:
+                g = group_document(strategy, len(run), rng, anchor_bos)
+            else:
+                g = np.asarray(slot_groups)[run].astype(np.int64)
+                if anchor_bos and len(run) > 1:
+                    g[0] = g.min() - 1
+                g = np.unique(g, return_inverse=True)[1].astype(np.int32).reshape(-1)
             groups[run] = g + offset
             offset += int(g.max()) + 1
     groups[segs == 0] = offset

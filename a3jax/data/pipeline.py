@@ -5,7 +5,11 @@
       .map_with_index(ExampleLayout)         index = global example index (epochs included): the
                                              strategy comes from the curriculum stage of global step
                                              index // global_batch_size, the groups from
-                                             default_rng([grouping_seed, index, 0])
+                                             default_rng([grouping_seed, index, 0]), or with
+                                             data.grouping_scope=batch one grouping of the
+                                             row's slots per step from
+                                             default_rng([grouping_seed, step, 1]), shared by
+                                             every row of the global batch
       [process_index::process_count]         per-process shard
       .batch(global_batch // process_count)  batch j of every process holds global step j
       .to_iter_dataset(ReadOptions)          threads prefetch `prefetch` batches (0 = synchronous)
@@ -31,9 +35,10 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from a3jax.config import GROUPING_SCOPES
 from a3jax.sharding import batch_sharding
 
-from .grouping import example_rng, parse_strategy, stage_for_step, validate_stages
+from .grouping import batch_rng, example_rng, group_document, parse_strategy, stage_for_step, validate_stages
 from .packing import PackedRows, layout_row, plan_packing
 from .sources import load_corpus
 from .tokenizers import load_tokenizer
@@ -45,21 +50,38 @@ class ExampleLayout:
     """Grain map_with_index transform: (global example index, packed row) -> laid-out example."""
 
     def __init__(self, stages, global_batch_size: int, grouping_seed: int, anchor_bos: bool,
-                 bos_id: int, fixed_strategy: str = ""):
+                 bos_id: int, fixed_strategy: str = "", grouping_scope: str = "example"):
+        if grouping_scope not in GROUPING_SCOPES:
+            raise ValueError(f"data.grouping_scope {grouping_scope!r} is not one of {GROUPING_SCOPES}")
         self.stages = tuple((s.strategy, s.steps) if hasattr(s, "strategy") else tuple(s) for s in stages)
         self.global_batch_size = int(global_batch_size)
         self.grouping_seed = int(grouping_seed)
         self.anchor_bos = bool(anchor_bos)
         self.bos_id = int(bos_id)
         self.fixed_strategy = fixed_strategy
+        self.grouping_scope = grouping_scope
+        self._shared: tuple = (None, None)  # (key, slot groups) of the last batch: its rows come in a run
+
+    def _batch_groups(self, step: int, strategy: str, length: int) -> np.ndarray:
+        """One grouping of the T slots of a row per global step (drawn as for one T-token document)."""
+        key = (step, strategy, length)
+        cached = self._shared  # one read: another reader thread may replace it meanwhile
+        if cached[0] != key:
+            cached = (key, group_document(strategy, length, batch_rng(self.grouping_seed, step), self.anchor_bos))
+            self._shared = cached
+        return cached[1]
 
     def __call__(self, index: int, row: dict) -> dict:
+        step = index // self.global_batch_size
         if self.fixed_strategy:
             stage, strategy = EVAL_STAGE, self.fixed_strategy
         else:
-            stage, strategy = stage_for_step(self.stages, index // self.global_batch_size)
+            stage, strategy = stage_for_step(self.stages, step)
+        shared = None
+        if self.grouping_scope == "batch":
+            shared = self._batch_groups(step, strategy, len(row["tokens"]))
         out = layout_row(row, strategy, example_rng(self.grouping_seed, index), self.anchor_bos,
-                         self.bos_id)
+                         self.bos_id, slot_groups=shared)
         out["stage"] = np.int32(stage)
         out["example_index"] = np.int32(index)
         return out
@@ -93,7 +115,7 @@ def make_train_dataset(data_cfg, global_batch_size: int, process_index: int = 0,
     tok_bos = rows.bos_id
     ds = grain.MapDataset.source(rows).shuffle(seed=int(data_cfg.shuffle_seed)).repeat()
     ds = ds.map_with_index(ExampleLayout(data_cfg.stages, global_batch_size, data_cfg.grouping_seed,
-                                         data_cfg.anchor_bos, tok_bos))
+                                         data_cfg.anchor_bos, tok_bos, grouping_scope=data_cfg.grouping_scope))
     ds = ds[process_index::process_count].batch(local, drop_remainder=True)
     if start_step:
         ds = ds[int(start_step):]

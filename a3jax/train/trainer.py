@@ -260,7 +260,7 @@ class _Trainer:
         gbs, seq = tcfg.global_batch_size, cfg.data.seq_len
         self.mesh = mesh = make_mesh(cfg.mesh)
         self.rules = rules = rules_of(cfg.mesh)
-        optimizer, schedule = make_optimizer(tcfg.optimizer, total)
+        optimizer, schedule = make_optimizer(tcfg.optimizer, total, [s.steps for s in cfg.data.stages])
         pshapes = param_shapes(cfg.model)
         psh = param_shardings(cfg.model, mesh, rules)
         ssh = state_shardings(optimizer, psh, pshapes, mesh)
