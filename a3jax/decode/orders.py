@@ -167,8 +167,8 @@ def phase_widths(n: int, top: int, phases: int, floor: int) -> tuple:
         return tuple(widths)
     lo = max(16, -(-floor // 16) * 16)
     ratio = (lo / top) ** (1.0 / (phases - 1))
-    for i in range(1, phases):
-        w = max(lo, -(-int(np.ceil(top * ratio ** i)) // 16) * 16)
+    for i in range(1, phases):  # (the last is lo itself: no float rounding up past it)
+        w = lo if i == phases - 1 else max(lo, -(-int(np.ceil(top * ratio ** i - 1e-6)) // 16) * 16)
         if w < widths[-1]:
             widths.append(w)
     return tuple(widths)
