@@ -105,7 +105,7 @@ def test_window_num_samples_and_mode_cli(ckpt, capsys):
     assert [(r["prompt"], r["sample"]) for r in res] == [(p, i) for p in ("Hi", "Yo") for i in range(3)]
     cfg, params = tiny(TINY_BYTE)
     tok = load_tokenizer("byte")
-    new = generate(cfg, params, [[tok.bos_id] + tok.encode(p) for p in ("Hi", "Yo")], 6, order="confidence",
+    new = generate(cfg, params, [[tok.bos_id] + list(tok.encode(p)) for p in ("Hi", "Yo")], 6, order="confidence",
                    window=3, temperature=1.0, seed=2, num_samples=3, stop_at_eos=False)
     assert [r["completion"] for r in res] == [tok.decode([int(x) for x in row if x not in (tok.pad_id, tok.eos_id)])
                                               for row in new]
