@@ -2,14 +2,21 @@
 self-speculative sampling vs token-by-token and plain group-wise decoding.
 
     python bench/decode.py [--blanks 256 512 1024] [--group-sizes 1 4 8] [--uncached-steps 6]
-                           [--orders left_to_right] [--out bench/results/decode.json]
+                           [--orders left_to_right] [--prompt 16] [--windows 0 32] [--one-phase]
+                           [--repeat 2] [--out bench/results/decode.json]
+    # issue 12: 1024-token rows, 960 blanks, group size 4; cost that follows the remaining blanks
+    python bench/decode.py --blanks 960 --prompt 64 --group-sizes 4 --orders confidence left_to_right \
+        --windows 0 32 --one-phase --uncached-steps 4 --repeat 1 --out bench/results/decode_follow.json
     python bench/decode.py --speculative [--ks 2 4 8] [--demo-ckpt runs/demo/final] [--rows 16]
                            [--prompt-tokens 32] [--new-tokens 64] [--temperatures 1.0 0.0]
                            [--out bench/results/decode_speculative.json]
 
-Fills N blanks after a 16-token prompt (one row, greedy) with a random model of the `tiny` shape
-(4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688, byte vocab 260). Cached: the whole decode
-(prefill + all steps) is timed after a compile run. Uncached: every step is a full forward over all
+Fills N blanks after a 16-token (--prompt) prompt (one row, greedy) with a random model of the `tiny`
+shape (4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688, byte vocab 260). Cached: the whole decode
+(prefill + all steps) is timed after a compile run. Dynamic orders run in phases whose query rows
+shrink with the remaining blanks; --one-phase also times phases=1 (every blank's query row at every
+step, the decoder before issue 12) and checks it gives the same tokens; --windows adds
+semi-autoregressive windows (window=W: W query rows per step). Uncached: every step is a full forward over all
 T = 16 + N rows, so its cost per step is flat; on a 2-core CPU running all of them (up to 1024 steps)
 takes too long, so the first `--uncached-steps` steps are timed after a compile run and the total is
 extrapolated as per-step time x number of steps (said in the table and the JSON).
@@ -38,7 +45,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import ModelConfig  # noqa: E402
-from a3jax.decode import generate, infill  # noqa: E402
+from a3jax.decode import DYNAMIC_ORDERS, generate, infill  # noqa: E402
 from a3jax.model import numpy_init  # noqa: E402
 from a3jax.score import log_likelihood  # noqa: E402
 
@@ -142,6 +149,12 @@ def main(argv=None) -> int:
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--orders", nargs="+", default=["left_to_right"])
     ap.add_argument("--uncached-steps", type=int, default=6)
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="known tokens before the blanks")
+    ap.add_argument("--windows", type=int, nargs="+", default=[0],
+                    help="dynamic orders: window sizes to run (0 = no window)")
+    ap.add_argument("--one-phase", action="store_true",
+                    help="dynamic orders: also time phases=1 (one static shape: every blank's query row every step)")
+    ap.add_argument("--repeat", type=int, default=2, help="cached runs timed (best of)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/decode[_speculative].json)")
     args = ap.parse_args(argv)
     if args.speculative:
@@ -149,40 +162,53 @@ def main(argv=None) -> int:
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode.json")
     params = numpy_init(CFG)
     rows = []
-    hdr = (f"{'order':<14} {'blanks':>6} {'k':>2} {'steps':>5} {'cached s':>9} {'cached tok/s':>12} "
-           f"{'uncached s/step':>15} {'uncached s (extrap.)':>20} {'speedup':>8}")
+    hdr = (f"{'order':<14} {'window':>6} {'blanks':>6} {'k':>2} {'steps':>5} {'cached s':>9} {'1-phase s':>9} "
+           f"{'cached tok/s':>12} {'uncached s/step':>15} {'uncached s (extrap.)':>20} {'speedup':>8}")
     print(hdr)
     for order in args.orders:
-        for n in args.blanks:
-            t = PROMPT + n
-            tokens = np.random.default_rng(n).integers(0, 256, (1, t)).astype(np.int32)
-            known = (np.arange(t) < PROMPT)[None]
-            for k in args.group_sizes:
-                run = lambda **kw: infill(CFG, params, tokens, known, order=order, group_size=k,
-                                          return_info=True, **kw)
-                compile_s, first = timed(lambda: run())
-                cached_s, res = timed(lambda: run(), repeat=2)
-                steps = res.num_steps
-                m = min(args.uncached_steps, steps)
-                run(use_cache=False, max_steps=1)  # compile (max_steps is a traced value: same program)
-                unc_m, partial = timed(lambda: run(use_cache=False, max_steps=m))
-                # the partial uncached run decided the same tokens as the cached one so far
-                filled = partial.step >= 0
-                same = bool((partial.tokens[filled] == res.tokens[filled]).all())
-                per_step = unc_m / m
-                unc_total = per_step * steps
-                row = dict(order=order, blanks=n, group_size=k, length=t, steps=steps,
-                           cached_s=cached_s, cached_compile_s=compile_s, cached_tokens_per_s=n / cached_s,
-                           uncached_steps_timed=m, uncached_s_per_step=per_step,
-                           uncached_s_extrapolated=unc_total, uncached_tokens_per_s=n / unc_total,
-                           speedup=unc_total / cached_s, uncached_prefix_matches_cached=same)
-                rows.append(row)
-                print(f"{order:<14} {n:>6} {k:>2} {steps:>5} {cached_s:>9.3f} {n / cached_s:>12.1f} "
-                      f"{per_step:>15.4f} {unc_total:>20.2f} {unc_total / cached_s:>7.1f}x", flush=True)
+        dynamic = order in DYNAMIC_ORDERS
+        for window in (args.windows if dynamic else [0]):
+            for n in args.blanks:
+                t = args.prompt + n
+                tokens = np.random.default_rng(n).integers(0, 256, (1, t)).astype(np.int32)
+                known = (np.arange(t) < args.prompt)[None]
+                for k in args.group_sizes:
+                    run = lambda **kw: infill(CFG, params, tokens, known, order=order, group_size=k,
+                                              window=window or None, return_info=True, **kw)
+                    run(max_steps=1)  # compile (max_steps is a traced value: same program)
+                    cached_s, res = timed(lambda: run(), repeat=args.repeat)
+                    one_s, same_one = None, None
+                    if dynamic and args.one_phase:  # the single static shape decoded before issue 12
+                        run(phases=1, max_steps=1)
+                        one_s, one = timed(lambda: run(phases=1))
+                        same_one = bool((one.tokens == res.tokens).all() and (one.step == res.step).all())
+                    steps = res.num_steps
+                    m = min(args.uncached_steps, steps)
+                    run(use_cache=False, max_steps=1)  # compile
+                    unc_m, partial = timed(lambda: run(use_cache=False, max_steps=m))
+                    # the partial uncached run decided the same tokens as the cached one so far
+                    filled = partial.step >= 0
+                    same = bool((partial.tokens[filled] == res.tokens[filled]).all()
+                                and (partial.step[filled] == res.step[filled]).all())
+                    per_step = unc_m / m
+                    unc_total = per_step * steps
+                    row = dict(order=order, window=window, blanks=n, group_size=k, length=t, steps=steps,
+                               cached_s=cached_s, one_phase_cached_s=one_s, one_phase_same_tokens=same_one,
+                               cached_tokens_per_s=n / cached_s, uncached_steps_timed=m,
+                               uncached_s_per_step=per_step, uncached_s_extrapolated=unc_total,
+                               uncached_tokens_per_s=n / unc_total, speedup=unc_total / cached_s,
+                               one_phase_speedup=(unc_total / one_s) if one_s else None,
+                               uncached_prefix_matches_cached=same)
+                    rows.append(row)
+                    one_txt = f"{one_s:>9.2f}" if one_s else f"{'-':>9}"
+                    print(f"{order:<14} {window or '-':>6} {n:>6} {k:>2} {steps:>5} {cached_s:>9.2f} {one_txt} "
+                          f"{n / cached_s:>12.1f} {per_step:>15.4f} {unc_total:>20.2f} {unc_total / cached_s:>7.1f}x",
+                          flush=True)
     meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
                 jax=jax.__version__, backend=jax.default_backend(), model=dict(
                     layers=CFG.num_layers, hidden=CFG.hidden_size, heads=CFG.num_heads, kv_heads=CFG.num_kv_heads,
-                    mlp=CFG.intermediate_size, vocab=CFG.vocab_size), prompt_tokens=PROMPT,
+                    mlp=CFG.intermediate_size, vocab=CFG.vocab_size), prompt_tokens=args.prompt,
+                load_average=os.getloadavg(),
                 note=f"uncached totals extrapolated from the first {args.uncached_steps} steps (flat per-step cost)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -150,12 +150,16 @@ def test_padding_rows_of_different_lengths():
     np.testing.assert_array_equal(full[1, 14:], tokens[1, 14:])  # padding untouched
 
 
-def test_official_mode_matches_reference_loop():
-    """mode='official': committed tokens (known or generated) form one group 0, blanks group 1,
-    recomputed each step; dynamic confidence commits the most confident blank."""
+def test_reference_mode_matches_reference_loop():
+    """mode='reference': committed tokens (known or generated) form one group 0, blanks group 1,
+    recomputed each step; dynamic confidence commits the most confident blank. 'official' is its
+    alias and warns."""
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=11)
-    out = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="official")
+    out = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="reference")
+    with pytest.warns(FutureWarning, match="mode='reference'"):
+        alias = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="official")
+    np.testing.assert_array_equal(alias, out)
     cur, filled = tokens.copy(), known.copy()
     for _ in range(9):
         logits = np.asarray(forward(cfg, params, cur, groups=np.where(filled, 0, 1)))[0]

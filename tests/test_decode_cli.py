@@ -92,3 +92,24 @@ def test_speculative_cli(ckpt, capsys):
     assert "--group-size 2 does not apply" in capsys.readouterr().err
     assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--speculative", "2", "--order", "margin"]) == 2
     assert "fixed order" in capsys.readouterr().err
+
+
+def test_window_num_samples_and_mode_cli(ckpt, capsys):
+    """--window, --num-samples and --mode reference are the API's window=, num_samples=, mode=."""
+    from a3jax.decode import generate
+    args = ["generate", "--ckpt", ckpt, "--prompt", "Hi", "--prompt", "Yo", "--max-new-tokens", "6", "--json",
+            "--no-eos", "--order", "confidence", "--window", "3", "--temperature", "1.0", "--seed", "2",
+            "--num-samples", "3"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["prompt"], r["sample"]) for r in res] == [(p, i) for p in ("Hi", "Yo") for i in range(3)]
+    cfg, params = tiny(TINY_BYTE)
+    tok = load_tokenizer("byte")
+    new = generate(cfg, params, [[tok.bos_id] + list(tok.encode(p)) for p in ("Hi", "Yo")], 6, order="confidence",
+                   window=3, temperature=1.0, seed=2, num_samples=3, stop_at_eos=False)
+    assert [r["completion"] for r in res] == [tok.decode([int(x) for x in row if x not in (tok.pad_id, tok.eos_id)])
+                                              for row in new]
+    assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--mode", "reference", "--order", "left_to_right"]) == 2
+    assert "mode='a3'" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", ckpt, "--prompt", "Hi", "--window", "2", "--order", "left_to_right"]) == 2
+    assert "window applies to the dynamic orders" in capsys.readouterr().err

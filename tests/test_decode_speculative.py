@@ -179,7 +179,7 @@ def test_generate_speculative_and_eos():
 @pytest.mark.parametrize("spec", [dict(speculative=2), dict(group_size=2)])
 def test_independent_rows_and_batch_invariance(spec):
     """Both decoders: one key for every row by default (equal rows give equal samples, as before the
-    option existed); independent_rows gives row r the key fold_in(step key, r)."""
+    option existed); independent_rows gives row r the key fold_in(PRNGKey(seed), r); per-row seeds."""
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=6)
     many_t, many_k = np.repeat(tokens, 3, 0), np.repeat(known, 3, 0)  # the other tests' [3, 20]: no new compile
@@ -189,8 +189,16 @@ def test_independent_rows_and_batch_invariance(spec):
     np.testing.assert_array_equal(infill(cfg, params, tokens, known, **kw)[0], shared[0])
     own = infill(cfg, params, many_t, many_k, independent_rows=True, **kw)
     assert len({tuple(r) for r in own}) > 1
-    # row r's key is fold_in(step key, r): row 0 of the batch is the row decoded alone
+    # row r's key is that of sample r of the seed: row 0 of the batch is the row decoded alone, and
+    # independent_rows is num_samples over a batch of copies
     np.testing.assert_array_equal(infill(cfg, params, tokens, known, independent_rows=True, **kw)[0], own[0])
+    np.testing.assert_array_equal(infill(cfg, params, tokens, known, num_samples=3, **kw), own)
+    # one seed per row: row r with seed s is the row decoded alone with seed s
+    per_row = infill(cfg, params, many_t, many_k, **dict(kw, seed=np.array([5, 8, 5])))
+    np.testing.assert_array_equal(per_row[0], shared[0])
+    np.testing.assert_array_equal(per_row[2], shared[0])
+    np.testing.assert_array_equal(per_row[1], infill(cfg, params, tokens, known, **dict(kw, seed=8))[0])
+    assert (per_row[1] != per_row[0]).any()
 
 
 def test_speculative_bad_options():
@@ -201,6 +209,6 @@ def test_speculative_bad_options():
     with pytest.raises(DecodeError, match="positive int"):
         infill(cfg, params, tokens, known, speculative=-1)
     with pytest.raises(DecodeError, match="mode 'a3'"):
-        infill(cfg, params, tokens, known, speculative=2, mode="official")
+        infill(cfg, params, tokens, known, speculative=2, mode="reference")
     with pytest.raises(DecodeError, match="teacher_forcing"):
         infill(cfg, params, tokens, known, speculative=2, teacher_forcing=True)

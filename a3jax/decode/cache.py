@@ -109,3 +109,16 @@ def full_step_logits(cfg: ModelConfig, params, tokens, groups, segments, q_pos):
     logits = apply_model(cfg, params, tokens, positions, groups, segments, "query")
     safe = jnp.clip(q_pos, 0, t - 1)
     return jnp.take_along_axis(logits, safe[..., None], axis=1)
+
+
+def commit_rows(cfg: ModelConfig, params, cache: KVCache, tokens, new_pos, new_group) -> KVCache:
+    """Content rows only: the tokens at slots new_pos [B, C] (-1 = none; group id new_group) enter the
+    cache, no query rows run. Used where a decode loop narrows its row count (a3jax.decode.decoder's
+    phases): the last step's commits are written before the narrower loop starts."""
+    b, t = tokens.shape
+    kind = choose_kernel(cfg, cache.groups.shape[1] + new_pos.shape[1], step_rows=new_pos.shape[1])
+    cfg = dataclasses.replace(cfg, attention=kind)
+    c_rows, c_safe = _rows_of(new_pos, new_group, 1, t)
+    c_tok = jnp.take_along_axis(tokens, c_safe, axis=1)
+    _, _, kv = run_rows(cfg, params, c_tok, c_rows, None, cache=cache, need_content=False, return_kv=True)
+    return write(cache, kv, new_pos, new_group)

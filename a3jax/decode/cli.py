@@ -112,7 +112,11 @@ def _common(ap):
     ap.add_argument("--prompt-group-size", type=int, default=None,
                     help="encode the context as AR chunks of this size (default: one group)")
     ap.add_argument("--no-cache", action="store_true", help="recompute every step (baseline)")
-    ap.add_argument("--mode", default="a3", choices=("a3", "official"))
+    ap.add_argument("--mode", default="a3", choices=("a3", "reference", "official"),
+                    help="a3 (default) | reference: the reference code's dynamic resampling (dynamic orders; "
+                         "'official' is its deprecated alias)")
+    ap.add_argument("--window", type=int, default=None, metavar="W",
+                    help="dynamic orders: choose only among the first W remaining blanks (semi-autoregressive)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
                     help="self-speculative sampling with draft blocks of K (fixed orders): exactly the "
                          "token-by-token distribution; --group-size is then not used")
@@ -132,7 +136,7 @@ def _decode_options(args, group_size: int) -> dict:
                 temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
                 top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
                 mode=args.mode, speculative=args.speculative, independent_rows=args.independent_rows,
-                return_info=True)
+                window=args.window, return_info=True)
 
 
 def _fail(prog, e) -> int:
@@ -181,6 +185,8 @@ def generate_main(argv) -> int:
     ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-eos", action="store_true", help="do not stop at EOS")
+    ap.add_argument("--num-samples", type=int, default=1, metavar="N",
+                    help="N independent samples of every prompt, decoded in one batch (use with --temperature > 0)")
     ap.add_argument("--stream", default="query", choices=("query", "content"),
                     help="query: A3 group decoding (default); content: the content stream left to right with a "
                          "KV cache, i.e. the converted base LLaMA before adaptation (BOS only if the tokenizer "
@@ -199,14 +205,15 @@ def generate_main(argv) -> int:
             fixed = {"--order": args.order, "--group-size": args.group_size, "--threshold": args.threshold,
                      "--prompt-group-size": args.prompt_group_size}
             given = [k for k, v in fixed.items() if v is not None] + (["--mode"] if args.mode != "a3" else []) + (
-                ["--speculative"] if args.speculative else []) + (["--independent-rows"] if args.independent_rows else [])
+                ["--speculative"] if args.speculative else []) + (["--independent-rows"] if args.independent_rows else []) + (
+                ["--window"] if args.window is not None else []) + (["--num-samples"] if args.num_samples != 1 else [])
             if given:
                 raise ValueError(f"--stream content decodes left to right one token per step; "
                                  f"{', '.join(given)} does not apply")
             opts = dict(temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache,
                         top_k=args.top_k, top_p=args.top_p, return_info=True, stream="content")
         else:
-            opts = _decode_options(args, group_size=1)
+            opts = dict(_decode_options(args, group_size=1), num_samples=args.num_samples)
         cfg, params = load_params(args.ckpt)
         t0 = time.perf_counter()
         new, res = generate(cfg, params, seqs, args.max_new_tokens, stop_at_eos=not args.no_eos,
@@ -216,10 +223,12 @@ def generate_main(argv) -> int:
         return _fail("generate", e)
     color = _use_color(args.color) and not args.json
     results = []
-    for p, row in zip(prompts, new):
+    n = args.num_samples
+    for i, row in enumerate(new):  # rows i*n .. i*n+n-1: the samples of prompt i
+        p = prompts[i // n]
         keep = [int(x) for x in row if int(x) not in (tok.pad_id, tok.eos_id)]
         cont = tok.decode(keep)
-        results.append(dict(prompt=p, completion=cont))
+        results.append(dict(prompt=p, completion=cont) if n == 1 else dict(prompt=p, sample=i % n, completion=cont))
         if not args.json:
             print(p + (f"{HILITE}{cont}{RESET}" if color else cont))
     if args.json:

@@ -15,7 +15,10 @@ Dynamic orders choose at every step, from the model's predictions for all remain
     random_dynamic  uniformly at random (re-drawn each step)
 
 and commit either the `group_size` best blanks per step or, with a `threshold`, every blank whose
-max probability is >= threshold (the single best one by the criterion when none is).
+max probability is >= threshold (the single best one by the criterion when none is). Scores are
+taken from the distribution tokens are drawn from (temperature, top-k, top-p; the model's own when
+greedy), as the reference code does. A window (semi-autoregressive decoding) restricts the
+candidates to the first W remaining blanks in position order (`first_remaining`).
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ def blank_ranks(blank: np.ndarray) -> np.ndarray:
     return np.where(blank, np.cumsum(blank, axis=1) - 1, -1)
 
 
-def fixed_steps(kind: str, name: str, user, blank: np.ndarray, group_size: int, seed: int) -> np.ndarray:
-    """Step index [B, T] of every blank (-1 for non-blanks); steps of a row are 0..S_b-1."""
+def fixed_steps(kind: str, name: str, user, blank: np.ndarray, group_size: int, seed) -> np.ndarray:
+    """Step index [B, T] of every blank (-1 for non-blanks); steps of a row are 0..S_b-1. seed: an
+    int, or one per row [B] (the random order's permutation of row r comes from seed[r])."""
     b, t = blank.shape
     if kind == "user":
         g = np.broadcast_to(user, (b, t)) if user.ndim == 1 or user.shape[0] == 1 else user
@@ -74,9 +78,10 @@ def fixed_steps(kind: str, name: str, user, blank: np.ndarray, group_size: int, 
     rank = blank_ranks(blank)
     if name == "random":
         rank = rank.copy()
+        seeds = np.broadcast_to(np.asarray(seed, np.int64), (b,))
         for r in range(b):  # host-side preparation only; one permutation per row from the seed
             nb = int(blank[r].sum())
-            perm = np.random.default_rng(seed).permutation(nb)
+            perm = np.random.default_rng(int(seeds[r])).permutation(nb)
             rank[r, blank[r]] = perm
     return np.where(blank, rank // group_size, -1)
 
@@ -114,29 +119,72 @@ def compact(mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- dynamic selection
 
 
-def criterion_scores(name: str, logits, key):
-    """Higher = commit sooner. logits [B, Q, V] -> scores [B, Q] (float32)."""
-    logits = logits.astype(jnp.float32)
+def scores_from_probs(name: str, probs, u):
+    """Higher = commit sooner: probs [B, Q, V] (the distribution tokens are drawn from) -> scores
+    [B, Q] float32. u [B, Q]: the uniform draws random_dynamic ranks by."""
+    probs = probs.astype(jnp.float32)
     if name == "random_dynamic":
-        u = jax.random.uniform(key, logits.shape[-2:-1])  # same draw for every row (batch invariance)
-        return jnp.broadcast_to(u, logits.shape[:-1])
-    probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.broadcast_to(u, probs.shape[:-1]).astype(jnp.float32)
     if name == "confidence":
         return probs.max(-1)
-    if name == "entropy":
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.sum(probs * logp, axis=-1)  # = -entropy
+    if name == "entropy":  # = -entropy; filtered-out tokens (p = 0) add nothing
+        return jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
     if name == "margin":
         top2 = jax.lax.top_k(probs, 2)[0]
         return top2[..., 0] - top2[..., 1]
     raise OrderError(f"unknown dynamic criterion {name!r}")
 
 
-def criterion_scores_by_index(index, logits, key):
-    """criterion_scores with the criterion as a traced index into DYNAMIC_ORDERS (one compiled
-    program serves every criterion)."""
-    all_scores = jnp.stack([criterion_scores(name, logits, key) for name in DYNAMIC_ORDERS])
-    return all_scores[index]
+def criterion_scores(name: str, logits, key):
+    """Higher = commit sooner. logits [B, Q, V] -> scores [B, Q] (float32), from softmax(logits)."""
+    u = jax.random.uniform(key, logits.shape[-2:-1])  # same draw for every row (batch invariance)
+    return scores_from_probs(name, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), u)
+
+
+def scores_by_index(index, probs, u):
+    """scores_from_probs with the criterion as a traced index into DYNAMIC_ORDERS (one compiled
+    program serves every criterion; only the chosen one runs)."""
+    return jax.lax.switch(index, [lambda p, u, n=n: scores_from_probs(n, p, u) for n in DYNAMIC_ORDERS], probs, u)
+
+
+def first_remaining(remaining, width: int):
+    """Positions [B, width] of the first `width` True entries of remaining [B, T] in position order
+    (-1 = none): the compacted query rows of a dynamic step (the blanks of a window, or of a phase)."""
+    b, t = remaining.shape
+    rank = jnp.cumsum(remaining, axis=1) - 1
+    slot = jnp.where(remaining & (rank < width), rank, width)  # out of range -> dropped
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    rows = jnp.arange(b)[:, None]
+    return jnp.full((b, width), -1, jnp.int32).at[rows, slot].set(pos, mode="drop")
+
+
+def phase_widths(n: int, top: int, phases: int, floor: int) -> tuple:
+    """Query rows of each compiled phase of a dynamic decode, descending: `top` (a bucket that holds
+    every blank, or the window), then a geometric sequence down to `floor` rows, multiples of 16,
+    at most `phases` entries. A phase runs while the most blanks any row still has fits in it."""
+    widths = [top]
+    if phases <= 1 or top <= floor:
+        return tuple(widths)
+    lo = max(16, -(-floor // 16) * 16)
+    ratio = (lo / top) ** (1.0 / (phases - 1))
+    for i in range(1, phases):  # (the last is lo itself: no float rounding up past it)
+        w = lo if i == phases - 1 else max(lo, -(-int(np.ceil(top * ratio ** i - 1e-6)) // 16) * 16)
+        if w < widths[-1]:
+            widths.append(w)
+    return tuple(widths)
+
+
+# ----------------------------------------------------------------------------- finished rows
+
+
+def eos_finished(tokens, filled, blank, eos_id):
+    """[B] bool: the row's first committed EOS (among its blanks) has every blank before it filled:
+    the row is finished; its blanks after that EOS are padding. The reference's stopping rule."""
+    t = tokens.shape[1]
+    pos = jnp.arange(t)[None]
+    first = jnp.min(jnp.where(blank & filled & (tokens == eos_id), pos, t), axis=1)
+    hole = blank & ~filled & (pos < first[:, None])
+    return (first < t) & ~hole.any(axis=1)
 
 
 def select_top_k(scores, available, k: int):

@@ -3,16 +3,18 @@
 temperature, top_k and top_p may be traced values: one compiled decoding loop serves greedy and every
 sampling setting (a `lax.cond` runs only the branch a call needs).
 
-Randomness is per step, and by default not per row: every row of a batch draws with the same key, so
-a row gives the same tokens whether it is decoded alone or inside a batch (the decoder derives the
-step key as `fold_in(PRNGKey(seed), step)`). With `independent=True` row r draws with
-`fold_in(step key, r)` instead (`row_keys`): N copies of one prompt in a batch give N independent
-samples.
+Randomness (A3 decoding). Every row has its own base key (`base_keys`): PRNGKey(seed) for every row by
+default, PRNGKey(seed[r]) with one seed per row, fold_in(PRNGKey(seed), i) for sample i of a prompt
+(`num_samples`, `independent_rows`). At step s a row's key is fold_in(base, s), and the token of the
+blank at position p is drawn with fold_in(that key, p) (`position_keys`): a row's draws depend only on
+its own base key and a position's draw not on which query slot, window or phase holds it. So a row
+decodes the same alone or inside a batch, and rows with different keys are independent samples.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -33,11 +35,46 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def row_keys(key, batch: int, independent=False):
-    """Per-row keys [B, 2]: `key` for every row, or fold_in(key, r) for row r when `independent`
-    (may be traced)."""
-    own = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
-    return jnp.where(jnp.asarray(independent), own, jnp.broadcast_to(key, own.shape))
+def base_keys(seeds, sample_index=None):
+    """Per-row base keys [B, 2] (uint32) from seeds [B] (ints); sample_index [B] (optional) makes
+    row r's key fold_in(PRNGKey(seeds[r]), sample_index[r]): sample i of a seed."""
+    seeds = jnp.asarray(np.asarray(seeds, np.int64) & 0xFFFFFFFF, jnp.uint32)
+    keys = jax.vmap(jax.random.PRNGKey)(seeds)
+    if sample_index is not None:
+        keys = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(sample_index, jnp.uint32))
+    return keys
+
+
+def step_keys(keys, s):
+    """Row keys [B, 2] at step s: fold_in(base key, s)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)
+
+
+def position_keys(keys, pos):
+    """Keys [B, Q, 2] for positions pos [B, Q] (any value; -1 slots get a key nobody uses)."""
+    return jax.vmap(lambda k, p: jax.vmap(lambda q: jax.random.fold_in(k, q))(p))(keys, pos.astype(jnp.uint32))
+
+
+def sampling_logits(logits, temperature=0.0, top_k=0, top_p=1.0):
+    """The logits tokens are drawn from [..., V] (float32): logits / temperature filtered by top-k /
+    top-p when temperature > 0; the model's own logits when greedy (temperature 0: unchanged)."""
+    t = jnp.asarray(temperature, jnp.float32)
+    logits = logits.astype(jnp.float32)
+    off = (jnp.asarray(top_k) <= 0) & (jnp.asarray(top_p) >= 1.0)  # no filter: skip its sort over V
+    return jax.lax.cond(
+        t > 0, lambda x: jax.lax.cond(off, lambda y: y, lambda y: filter_logits(y, top_k, top_p), x / t),
+        lambda x: x, logits)
+
+
+def draw_at(keys, logits, temperature=0.0):
+    """Token ids [B, Q] from logits [B, Q, V] (sampling_logits) with one key per slot, keys [B, Q, 2];
+    argmax when temperature is 0."""
+    def draw(_):
+        one = lambda k, row: jax.random.categorical(k, row)
+        return jax.vmap(jax.vmap(one))(keys, logits).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.asarray(temperature) > 0, draw,
+                        lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32), None)
 
 
 def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -50,10 +87,10 @@ def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     return jax.nn.softmax(scaled, axis=-1)
 
 
-def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0, independent=False):
-    """Token ids [B, Q] from logits [B, Q, V]. temperature 0 takes the argmax; otherwise
-    logits / temperature are filtered by top-k / top-p and sampled. Every row uses the same key
-    unless `independent` (see `row_keys`)."""
+def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0):
+    """Token ids [B, Q] from logits [B, Q, V] with one key for every row (the content-stream and
+    mdlm decoders). temperature 0 takes the argmax; otherwise logits / temperature are filtered by
+    top-k / top-p and sampled."""
     temperature = jnp.asarray(temperature, jnp.float32)
 
     def greedy(_):
@@ -62,9 +99,8 @@ def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0, independent=False):
     def draw(_):
         t = jnp.where(temperature > 0, temperature, 1.0)
         scaled = filter_logits(logits.astype(jnp.float32) / t, top_k, top_p)
-        keys = row_keys(key, logits.shape[0], independent)
-        one_row = lambda k, row: jax.random.categorical(k, row, axis=-1)
-        return jax.vmap(one_row)(keys, scaled).astype(jnp.int32)
+        one_row = lambda row: jax.random.categorical(key, row, axis=-1)
+        return jax.vmap(one_row)(scaled).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)
 

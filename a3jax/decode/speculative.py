@@ -34,6 +34,7 @@ import numpy as np
 
 from a3jax.config import ModelConfig
 from a3jax.decode import cache as cache_lib
+from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 
 
@@ -65,9 +66,10 @@ def _pick(x, j):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid, kgroups, known_pos,
-        known_groups, order, opts):
+        known_groups, order, keys, opts):
     """The speculative decode loop. order [B, N] (-1 = none): each row's blanks in token order.
-    opts (traced): max_steps, temperature, top_k, top_p, seed, independent, stop_at_eos, eos_id.
+    keys [B, 2]: each row's base key (sampling.base_keys).
+    opts (traced): max_steps, temperature, top_k, top_p, stop_at_eos, eos_id.
     Returns (tokens [B, T], logp [B, T], step [B, T]: the pass that committed each blank (-1 =
     none), passes run, accepted [B]: drafts accepted per row)."""
     b, t = tokens.shape
@@ -78,7 +80,6 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
     n_blank = (order >= 0).sum(axis=1)
     temp, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
     greedy = temp <= 0
-    base_key = jax.random.PRNGKey(opts["seed"])
     vocab = cfg.vocab_size
 
     state = dict(
@@ -141,8 +142,8 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
             logits = cache_lib.full_step_logits(cfg, params, toks, groups, valid.astype(jnp.int32), q_pos)
         v_logits, n_logits = logits[:, :k], logits[:, k:]
 
-        keys = sampling.row_keys(jax.random.fold_in(base_key, s), b, opts["independent"])
-        k_u, k_res, k_draft = jnp.moveaxis(jax.vmap(lambda kk: jax.random.split(kk, 3))(keys), 1, 0)
+        k_u, k_res, k_draft = jnp.moveaxis(
+            jax.vmap(lambda kk: jax.random.split(kk, 3))(sampling.step_keys(keys, s)), 1, 0)
 
         # ---- verify: accept a prefix of the drafts, then one corrected token
         p = sampling.probs(v_logits, temp, top_k, top_p)  # [B, k, V]
@@ -183,8 +184,9 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         new["verify"] = act & have_next & (~ver | all_acc)
         new["i"] = jnp.where(act & ver, i + n_acc + jnp.where(all_acc, 0, 1), i)
         new["accepted"] = state["accepted"] + n_acc
-        hit_eos = (commit & (c_tok == opts["eos_id"])).any(-1)
-        new["done"] = state["done"] | (opts["stop_at_eos"] & hit_eos)
+        # a row ends at its first EOS once every blank before it is filled (orders.eos_finished)
+        fin = orders_lib.eos_finished(new["tokens"], known | (new["step"] >= 0), valid & ~known, opts["eos_id"])
+        new["done"] = state["done"] | (opts["stop_at_eos"] & fin)
         new["s"] = s + 1
         return new
 
