@@ -42,6 +42,7 @@ from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
 from a3jax.model import KVCache, dtype_of, param_count, param_shapes, param_shardings
+from a3jax.model.pallas_attention import compile_target
 from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
@@ -268,15 +269,18 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
         f"{report['params']:,} params")
     for prog in programs:
         t0 = time.perf_counter()
-        if prog == "train":
-            lowered, info = lower_train(cfg, mesh, rules)
-            analytic = metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
-        elif prog == "prefill":
-            lowered, info = lower_prefill(cfg, mesh, rules, b, t)
-            analytic = None
-        else:
-            lowered, info = lower_decode(cfg, mesh, rules, b, t, group_size)
-            analytic = None
+        # Traced for TPU although this host is a CPU: `auto` resolves as on a TPU and Pallas kernels
+        # lower through Mosaic instead of interpret mode.
+        with compile_target("tpu"):
+            if prog == "train":
+                lowered, info = lower_train(cfg, mesh, rules)
+                analytic = metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
+            elif prog == "prefill":
+                lowered, info = lower_prefill(cfg, mesh, rules, b, t)
+                analytic = None
+            else:
+                lowered, info = lower_decode(cfg, mesh, rules, b, t, group_size)
+                analytic = None
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
