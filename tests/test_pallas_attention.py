@@ -16,12 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from a3jax import masks
-from a3jax.config import ModelConfig
+from a3jax.config import MeshConfig, ModelConfig
 from a3jax.model.attention import choose_kernel, dense_attention
 from a3jax.model.pallas_attention import (block_sizes, compile_target, kernel_ranges, pallas_attention,
                                           target_platform)
 from a3jax.sharding import activate, make_mesh, rules_of
-from a3jax.config import MeshConfig
 
 
 @st.composite
@@ -65,6 +64,9 @@ def layouts(draw, b, tq, tk):
 
 # (batch, rows, keys, heads, kv heads, head dim, block): GQA ratios 3, 4 and 1; rows and keys not a
 # multiple of the block; several query and key blocks; a decoding step (6 rows, 260 cached keys).
+# SHARDED cases run inside `activate(mesh)` as the train step does: the kernel then runs per shard
+# (shard_map), the batch split over fsdp = 2.
+SHARDED = {"gqa4_oneblock"}
 CASES = {
     "gqa3_multiblock": (2, 200, 200, 3, 1, 8, 64),
     "gqa4_oneblock": (2, 77, 77, 8, 2, 16, 128),
@@ -96,7 +98,16 @@ def _run(kind, case, dtype, seed, ids, ref_dtype=None):
     q, k, v, cot = _values(case, seed, dtype)
     if ref_dtype is not None:  # the same (rounded) inputs, computed in ref_dtype
         q, k, v = (x.astype(ref_dtype) for x in (q, k, v))
-    out = _fwd_bwd(kind, CASES[case][-1])(q, k, v, cot, *map(jnp.asarray, ids))
+    fn = _fwd_bwd(kind, CASES[case][-1])
+    args = (q, k, v, cot, *map(jnp.asarray, ids))
+    if case in SHARDED:
+        mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=1)
+        with activate(make_mesh(mesh_cfg, devices=jax.devices()[:2]), rules_of(mesh_cfg)):
+            if kind == "pallas":
+                assert "sdy.manual_computation" in fn.lower(*args).as_text()  # shard_map: runs per shard
+            out = fn(*args)
+    else:
+        out = fn(*args)
     return [np.asarray(x, np.float32) for x in out]
 
 
@@ -143,6 +154,9 @@ def _visible_blocks(ids, bq, bk):
     return vis.reshape(b, vis.shape[1] // bq, bq, vis.shape[2] // bk, bk).any((2, 4))
 
 
+_ranges = jax.jit(kernel_ranges, static_argnums=(4, 5))
+
+
 @settings(max_examples=20)
 @given(data=st.data(), t=st.sampled_from([1, 100, 129, 700]), sort=st.booleans())
 def test_block_skipping_visits_exactly_the_visible_blocks_when_sorted(data, t, sort):
@@ -152,7 +166,7 @@ def test_block_skipping_visits_exactly_the_visible_blocks_when_sorted(data, t, s
         ids = [np.take_along_axis(x, order, -1) for x in ids]
     bq, bk = block_sizes(t, t, 64, 128)
     pad = lambda x, m: np.pad(x, ((0, 0), (0, -t % m)))
-    lo, hi = map(np.asarray, kernel_ranges(pad(ids[0], bq), pad(ids[1], bq), pad(ids[2], bk), pad(ids[3], bk), bq, bk))
+    lo, hi = map(np.asarray, _ranges(pad(ids[0], bq), pad(ids[1], bq), pad(ids[2], bk), pad(ids[3], bk), bq, bk))
     j = np.arange(-(-t // bk))
     visited = (lo[..., None] <= j) & (j < hi[..., None])
     need = _visible_blocks(ids, bq, bk)
@@ -161,31 +175,6 @@ def test_block_skipping_visits_exactly_the_visible_blocks_when_sorted(data, t, s
         # Within one segment the sorted layout is causal-like: the range is exactly the needed blocks.
         if all(len(np.unique(s[s > 0])) <= 1 for s in ids[3]):
             assert (visited == need).all()
-
-
-def test_pallas_per_shard_under_a_mesh():
-    """Inside `activate(mesh)` (the train step) the kernel runs per shard: batch split over fsdp."""
-    case = "gqa4_oneblock"
-    b, tq, tk = CASES[case][:3]
-    ids = _fixed_layout(b, tq)
-    q, k, v, _ = _values(case, 3, jnp.float32)
-    mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=1)
-    mesh = make_mesh(mesh_cfg, devices=jax.devices()[:2])
-    with activate(mesh, rules_of(mesh_cfg)):
-        f = jax.jit(lambda q, k, v: pallas_attention(q, k, v, *map(jnp.asarray, ids)))
-        text = f.lower(q, k, v).as_text()
-        out = f(q, k, v)
-    assert "sdy.manual_computation" in text or "shard_map" in text, text[:2000]
-    want = dense_attention(q, k, v, *map(jnp.asarray, ids))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
-
-
-def _fixed_layout(b, t):
-    rng = np.random.default_rng(7)
-    g = np.stack([rng.permutation(t) // 3 for _ in range(b)]).astype(np.int32)
-    s = np.ones((b, t), np.int32)
-    s[:, t - 5:] = 0
-    return masks.stream_groups(g, masks.QUERY), s, g, s
 
 
 def test_auto_picks_pallas_when_tracing_for_tpu():
