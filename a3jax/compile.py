@@ -41,7 +41,8 @@ from a3jax import fs
 from a3jax.config import ConfigError, load_config, split_config_args
 from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
-from a3jax.model import KVCache, dtype_of, param_count, param_shapes, param_shardings
+from a3jax.model import KVCache, choose_kernel, dtype_of, param_count, param_shapes, param_shardings
+from a3jax.model.pallas_attention import compile_target
 from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
@@ -265,19 +266,24 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
                                                           "intermediate_size", "vocab_size", "dtype", "param_dtype",
                                                           "scan_layers", "remat", "attention")},
               "params": param_count(cfg.model), "programs": {}}
+    with compile_target("tpu"):  # what `model.attention` resolves to for a training forward on TPU
+        report["attention_kernel"] = choose_kernel(cfg.model, cfg.data.seq_len)
     log(f"[a3jax compile] {topology}: {n} x {kind} ({report['hosts']} hosts), mesh {report['mesh']}, "
         f"{report['params']:,} params")
     for prog in programs:
         t0 = time.perf_counter()
-        if prog == "train":
-            lowered, info = lower_train(cfg, mesh, rules)
-            analytic = metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
-        elif prog == "prefill":
-            lowered, info = lower_prefill(cfg, mesh, rules, b, t)
-            analytic = None
-        else:
-            lowered, info = lower_decode(cfg, mesh, rules, b, t, group_size)
-            analytic = None
+        # Traced for TPU although this host is a CPU: `auto` resolves as on a TPU and Pallas kernels
+        # lower through Mosaic instead of interpret mode.
+        with compile_target("tpu"):
+            if prog == "train":
+                lowered, info = lower_train(cfg, mesh, rules)
+                analytic = metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
+            elif prog == "prefill":
+                lowered, info = lower_prefill(cfg, mesh, rules, b, t)
+                analytic = None
+            else:
+                lowered, info = lower_decode(cfg, mesh, rules, b, t, group_size)
+                analytic = None
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -305,7 +311,8 @@ def _gib(x) -> str:
 def format_report(rep: dict) -> str:
     lines = [f"topology {rep['topology']}: {rep['devices']} x {rep['device_kind']} on {rep['hosts']} host(s), "
              f"{rep['hbm_per_chip_gib']:.0f} GiB HBM per chip; mesh {rep['mesh']}",
-             f"model: {rep['params']:,} params, " + ", ".join(f"{k}={v}" for k, v in rep["model"].items()),
+             f"model: {rep['params']:,} params, " + ", ".join(f"{k}={v}" for k, v in rep["model"].items())
+             + f"; attention kernel {rep.get('attention_kernel', '?')}",
              "",
              "per device      arguments    outputs    aliased  temporaries       code      total   HBM use  fits",
              ]

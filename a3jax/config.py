@@ -59,8 +59,8 @@ class ModelConfig:
     block: str = "llama"  # llama (exact pre-norm LLaMA) | official (reference code's post-norm block)
     query_init: str = "embed_mean"  # embed_mean | normal | zeros
     # Implementation.
-    attention: str = "auto"  # auto | dense | blockwise
-    attention_block_size: int = 128  # query/key block size of the blockwise kernel
+    attention: str = "auto"  # auto | dense | blockwise | pallas
+    attention_block_size: int = 128  # query/key block size of the blockwise and pallas kernels
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of params: float32 | bfloat16 | float16
     scan_layers: bool = False  # run the layer loop as lax.scan (flat compile time in L); same params either way
@@ -96,7 +96,7 @@ class ModelConfig:
             "rope_type": ("default", "linear", "llama3"),
             "block": ("llama", "official"),
             "query_init": ("embed_mean", "normal", "zeros"),
-            "attention": ("auto", "dense", "blockwise"),
+            "attention": ("auto", "dense", "blockwise", "pallas"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
             "remat": ("none", "full", "dots", "dots_no_batch"),

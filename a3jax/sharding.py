@@ -81,6 +81,11 @@ def activate(mesh, rules):
         _ACTIVE.reset(token)
 
 
+def active():
+    """(mesh, rules) of the enclosing `activate`, or None (kernels that run per shard read it)."""
+    return _ACTIVE.get()
+
+
 def _rule_axes(rules, name, mesh) -> tuple:
     """Mesh axes the rules give logical `name`, leaving out axes of size 1 (or not in the mesh)."""
     axes = dict(rules).get(name) if name is not None else None

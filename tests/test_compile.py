@@ -98,6 +98,7 @@ def test_compile_tiny_for_v5e_2x2(tmp_path):
     assert rep["devices"] == 4 and rep["device_kind"] == "TPU v5 lite" and rep["mesh"]["fsdp"] == 4
     assert rep["hbm_per_chip_gib"] == 16.0 and rep["fits"] is True
     assert rep["model"]["scan_layers"] is True and rep["model"]["remat"] == "full" and rep["overrides"] == POD_STYLE
+    assert rep["model"]["attention"] == "auto" and rep["attention_kernel"] == "pallas"  # auto on TPU (issue 16)
     assert set(rep["programs"]) == {"train", "prefill", "decode"}
     for name, p in rep["programs"].items():
         for key in ("argument", "output", "total"):
@@ -150,3 +151,25 @@ def test_compile_errors_name_the_problem(tmp_path, capsys):
     ]:
         rc, out, err, rep = _compile_here(tmp_path, capsys, *args)
         assert rc == 1 and msg in err and rep is None, (args, err)
+
+
+def test_compile_pallas_attention_for_v5p_beside_blockwise(tmp_path, capsys):
+    """The real train step and the cached decode step with the fused Pallas kernel (Mosaic, on this
+    host) for a v5p slice, next to the same programs with blockwise attention."""
+    reps = {}
+    for kind in ("pallas", "blockwise"):
+        rc, out, err, rep = _compile_here(tmp_path, capsys, "--topology", "v5p:2x2x1", "--programs", "train,decode",
+                                          "--group-size", "2", "model.num_layers=1", "model.dtype=bfloat16",
+                                          "data.seq_len=512", f"model.attention={kind}")
+        assert rc == 0, out + err
+        assert rep["device_kind"] == "TPU v5" and rep["attention_kernel"] == kind
+        assert f"attention kernel {kind}" in out
+        reps[kind] = rep
+    pal, blk = reps["pallas"]["programs"], reps["blockwise"]["programs"]
+    for prog in ("train", "decode"):
+        assert pal[prog]["fits"] and pal[prog]["argument"] == blk[prog]["argument"]
+        # Linear in T like blockwise (dense would hold [rows, keys] scores per head): same order of memory.
+        assert pal[prog]["temp"] < 2 * blk[prog]["temp"] + 2 ** 20, (prog, pal[prog]["temp"], blk[prog]["temp"])
+    # The kernels' cost estimates reach XLA's count: every grid block of fwd, dq and dk/dv, an upper bound
+    # on the A3 work, so at least the analytic count; blockwise's loop bodies are counted once by XLA.
+    assert pal["train"]["flops_xla"] >= pal["train"]["flops_analytic"] > blk["train"]["flops_xla"]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from a3jax import masks
+from a3jax.model.pallas_attention import pallas_attention, target_platform
 
 NEG = -1e30
 
@@ -162,11 +163,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(kind: str, q, k, v, q_groups, q_segments, k_groups, k_segments, block_size: int = 128):
-    """Dispatch by kind ('dense' | 'blockwise'; 'auto' is resolved by the caller, see choose_kernel)."""
+    """Dispatch by kind ('dense' | 'blockwise' | 'pallas'; 'auto' is resolved by the caller, see choose_kernel)."""
     if kind == "dense":
         return dense_attention(q, k, v, q_groups, q_segments, k_groups, k_segments)
     if kind == "blockwise":
         return blockwise_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
+    if kind == "pallas":  # the fused kernel (a3jax.model.pallas_attention); interpret mode off TPU
+        return pallas_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
     raise ValueError(f"unknown attention kind {kind!r}")
 
 
@@ -189,6 +192,11 @@ def choose_kernel(cfg, num_keys: int, step_rows: int | None = None) -> str:
     matmul wins. See docs/benchmarks.md."""
     if cfg.attention != "auto":
         return cfg.attention
+    # TPU (issue 16): the fused Pallas kernel, for training, prefill and cached steps alike. GPU: the
+    # policy below (blockwise is XLA-fused there too; cuDNN's fused attention cannot take per-example
+    # A3 groups without a dense T x T mask); GPU speed is unmeasured (docs/benchmarks.md).
+    if target_platform() == "tpu":
+        return "pallas"
     if step_rows is not None and step_rows <= DENSE_MAX_STEP_ROWS:
         return "dense"
     return "blockwise" if num_keys >= BLOCKWISE_MIN_KEYS else "dense"
