@@ -56,6 +56,16 @@ def block_ranges(q_groups, q_segments, k_groups, k_segments, block_q: int, block
     the needed blocks are contiguous and the range skips everything the rule hides. Padding keys
     (segment 0) never count. Returns int32 arrays lo[nq], hi[nq] (hi == lo when nothing is visible).
     """
+    lo, _, hi = block_visibility(q_groups, q_segments, k_groups, k_segments, block_q, block_k)
+    return lo, hi
+
+
+def block_visibility(q_groups, q_segments, k_groups, k_segments, block_q: int, block_k: int):
+    """`block_ranges` plus where its fully visible prefix ends: int32 lo, mid, hi [nq] with
+    lo <= mid <= hi, such that every key block in [lo, mid) is visible to every row of the query
+    block in every batch row (one real segment shared by all its rows and keys, every key's group
+    <= every row's attend-up-to group), so a kernel may skip the mask there. With the sorted
+    generation-order layout only the diagonal blocks are left in [mid, hi)."""
     big = jnp.iinfo(jnp.int32).max
 
     def stats(g, s, blk):
@@ -66,16 +76,23 @@ def block_ranges(q_groups, q_segments, k_groups, k_segments, block_q: int, block
         gmax = jnp.where(real, g, -big).max(-1)
         smin = jnp.where(real, s, big).min(-1)
         smax = jnp.where(real, s, -big).max(-1)
-        return gmin, gmax, smin, smax
+        return gmin, gmax, smin, smax, real.all(-1)
 
-    _, qgmax, qsmin, qsmax = stats(q_groups, q_segments, block_q)
-    kgmin, _, ksmin, ksmax = stats(k_groups, k_segments, block_k)
+    qgmin, qgmax, qsmin, qsmax, qreal = stats(q_groups, q_segments, block_q)
+    kgmin, kgmax, ksmin, ksmax, kreal = stats(k_groups, k_segments, block_k)
     need = ((kgmin[:, None, :] <= qgmax[:, :, None])
             & (ksmin[:, None, :] <= qsmax[:, :, None])
             & (ksmax[:, None, :] >= qsmin[:, :, None])).any(0)  # [nq, nk]
+    one_seg = lambda smin, smax, real: real & (smin == smax)
+    full = (one_seg(qsmin, qsmax, qreal)[:, :, None] & one_seg(ksmin, ksmax, kreal)[:, None, :]
+            & (qsmin[:, :, None] == ksmin[:, None, :])
+            & (kgmax[:, None, :] <= qgmin[:, :, None])).all(0)  # [nq, nk]
     nk = need.shape[1]
     idx = jnp.arange(nk, dtype=jnp.int32)
     lo = jnp.where(need, idx, nk).min(-1)
     hi = jnp.where(need, idx + 1, 0).max(-1)
     hi = jnp.maximum(hi, lo)
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+    # mid: the end of the run of full blocks that starts at lo.
+    run = jnp.cumprod(jnp.where(idx[None, :] >= lo[:, None], full, True).astype(jnp.int32), axis=1)
+    mid = jnp.clip(run.sum(-1), lo, hi)
+    return lo.astype(jnp.int32), mid.astype(jnp.int32), hi.astype(jnp.int32)

@@ -1,9 +1,14 @@
 """Forward+backward of the two-stream A3 loss vs the same model in content-only causal (AR) mode,
-dense vs blockwise attention, plus the reference-code comparison and attention memory vs T.
+per attention kernel (dense, blockwise), the issue-15 table against the reference A3 code itself, and
+attention memory vs T.
 
-    python bench/forward.py [--quick] [--out bench/results/forward.json]
+    python bench/forward.py [--quick] [--reference DIR] [--out bench/results/forward.json]
 
-Prints a table and writes JSON. Ratios are measured in one run, on one machine.
+--reference DIR: a local copy of github.com/PKU-ML/Any-order-Any-subset-AR (it has no license: it is
+run from there, never copied; see bench/reference_a3.py). Its step (torch CPU, 2 threads) is then
+timed interleaved with a3jax's A3 and AR steps, round by round, so the ratios come from one run.
+Each time is the best of the rounds (wall clock; the machine may be shared) with the median process
+CPU time beside it. Prints tables and writes JSON.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -47,27 +53,34 @@ def loss_fn(cfg, stream):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def time_it(fn, args, reps):
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm
-    best = []
+def interleaved(fns: dict, reps: int) -> dict:
+    """Runs each zero-arg fn once to warm (compile), then `reps` rounds of all of them in turn.
+    Returns {name: (best wall s, median process CPU s)}."""
+    for f in fns.values():
+        f()
+    wall = {n: [] for n in fns}
+    cpu = {n: [] for n in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best.append(time.perf_counter() - t0)
-    return float(np.median(best))
+        for n, f in fns.items():
+            c, t0 = time.process_time(), time.perf_counter()
+            f()
+            wall[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c)
+    return {n: (float(np.min(wall[n])), float(np.median(cpu[n]))) for n in fns}
 
 
-def a3_vs_ar(cfg, b, t, kind, reps, rng):
+def step_fns(cfg, b, t, kind, rng):
+    """Zero-arg fwd+bwd of the A3 loss and of the AR loss for `kind`, blocking on the result."""
     cfg = dataclasses.replace(cfg, attention=kind)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     segs = jnp.ones((b, t), jnp.int32)
     positions, groups = random_groups_sorted(rng, b, t)
     ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    t_a3 = time_it(loss_fn(cfg, "query"), (params, tokens, jnp.asarray(positions), jnp.asarray(groups), segs), reps)
-    t_ar = time_it(loss_fn(cfg, "content"), (params, tokens, ar, ar, segs), reps)
-    return t_a3, t_ar
+    a3, arf = loss_fn(cfg, "query"), loss_fn(cfg, "content")
+    a3_args = (params, tokens, jnp.asarray(positions), jnp.asarray(groups), segs)
+    return (lambda: jax.block_until_ready(a3(*a3_args)),
+            lambda: jax.block_until_ready(arf(params, tokens, ar, ar, segs)))
 
 
 def attention_temp_bytes(cfg, b, t, kind):
@@ -79,72 +92,70 @@ def attention_temp_bytes(cfg, b, t, kind):
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def torch_reference_time(cfg, b, t, reps, rng):
-    import torch
-
-    from torch_reference import RefA3
-
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = RefA3(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
-                  cfg.intermediate_size)
-    tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (b, t)))
-    # Random groups of 4 in the reference's layout: group id per position, original order.
-    groups = torch.as_tensor(np.stack([rng.permutation(t) // 4 for _ in range(b)]))
-
-    def step():
-        model.zero_grad()
-        logits = model(tokens, groups)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens.reshape(-1))
-        loss.backward()
-
-    step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip T=2048 memory point")
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference timing")
+    ap.add_argument("--reference", metavar="DIR", default="",
+                    help="local copy of the reference A3 repo: time its step in the issue table")
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds (default 3, 2 with --quick)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forward.json"))
     args = ap.parse_args()
-    reps = 2 if args.quick else 3
+    reps = args.reps or (2 if args.quick else 3)
     rng = np.random.default_rng(0)
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
-                         f"{os.cpu_count()} cores", "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d"), "a3_vs_ar": [], "memory": [], "issue_step": {}}
+                         f"{os.cpu_count()} cores", "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "command": "python bench/forward.py " + " ".join(sys.argv[1:]),
+              "load_before": load_average(), "a3_vs_ar": [], "memory": [], "issue_step": {}}
 
-    print(f"{'seq':>5} {'kernel':>9} {'A3 fwd+bwd s':>13} {'AR fwd+bwd s':>13} {'A3/AR':>6}")
+    # The issue table: the default kernel's A3 and AR steps and the reference, one round each in turn.
+    fns = {}
+    fns["a3jax A3 (blockwise)"], fns["a3jax AR (blockwise)"] = step_fns(ISSUE_CFG, 4, 1024, "blockwise", rng)
+    if args.reference:
+        import reference_a3
+
+        c = ISSUE_CFG
+        ref = reference_a3.make_step(args.reference, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                                     c.num_kv_heads, c.intermediate_size, 4, 1024)
+        fns["reference A3 code (torch, 2 threads)"] = ref
+    issue = interleaved(fns, reps)
+    del fns
+    a3 = issue["a3jax A3 (blockwise)"][0]
+    print("issue config (4L, d256, 8h/4kv, MLP 688, V1024, B4, T1024, random groups of 4, fp32), fwd+bwd:")
+    print(f"{'implementation':>38} {'best s':>8} {'CPU s':>7} {'vs A3':>6}")
+    for n, (w, c) in issue.items():
+        print(f"{n:>38} {w:>8.3f} {c:>7.2f} {w / a3:>6.2f}")
+    result["issue_step"] = {n: {"s": w, "cpu_s": c} for n, (w, c) in issue.items()}
+    result["issue_step"]["a3_over_ar"] = a3 / issue["a3jax AR (blockwise)"][0]
+    if args.reference:
+        result["issue_step"]["speedup_vs_reference"] = issue["reference A3 code (torch, 2 threads)"][0] / a3
+        print(f"  a3jax A3 speed-up over the reference: {result['issue_step']['speedup_vs_reference']:.2f}x; "
+              f"A3/AR {result['issue_step']['a3_over_ar']:.2f}")
+
+    print(f"\n{'seq':>5} {'kernel':>9} {'A3 fwd+bwd s':>13} {'AR fwd+bwd s':>13} {'A3/AR':>6}")
     for t in (256, 1024):
         for kind in ("dense", "blockwise"):
-            a3, ar = a3_vs_ar(ISSUE_CFG, 4, t, kind, reps, rng)
-            result["a3_vs_ar"].append(dict(seq=t, kernel=kind, a3_s=a3, ar_s=ar, ratio=a3 / ar))
-            print(f"{t:>5} {kind:>9} {a3:>13.3f} {ar:>13.3f} {a3 / ar:>6.2f}")
+            f_a3, f_ar = step_fns(ISSUE_CFG, 4, t, kind, rng)
+            r = interleaved({"a3": f_a3, "ar": f_ar}, reps)
+            a3, ar = r["a3"][0], r["ar"][0]
+            result["a3_vs_ar"].append(dict(seq=t, kernel=kind, a3_s=a3, ar_s=ar, ratio=a3 / ar,
+                                           a3_cpu_s=r["a3"][1], ar_cpu_s=r["ar"][1]))
+            print(f"{t:>5} {kind:>9} {a3:>13.3f} {ar:>13.3f} {a3 / ar:>6.2f}", flush=True)
 
     print(f"\n{'seq':>5} {'dense temp MiB':>15} {'blockwise temp MiB':>19}")
     for t in (256, 512, 1024) + (() if args.quick else (2048,)):
         d, bw = (attention_temp_bytes(ISSUE_CFG, 4, t, k) / 2**20 for k in ("dense", "blockwise"))
         result["memory"].append(dict(seq=t, dense_mib=d, blockwise_mib=bw))
         print(f"{t:>5} {d:>15.1f} {bw:>19.1f}")
-
-    best = min((r for r in result["a3_vs_ar"] if r["seq"] == 1024), key=lambda r: r["a3_s"])
-    issue = {"a3jax_s": best["a3_s"], "a3jax_kernel": best["kernel"]}
-    if not args.no_torch:
-        issue["torch_reference_s"] = torch_reference_time(ISSUE_CFG, 4, 1024, reps, rng)
-        issue["speedup"] = issue["torch_reference_s"] / issue["a3jax_s"]
-    result["issue_step"] = issue
-    print("\nissue config (4L, d256, 8h/4kv, MLP 688, V1024, B4, T1024, random groups of 4, fp32):")
-    for k, v in issue.items():
-        print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    result["load_after"] = load_average()
+    print(f"\nload average before {result['load_before']}, after {result['load_after']}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
 """Train-step throughput: the A3 two-stream step vs the plain causal (AR, content stream only) step.
 
     python bench/train.py [--quick] [--steps 5] [--out bench/results/train.json]
+    python bench/train.py --sizes demo --seqs 128 --loop 40   # the demo-sized model, + the real loop
+
+--data-parallel: a data-only mesh over all devices (on a CPU, with
+XLA_FLAGS=--xla_force_host_platform_device_count=N, N "devices" on one host's cores).
+--loop N: also runs the real training loop (`a3jax.train.trainer.train`: Grain pipeline from the
+stdlib corpus, host-to-device transfer, metrics, logging) for N steps of the first size/seq under
+jax.profiler, and reports the share of the loop's wall time spent outside the compiled step.
 
 Both steps are the real jitted `a3jax.train.step` (AdamW, clipping, donation, pinned shardings) on the
 same model and the same tokens per step; the AR step runs `apply_model(..., stream="content")` with
@@ -16,6 +23,8 @@ import datetime
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -36,7 +45,13 @@ SIZES = {
     "small": ModelConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2,
                          max_position_embeddings=4096),
     "tiny": ModelConfig(max_position_embeddings=4096),  # configs/model/tiny.yaml: d=256, L=4, 3.0M params
+    # The demo-sized model of issue 15 / 19: d=128, L=4, 4 heads, MLP 344, vocab 260: 0.86M params.
+    "demo": ModelConfig(hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=4,
+                        max_position_embeddings=4096),
 }
+# The overrides that turn `model: tiny` into SIZES["demo"] (for --loop, which runs a real config).
+DEMO_OVERRIDES = ["model.hidden_size=128", "model.intermediate_size=344", "model.num_heads=4",
+                  "model.num_kv_heads=4"]
 
 
 def matmul_peak(n: int = 1024, reps: int = 10) -> float:
@@ -81,14 +96,64 @@ def time_step(mcfg, seq, batch, stream, steps, mesh, rules):
         compile_s = time.perf_counter() - t0
         state, m = step(state, b)  # one more warm step
         jax.block_until_ready(m)
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            c, t0 = time.process_time(), time.perf_counter()
             state, m = step(state, b)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c)
     assert np.isfinite(float(m["loss"]))
-    return float(np.median(times)), compile_s
+    return float(np.median(times)), compile_s, float(np.median(cpu))
+
+
+def loop_overhead(size, seq, batch, steps, objective, data_parallel, isolated_step_s):
+    """Runs `steps` steps of the real loop (`a3jax train` on configs/demo.yaml's data, one stage of
+    random:4 or ar) under jax.profiler and reads the trace: the share of the steady-state loop's wall
+    time in which no compiled train step was executing is the overhead outside the step."""
+    import collections
+    import glob
+
+    from a3jax.config import load_config
+    from a3jax.train.trainer import train
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    stage = "ar" if objective == "ar" else "random:4"
+    run_dir = tempfile.mkdtemp(prefix="a3jax_loop_")
+    ov = [f"run_dir={run_dir}", f"data.seq_len={seq}", f"train.global_batch_size={batch}",
+          f"data.stages=[{{'{stage}': {steps}}}]", "train.eval_every=0", "checkpoint.every=0",
+          f"train.objective={objective}", "train.log_every=10"]
+    ov += DEMO_OVERRIDES if size == "demo" else []
+    if data_parallel:
+        ov += ["mesh.data=-1", "mesh.fsdp=1"]
+    cfg = load_config(os.path.join(here, "..", "configs", "demo.yaml"), ov)
+    trace_dir = os.path.join(run_dir, "trace")
+    with jax.profiler.trace(trace_dir):
+        res = train(cfg, progress_bar=False, tensorboard=False)
+    pd = jax.profiler.ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    # Executions of the compiled train step: top-level executable runs ("ThunkExecutor::Execute" on
+    # the PjRt client thread); their union over time is "in the step".
+    spans, names = [], collections.Counter()
+    for plane in pd.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                names[(line.name[:24], ev.name[:40])] += 1
+                if line.name.startswith("tf_XLAPjRtCpuClient") and ev.name.startswith("ThunkExecutor::Execute"):
+                    spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+    spans.sort()
+    big = [s for s in spans if s[1] - s[0] > 0.2 * isolated_step_s * 1e9]  # the train steps, not small ops
+    # Steady state: from the end of the 3rd step to the end of the last (compile and warm-up excluded).
+    window = big[3:]
+    wall = (window[-1][1] - big[2][1]) / 1e9
+    busy = sum(e - s for s, e in window) / 1e9
+    rec = {"steps_profiled": len(window), "loop_wall_s": wall, "in_step_s": busy,
+           "outside_step_fraction": 1 - busy / wall, "loop_step_s": wall / len(window),
+           "loop_tokens_per_s": batch * seq * len(window) / wall, "isolated_step_s": isolated_step_s,
+           "final_loss": res.get("loss")}
+    print(f"loop ({size}, T={seq}, B={batch}, {objective}): {rec['loop_step_s'] * 1e3:.1f} ms/step in the loop, "
+          f"{rec['loop_tokens_per_s']:,.0f} tok/s; outside the compiled step "
+          f"{100 * rec['outside_step_fraction']:.1f}% of the loop's wall time ({len(window)} steps)")
+    return rec
 
 
 def main():
@@ -99,6 +164,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s per device (default: table or measured)")
     ap.add_argument("--quick", action="store_true", help="small model, seq 256 only, 3 steps")
+    ap.add_argument("--data-parallel", action="store_true", help="mesh data=-1 (default: fsdp=-1)")
+    ap.add_argument("--loop", type=int, default=0, help="also profile N steps of the real training loop")
+    ap.add_argument("--objective", default="a3", choices=("a3", "ar"), help="for --loop")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json"))
     a = ap.parse_args()
     if a.quick:
@@ -108,7 +176,7 @@ def main():
     peak_src = "override" if a.peak else ("chip table" if peak else "measured fp32 matmul")
     if peak is None:
         peak = matmul_peak()
-    mesh_cfg = MeshConfig(data=1, fsdp=-1, tensor=1)
+    mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1) if a.data_parallel else MeshConfig(data=1, fsdp=-1, tensor=1)
     mesh, rules = make_mesh(mesh_cfg), rules_of(mesh_cfg)
     n_dev = jax.device_count()
     rows = []
@@ -119,10 +187,10 @@ def main():
             res = {"size": size, "seq": seq, "batch": batch,
                    "params": param_count(mcfg)}
             for name, stream in (("ar", "content"), ("a3", "query")):
-                dt, comp = time_step(mcfg, seq, batch, stream, a.steps, mesh, rules)
+                dt, comp, cpu = time_step(mcfg, seq, batch, stream, a.steps, mesh, rules)
                 tps = batch * seq / dt
                 flops = M.train_flops_per_token(mcfg, seq, name)
-                res[name] = {"step_s": dt, "compile_s": comp, "tokens_per_s": tps,
+                res[name] = {"step_s": dt, "compile_s": comp, "cpu_s": cpu, "tokens_per_s": tps,
                              "flops_per_token": flops, "mfu": flops * tps / (peak * n_dev)}
             res["time_ratio"] = res["a3"]["step_s"] / res["ar"]["step_s"]
             res["flops_ratio"] = res["a3"]["flops_per_token"] / res["ar"]["flops_per_token"]
@@ -130,7 +198,7 @@ def main():
             print(f"{size:>6} T={seq:<5} B={batch:<3} AR {res['ar']['step_s'] * 1e3:8.1f} ms "
                   f"{res['ar']['tokens_per_s']:9,.0f} tok/s MFU {100 * res['ar']['mfu']:5.1f}% | "
                   f"A3 {res['a3']['step_s'] * 1e3:8.1f} ms {res['a3']['tokens_per_s']:9,.0f} tok/s "
-                  f"MFU {100 * res['a3']['mfu']:5.1f}% | A3/AR time {res['time_ratio']:.2f}x "
+                  f"MFU {100 * res['a3']['mfu']:5.1f}% CPU {res['ar']['cpu_s']:.2f}/{res['a3']['cpu_s']:.2f} s | A3/AR time {res['time_ratio']:.2f}x "
                   f"(FLOPs {res['flops_ratio']:.2f}x)", flush=True)
     out = {
         "date": datetime.date.today().isoformat(),
@@ -138,10 +206,17 @@ def main():
         "device": f"{n_dev} x {dev.device_kind} ({dev.platform})",
         "jax": jax.__version__,
         "peak_flops_per_device": peak, "peak_source": peak_src,
-        "command": "python bench/train.py" + (" --quick" if a.quick else ""),
+        "command": "python bench/train.py " + " ".join(sys.argv[1:]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "mesh": dict(mesh.shape),
+        "load_average": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         "dtype": SIZES["small"].dtype, "optimizer": "AdamW + clip (full train step)",
         "results": rows,
     }
+    if a.loop:
+        size, seq = a.sizes.split(",")[0], int(a.seqs.split(",")[0])
+        out["loop"] = loop_overhead(size, seq, max(n_dev, a.tokens // seq), a.loop, a.objective,
+                                    a.data_parallel, rows[0][a.objective]["step_s"])
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -1,6 +1,6 @@
 """The visibility rule: its two forms agree, and the block skipping never hides a visible key."""
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from a3jax import masks
@@ -56,3 +56,39 @@ def test_rule_rejects_unknown_stream():
 
     with pytest.raises(ValueError, match="stream must be"):
         masks.stream_groups(np.zeros(3), "both")
+
+
+@settings(max_examples=30, deadline=None)  # jnp on many shapes: each example compiles a few ops
+@given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans(), st.booleans())
+def test_block_visibility_full_prefix_is_fully_visible(qx, kx, bq, bk, sort, one_segment):
+    """[lo, mid) blocks (where the kernel skips the mask) hold only visible pairs, in every batch row;
+    [lo, hi) is block_ranges' range. The sorted, single-segment case is the training layout."""
+    qg, qs = qx
+    kg, ks = kx
+    if one_segment:
+        qs, ks = np.ones_like(qs), np.ones_like(ks)
+    if sort:
+        qg, kg = np.sort(qg, axis=1), np.sort(kg, axis=1)
+    # Two batch rows: the second with the groups shifted, so "full" has to hold in both.
+    qg, qs, kg, ks = (np.concatenate([a, a + (1 if a is qg else 0)]) for a in (qg, qs, kg, ks))
+    pad = lambda a, m: np.pad(a, ((0, 0), (0, (-a.shape[1]) % m)))
+    qg, qs, kg, ks = pad(qg, bq), pad(qs, bq), pad(kg, bk), pad(ks, bk)
+    vis = np.asarray(masks.visible(qg, qs, kg, ks, strict=False))
+    lo, mid, hi = (np.asarray(a) for a in masks.block_visibility(qg, qs, kg, ks, bq, bk))
+    lo2, hi2 = (np.asarray(a) for a in masks.block_ranges(qg, qs, kg, ks, bq, bk))
+    np.testing.assert_array_equal(lo, lo2)
+    np.testing.assert_array_equal(hi, hi2)
+    assert (lo <= mid).all() and (mid <= hi).all()
+    for i in range(len(lo)):
+        for j in range(lo[i], mid[i]):
+            assert vis[:, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].all()
+
+
+def test_block_visibility_sorted_layout_masks_only_the_diagonal():
+    t, blk = 64, 8
+    g = np.broadcast_to(np.arange(t, dtype=np.int32) // 4, (2, t))
+    s = np.ones_like(g)
+    lo, mid, hi = (np.asarray(a) for a in masks.block_visibility(g, s, g, s, blk, blk))
+    np.testing.assert_array_equal(lo, 0)
+    np.testing.assert_array_equal(mid, np.arange(t // blk))  # blocks left of the diagonal: no mask
+    np.testing.assert_array_equal(hi, np.arange(t // blk) + 1)

@@ -7,8 +7,9 @@ gets a zero output.
 * `dense`: the reference. The boolean mask is built inside jit from the ids.
 * `blockwise`: flash-style online softmax over key blocks with a hand-written backward
   (jax.custom_vjp), so memory is linear in T for a fixed block size. For each query block it visits
-  only the key-block range `masks.block_ranges` returns; with the sorted generation-order layout that
-  skips every block the rule hides (about half of them for a causal-like layout).
+  only the key-block range `masks.block_visibility` returns; with the sorted generation-order layout
+  that skips every block the rule hides (about half of them for a causal-like layout), and the fully
+  visible blocks (all but the diagonal there) run without building or applying a mask.
 """
 from __future__ import annotations
 
@@ -54,109 +55,134 @@ def _pad_to(x, mult, axis, value=0):
 
 def blockwise_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_q=128, block_k=128):
     b, tq, h, d = q.shape
-    tk = k.shape[1]
+    tk, hkv = k.shape[1], k.shape[2]
     block_q, block_k = min(block_q, tq), min(block_k, tk)
     # Padding rows/keys get segment 0: they see nothing and nobody sees them.
-    qp = _pad_to(_split_heads(q, k.shape[2]), block_q, 1)
     qg, qs = _pad_to(q_groups, block_q, 1), _pad_to(q_segments, block_q, 1)
-    kp, vp = _pad_to(k, block_k, 1), _pad_to(v, block_k, 1)
     kg, ks = _pad_to(k_groups, block_k, 1), _pad_to(k_segments, block_k, 1)
-    lo, hi = masks.block_ranges(qg, qs, kg, ks, block_q, block_k)
-    out = _flash(qp, kp, vp, qg.astype(jnp.int32), qs.astype(jnp.int32), kg.astype(jnp.int32),
-                 ks.astype(jnp.int32), lo, hi, block_q, block_k)
-    return out[:, :tq].reshape(b, tq, h, d)
+    lo, mid, hi = masks.block_visibility(qg, qs, kg, ks, block_q, block_k)
+    # Heads-major inside the kernel ([b, hkv, g, T, d], [b, hkv, T, d]): every tile product is then a
+    # plain batched matmul, with no per-tile transposes. Transposed once here, outside the loops.
+    qh = _pad_to(_split_heads(q, hkv), block_q, 1).transpose(0, 2, 3, 1, 4)
+    kh = _pad_to(k, block_k, 1).transpose(0, 2, 1, 3)
+    vh = _pad_to(v, block_k, 1).transpose(0, 2, 1, 3)
+    out = _flash(qh, kh, vh, qg.astype(jnp.int32), qs.astype(jnp.int32), kg.astype(jnp.int32),
+                 ks.astype(jnp.int32), lo, mid, hi, block_q, block_k)
+    return out.transpose(0, 3, 1, 2, 4)[:, :tq].reshape(b, tq, h, d)
 
 
 def _slice(x, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _scores(qi, kj, qgi, qsi, kgj, ksj, scale):
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
-    mask = masks.visible(qgi, qsi, kgj, ksj, strict=False)[:, None, None]
-    return jnp.where(mask, s, NEG), mask
+def _tile_scores(qi, kj):
+    """[b, hkv, g, bq, bk] fp32 scores of a (pre-scaled) query tile against a key tile."""
+    return jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32)
 
 
-def _flash_forward(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk):
-    b, tq, hkv, g, d = q.shape
-    scale = d ** -0.5
+def _tile_mask(qgi, qsi, kgj, ksj):
+    return masks.visible(qgi, qsi, kgj, ksj, strict=False)[:, None, None]
+
+
+def _flash_forward(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk):
+    """q [b, hkv, g, Tq, d], k/v [b, hkv, Tk, d] -> o like q, lse [b, hkv, g, Tq].
+
+    Key blocks [lo, mid) of a query block are fully visible: no mask is built or applied there;
+    [mid, hi) are masked exactly; the rest are skipped."""
+    b, hkv, g, tq, d = q.shape
+    q = q * jnp.asarray(d ** -0.5, q.dtype)
 
     def q_block(i):
-        qi = _slice(q, i * bq, bq, 1)
+        qi = _slice(q, i * bq, bq, 3)
         qgi, qsi = _slice(qg, i * bq, bq, 1), _slice(qs, i * bq, bq, 1)
 
-        def body(j, carry):
+        def step(j, carry, masked):
             o, m, l = carry
-            kj, vj = _slice(k, j * bk, bk, 1), _slice(v, j * bk, bk, 1)
-            s, mask = _scores(qi, kj, qgi, qsi, _slice(kg, j * bk, bk, 1), _slice(ks, j * bk, bk, 1), scale)
+            kj, vj = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
+            s = _tile_scores(qi, kj)
+            if masked:
+                mask = _tile_mask(qgi, qsi, _slice(kg, j * bk, bk, 1), _slice(ks, j * bk, bk, 1))
+                s = jnp.where(mask, s, NEG)
             m_new = jnp.maximum(m, s.max(-1))
             alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None]) * mask
+            p = jnp.exp(s - m_new[..., None])
+            if masked:  # a row that has seen nothing yet has m_new == NEG and exp(0) == 1
+                p = jnp.where(mask, p, 0.0)
             l = l * alpha + p.sum(-1)
-            pv = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-            o = o * jnp.moveaxis(alpha, -1, 1)[..., None] + pv
-            return o, m_new, l
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            return o * alpha[..., None] + pv, m_new, l
 
-        init = (jnp.zeros((b, bq, hkv, g, d), jnp.float32),
-                jnp.full((b, hkv, g, bq), NEG, jnp.float32),
-                jnp.zeros((b, hkv, g, bq), jnp.float32))
-        o, m, l = jax.lax.fori_loop(lo[i], hi[i], body, init)
-        lt = jnp.moveaxis(l, -1, 1)[..., None]
-        o = jnp.where(lt > 0, o / jnp.where(lt > 0, lt, 1.0), 0.0)
+        carry = (jnp.zeros((b, hkv, g, bq, d), jnp.float32),
+                 jnp.full((b, hkv, g, bq), NEG, jnp.float32),
+                 jnp.zeros((b, hkv, g, bq), jnp.float32))
+        carry = jax.lax.fori_loop(lo[i], mid[i], functools.partial(step, masked=False), carry)
+        o, m, l = jax.lax.fori_loop(mid[i], hi[i], functools.partial(step, masked=True), carry)
+        o = jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         # Rows that saw nothing get lse=+inf-ish so the backward's exp(s - lse) is 0 there.
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -NEG)
         return o.astype(q.dtype), lse
 
-    o, lse = jax.lax.map(q_block, jnp.arange(tq // bq))  # [nq, b, bq, ...], [nq, b, hkv, g, bq]
-    o = jnp.moveaxis(o, 0, 1).reshape(b, tq, hkv, g, d)
-    lse = jnp.moveaxis(lse, 0, -2).reshape(b, hkv, g, tq)
+    o, lse = jax.lax.map(q_block, jnp.arange(tq // bq))  # [nq, b, hkv, g, bq, (d)]
+    o = jnp.moveaxis(o, 0, 3).reshape(b, hkv, g, tq, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, hkv, g, tq)
     return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _flash(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk):
-    return _flash_forward(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _flash(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk):
+    return _flash_forward(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk):
-    o, lse = _flash_forward(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk)
-    return o, (q, k, v, qg, qs, kg, ks, lo, hi, o, lse)
+def _flash_fwd(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk):
+    o, lse = _flash_forward(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk)
+    return o, (q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse)
 
 
 def _flash_bwd(bq, bk, res, do):
-    q, k, v, qg, qs, kg, ks, lo, hi, o, lse = res
-    b, tq, hkv, g, d = q.shape
+    q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse = res
+    b, hkv, g, tq, d = q.shape
     scale = d ** -0.5
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", do.astype(jnp.float32), o.astype(jnp.float32))
+    qsc = q * jnp.asarray(scale, q.dtype)
+    delta = jnp.einsum("bhgqd,bhgqd->bhgq", do.astype(jnp.float32), o.astype(jnp.float32))
+    f32 = lambda x: x.astype(jnp.float32)
 
     def q_block(i, carry):
         dq, dk, dv = carry
-        qi, doi = _slice(q, i * bq, bq, 1), _slice(do, i * bq, bq, 1)
+        qi, doi = _slice(qsc, i * bq, bq, 3), _slice(do, i * bq, bq, 3)
         qgi, qsi = _slice(qg, i * bq, bq, 1), _slice(qs, i * bq, bq, 1)
         lsei, deltai = _slice(lse, i * bq, bq, 3), _slice(delta, i * bq, bq, 3)
 
-        def body(j, inner):
-            dqi, dk, dv = inner
-            kj, vj = _slice(k, j * bk, bk, 1), _slice(v, j * bk, bk, 1)
-            s, mask = _scores(qi, kj, qgi, qsi, _slice(kg, j * bk, bk, 1), _slice(ks, j * bk, bk, 1), scale)
-            p = jnp.exp(s - lsei[..., None]) * mask
-            dvj = jnp.einsum("bhgqk,bqhgd->bkhd", p, doi.astype(jnp.float32))
-            dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
-            ds = p * (dp - deltai[..., None]) * scale
-            dqi = dqi + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kj.astype(jnp.float32))
-            dkj = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qi.astype(jnp.float32))
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, _slice(dk, j * bk, bk, 1) + dkj, j * bk, 1)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, _slice(dv, j * bk, bk, 1) + dvj, j * bk, 1)
-            return dqi, dk, dv
+        def step(j, inner, masked):
+            dqi, dkt, dvt = inner
+            kj, vj = _slice(k, j * bk, bk, 2), _slice(v, j * bk, bk, 2)
+            s = _tile_scores(qi, kj)
+            if masked:  # exp(NEG - lse) == 0, also for rows that see nothing (lse = -NEG)
+                s = jnp.where(_tile_mask(qgi, qsi, _slice(kg, j * bk, bk, 1), _slice(ks, j * bk, bk, 1)), s, NEG)
+            p = jnp.exp(s - lsei[..., None])
+            # dK, dV are accumulated transposed ([.., d, Tk]): the tile products then read p and ds
+            # in the layout they are made in, and only the small [bq, d] operands get transposed.
+            dvtj = jnp.einsum("bhgqd,bhgqk->bhdk", f32(doi), p)
+            dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - deltai[..., None])  # d loss / d (scaled scores)
+            dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", ds, f32(kj))
+            dktj = jnp.einsum("bhgqd,bhgqk->bhdk", f32(qi), ds)
+            dkt = jax.lax.dynamic_update_slice_in_dim(dkt, _slice(dkt, j * bk, bk, 3) + dktj, j * bk, 3)
+            dvt = jax.lax.dynamic_update_slice_in_dim(dvt, _slice(dvt, j * bk, bk, 3) + dvtj, j * bk, 3)
+            return dqi, dkt, dvt
 
-        dqi = jnp.zeros((b, bq, hkv, g, d), jnp.float32)
-        dqi, dk, dv = jax.lax.fori_loop(lo[i], hi[i], body, (dqi, dk, dv))
-        dq = jax.lax.dynamic_update_slice_in_dim(dq, dqi, i * bq, 1)
+        inner = (jnp.zeros((b, hkv, g, bq, d), jnp.float32), dk, dv)
+        inner = jax.lax.fori_loop(lo[i], mid[i], functools.partial(step, masked=False), inner)
+        dqi, dk, dv = jax.lax.fori_loop(mid[i], hi[i], functools.partial(step, masked=True), inner)
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, dqi, i * bq, 3)
         return dq, dk, dv
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dq, dk, dv = jax.lax.fori_loop(0, tq // bq, q_block, init)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None, None)
+    tk = k.shape[2]
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((b, hkv, d, tk), jnp.float32),
+            jnp.zeros((b, hkv, d, tk), jnp.float32))
+    dq, dkt, dvt = jax.lax.fori_loop(0, tq // bq, q_block, init)
+    dk, dv = dkt.transpose(0, 1, 3, 2), dvt.transpose(0, 1, 3, 2)
+    dq = dq * scale  # scores were taken with the pre-scaled q
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + (None,) * 7
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -186,10 +212,10 @@ def choose_kernel(cfg, num_keys: int, step_rows: int | None = None) -> str:
     forward over a whole layout (training, prefill, the uncached decoder).
 
     `auto`: a cached step of at most 256 rows runs dense (a few rows against the cache: one masked
-    matmul beats the blockwise loop); otherwise blockwise from 128 keys up, dense below. On CPU the
-    blockwise fwd+bwd was faster even at 128-256 keys (its hand-written backward keeps less than
-    autodiff of the dense softmax) and its memory is linear in T; for a few dozen keys the dense single
-    matmul wins. See docs/benchmarks.md."""
+    matmul beats the blockwise loop); otherwise blockwise from 128 keys up, dense below. Measured on
+    CPU (docs/benchmarks.md, issue 15): blockwise fwd+bwd is 6.5x faster than dense at 1024 keys and
+    on par at 128 (one key block), and its memory is linear in T; for a few dozen keys the dense
+    single matmul wins."""
     if cfg.attention != "auto":
         return cfg.attention
     # TPU (issue 16): the fused Pallas kernel, for training, prefill and cached steps alike. GPU: the
