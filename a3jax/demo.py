@@ -20,6 +20,7 @@ import json
 import keyword
 import os
 import platform
+import re
 import sys
 import textwrap
 import time
@@ -128,6 +129,9 @@ def train_phase(name: str, cfg, command: str) -> tuple[dict, bool]:
     print(f"\n== {name}: {command}", flush=True)
     t0 = time.time()
     res = train(cfg, progress_bar=False)
+    if res.get("interrupted"):  # SIGINT/SIGTERM: train saved a checkpoint; stop, a rerun resumes here
+        print(f"   interrupted at step {res['step']}: rerun the demo to resume", flush=True)
+        raise SystemExit(128 + int(res["interrupted"]))
     recs, _ = read_metrics(cfg.run_dir)
     trained = res.get("resumed_from") != cfg.total_steps  # False: a finished run, nothing trained now
     tokens = cfg.total_steps * cfg.train.global_batch_size * cfg.data.seq_len
@@ -188,7 +192,9 @@ def _spans(src: str):
              if t.type == tokenize.NAME and not keyword.iskeyword(t.string)]
     out, seen = [], set()
     for i, (s, a, b) in enumerate(names):
-        if s not in seen and s not in TRIVIAL_NAMES and 3 <= len(s) <= 12 and any(n[0] == s for n in names[i + 1:]):
+        # not even inside a string or comment of the prefix: only the right context has it
+        if s not in seen and s not in TRIVIAL_NAMES and 3 <= len(s) <= 12 and any(n[0] == s for n in names[i + 1:]) \
+                and not re.search(rf"\b{s}\b", src[:a]):
             out.append(("name", a, b))
         seen.add(s)
     for i, t in enumerate(toks[:-1]):
@@ -367,7 +373,8 @@ def _timed(fn):
     return out, time.time() - t0
 
 
-def parallel_section(cfg, params, tok, items, group_sizes, gen_prompts: int, gen_tokens: int) -> dict:
+def parallel_section(cfg, params, tok, items, group_sizes, gen_prompts: int, gen_tokens: int,
+                     only=None) -> dict:
     """The paper's Figure 3 in small, on the benchmark's blanks (exact chars) and on continuations of
     held-out prompts (NLL of the output under the model's own left-to-right factorisation)."""
     from rouge_score import rouge_scorer
@@ -379,6 +386,7 @@ def parallel_section(cfg, params, tok, items, group_sizes, gen_prompts: int, gen
                      dict(order="confidence", group_size=1, threshold=THRESHOLD)))
     settings.append((f"speculative:{SPECULATIVE}", dict(order="left_to_right", speculative=SPECULATIVE),
                      dict(order="left_to_right", speculative=SPECULATIVE)))
+    settings = [s for s in settings if only is None or s[0] in only]
     prompts = [[tok.bos_id] + list(tok.encode(it["text"][:48])) for it in items[:gen_prompts]]
     blanks = sum(it["end"] - it["start"] for it in items)
     out = {}
@@ -471,7 +479,9 @@ TARGETS = dict(heldout_ar_max=1.8, infill_ratio_min=1.5, infill_exact_min=0.40, 
 
 def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", infill_count: int = BENCH_COUNT,
         show: int = 8, eval_batches: int = 4, group_sizes=GROUP_SIZES, gen_prompts: int = 8,
-        gen_tokens: int = 32) -> dict:
+        gen_tokens: int = 32, parallel_settings=None) -> dict:
+    """The whole demo (docs/demo.md); returns the report. parallel_settings: names of the parallel
+    decoding settings to run (default all: group:G for group_sizes, threshold:0.9, speculative:4)."""
     t0 = time.time()
     load0 = os.getloadavg()[0]
     plan = phase_plan(config_dir, list(overrides), out)
@@ -501,7 +511,7 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     held = heldout_section(pre, pre_params, ad, params, eval_batches)
     lap("heldout")
     print("\n== 6. parallel decoding", flush=True)
-    par = parallel_section(cfg, params, tok, items, group_sizes, gen_prompts, gen_tokens)
+    par = parallel_section(cfg, params, tok, items, group_sizes, gen_prompts, gen_tokens, parallel_settings)
     lap("parallel")
 
     loss_png = plot_phases([("pretrain (ar)", plan["dirs"]["pretrain"]), ("adapt (a3)", plan["dirs"]["adapt"])],
