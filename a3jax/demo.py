@@ -166,6 +166,9 @@ def run_phases(plan: dict) -> dict:
         if fresh:
             fn()
     phases["export"] = dict(seconds=time.time() - t0, hf_dir=d["hf"], base=d["base"])
+    if fresh and fs.exists(fs.join(d["adapt"], "checkpoints")):
+        print(f"   note: {d['adapt']} has checkpoints adapted from an earlier base; they are resumed. Delete "
+              f"{d['adapt']} to adapt the new one.", flush=True)
     phases["adapt"], fresh_ad = train_phase("3. adapt to A3 (curriculum)", plan["adapt"], cmds["adapt"])
     if fresh_ad or fresh or not fs.exists(fs.join(d["final"], "model.yaml")):
         export_run(d["adapt"], d["final"])
