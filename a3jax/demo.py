@@ -183,8 +183,8 @@ def _spans(src: str):
     """Candidate blanks of one function: (kind, start, end) character offsets.
     name: the first occurrence of an identifier that occurs again later (a parameter, a local) - the
           prefix cannot know it, the rest of the function uses it.
-    args: the argument text of a one-line call, every name in it used elsewhere in the function,
-          the closing parenthesis given."""
+    args: the text between the parentheses of a one-line call or def line, every name in it used
+          elsewhere in the function, the closing parenthesis given."""
     starts = np.cumsum([0] + [len(l) for l in src.splitlines(keepends=True)])
     off = lambda rc: int(starts[rc[0] - 1] + rc[1])  # noqa: E731
     try:
