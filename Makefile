@@ -40,7 +40,7 @@ model: $(SMOLLM2_GGUF)
 install: $(STAMP) $(SMOLLM2_GGUF)
 
 demo: $(STAMP)
-	$(BIN)/python -m a3jax demo configs/demo.yaml
+	$(BIN)/python -m a3jax demo configs/demo
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests

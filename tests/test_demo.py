@@ -9,56 +9,109 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TINY = ["train.eval_every=4", "train.log_every=1", "checkpoint.every=4", "data.max_documents=60",
+        "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=4",
+        "model.num_kv_heads=2", "pretrain:data.stages=[{ar: 4}]", 'adapt:data.stages=[{ar: 2}, {"random:4": 3}]']
+EVAL = dict(infill_count=3, show=1, eval_batches=1, group_sizes=(1,), gen_prompts=2, gen_tokens=5,
+            parallel_settings=("group:1",))  # the other settings: the same code path, more compiles
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from a3jax.demo import run
 
-    run_dir = str(tmp_path_factory.mktemp("demo") / "run")
-    overrides = [f"run_dir={run_dir}", 'data.stages=[{ar: 3}, {"blocks:2": 2}, {"random:4": 3}]',
-                 "train.eval_every=4", "train.log_every=1", "checkpoint.every=4", "data.max_documents=60",
-                 "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-                 "model.num_heads=4", "model.num_kv_heads=2"]
-    report = run(os.path.join(ROOT, "configs", "demo.yaml"), overrides, infill_count=3, show=1)
-    return run_dir, overrides, report
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    report = run(os.path.join(ROOT, "configs", "demo"), TINY, out, **EVAL)
+    return out, report
 
 
-def test_demo_artifacts(demo_run):
+def test_demo_phases_pretrain_ar_export_hf_adapt_a3(demo_run):
     from a3jax.checkpoint import load_params
+    from a3jax.config import load_config
 
-    run_dir, _, report = demo_run
-    # Final params checkpoint restores and has the demo's model.
-    cfg, params = load_params(os.path.join(run_dir, "final"))
-    assert cfg.num_layers == 2 and params["layers"]["wq"].shape[0] == 2
-    # metrics.jsonl has train lines from every curriculum stage.
-    lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    stages = {l.get("stage") for l in lines if "loss" in l and l.get("stage") is not None}
-    assert stages == {0, 1, 2}, stages
-    # TensorBoard events and the loss PNG.
-    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(run_dir) for f in fs)
-    with open(report["loss_png"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # Infilling filled every blank, touched no known token, for each order.
-    for order, r in report["infill"].items():
-        assert r["unfilled"] == 0 and r["changed_known"] == 0, (order, r)
-        assert 0.0 <= r["exact_chars"] <= 1.0 and r["samples"]
-    # Exact log-likelihoods are finite and per-token values are plausible for a byte model.
-    for strat, r in report["log_likelihood"].items():
-        assert math.isfinite(r["nats_per_token"]) and 0 < r["nats_per_token"] < math.log(260) + 1, (strat, r)
-    assert os.path.exists(os.path.join(run_dir, "demo_report.json"))
+    out, report = demo_run
+    pre_cfg, _ = load_params(os.path.join(out, "pretrain", "final"))
+    assert pre_cfg.objective == "ar" and pre_cfg.num_layers == 2
+    # The adaptation starts from the HF directory, converted back: a transformers-style LLaMA dir.
+    hf = json.load(open(os.path.join(out, "hf", "config.json")))
+    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["num_hidden_layers"] == 2
+    adapt = load_config(os.path.join(out, "adapt", "config.yaml"))
+    assert adapt.model.init_from == os.path.join(out, "base") and adapt.train.objective == "a3"
+    cfg, params = load_params(os.path.join(out, "final"))
+    assert cfg.objective == "a3" and params["layers"]["wq"].shape[0] == 2
+    # Per phase: steps, tokens, seconds, final train loss; every command printed is a real CLI line.
+    ph = report["phases"]
+    assert (ph["pretrain"]["steps"], ph["adapt"]["steps"]) == (4, 5)
+    assert ph["pretrain"]["tokens"] == 4 * 16 * 128 and ph["pretrain"]["objective"] == "ar"
+    for k in ("pretrain", "adapt"):
+        assert math.isfinite(ph[k]["final_train_loss"]) and ph[k]["seconds"] > 0 and ph[k]["trained_now"]
+    from a3jax.cli import COMMANDS
+    for c in report["commands"].values():
+        assert c.split()[1] in COMMANDS, c
+    assert report["commands"]["a3_to_hf"].startswith("a3jax convert a3-to-hf --ckpt ")
+    # The loss PNG (both phases) and the parallel decoding PNG.
+    for png in (report["loss_png"], report["parallel_png"]):
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_rerun_resumes_instead_of_starting_over(demo_run, capsys):
+def test_demo_report_schema_and_invariants(demo_run):
+    out, report = demo_run
+    assert json.load(open(os.path.join(out, "demo_report.json")))["seconds"] == pytest.approx(report["seconds"])
+    held = report["heldout"]
+    values = [held["pretrained"]["ar"]["nats_per_byte"]] + [held["a3"][k]["nats_per_byte"]
+                                                             for k in ("ar", "random:4", "infill")]
+    assert all(0 < v < math.log(260) + 1 for v in values), values
+    inf = report["infill"]
+    for order in ("left_to_right", "confidence", "random", "prefix_only"):
+        assert 0.0 <= inf[order]["exact_chars"] <= 1.0 and 0.0 <= inf[order]["rougeL"] <= 1.0, order
+    for order in ("left_to_right", "confidence", "random"):
+        assert inf[order]["unfilled"] == 0 and inf[order]["changed_known"] == 0, (order, inf[order])
+    assert inf["benchmark"]["count"] == len(inf["samples"]) == 3
+    par = report["parallel"]
+    assert set(par) == {"group:1"}
+    blank = max(len(s["truth"]) for s in inf["samples"])
+    g1 = par["group:1"]
+    assert g1["steps"] == blank and g1["tokens_per_s"] > 0  # one blank per step
+    assert g1["generate"]["steps"] == 5 and 0 < g1["generate"]["nll_per_token"] < math.log(260) + 1
+    assert report["targets"]["met"].keys() == {"heldout_ar", "infill_ratio", "infill_exact", "seconds"}
+
+
+def test_infill_benchmark_is_fixed_and_its_blanks_need_the_right_context():
+    from a3jax.demo import infill_benchmark
+
+    items = infill_benchmark(128, 0.05, count=12)
+    assert items == infill_benchmark(128, 0.05, count=12)  # seeded: the same blanks every run
+    assert {it["kind"] for it in items} == {"name", "args"}
+    for it in items:
+        text, a, b = it["text"], it["start"], it["end"]
+        span = text[a:b]
+        assert len(text) + 2 <= 128 and 3 <= len(span) <= 16 and "\n" not in span, it
+        if it["kind"] == "name":
+            # the first occurrence of a name the rest of the function uses: absent before, present after
+            assert span.isidentifier() and re.search(rf"\b{span}\b", text[b:]), it
+            assert not re.search(rf"\b{span}\b", text[:a]), it
+        else:
+            assert text[a - 1] == "(" and text[b] == ")", it
+
+
+def test_demo_rerun_resumes_every_phase_and_rewrites_the_report(demo_run, capsys):
     from a3jax.demo import run
 
-    run_dir, overrides, report = demo_run
-    before = sum(1 for _ in open(os.path.join(run_dir, "metrics.jsonl")))
-    again = run(os.path.join(ROOT, "configs", "demo.yaml"), overrides, infill_count=1, show=0)
-    out = capsys.readouterr().out
-    assert "resumed from checkpoint 8" in out
-    assert again["train"]["step"] == 8
-    # No training step was logged again.
-    lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))][before:]
-    assert not [l for l in lines if "loss" in l and "eval" not in str(l.get("kind", ""))], lines
+    out, report = demo_run
+    before = sum(1 for _ in open(os.path.join(out, "pretrain", "metrics.jsonl")))
+    before_ad = sum(1 for _ in open(os.path.join(out, "adapt", "metrics.jsonl")))
+    mtime = os.path.getmtime(os.path.join(out, "base", "model.yaml"))
+    again = run(os.path.join(ROOT, "configs", "demo"), TINY, out, **EVAL)
+    text = capsys.readouterr().out
+    assert "resumed from checkpoint 4" in text and "resumed from checkpoint 5" in text
+    assert not again["phases"]["pretrain"]["trained_now"] and not again["phases"]["adapt"]["trained_now"]
+    assert "(done: kept)" in text and os.path.getmtime(os.path.join(out, "base", "model.yaml")) == mtime
+    for name, n in (("pretrain", before), ("adapt", before_ad)):
+        new = [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl"))][n:]
+        assert not [l for l in new if "loss" in l and l.get("kind") != "eval"], (name, new)
+    assert json.load(open(os.path.join(out, "demo_report.json")))["seconds"] == pytest.approx(again["seconds"])
+    assert again["infill"]["samples"] == report["infill"]["samples"]  # same model, same fixed blanks
 
 
 def test_show_masks_png(tmp_path):
