@@ -40,6 +40,7 @@ from a3jax.model import param_shapes, param_shardings
 from a3jax.score import log_likelihood, score_rows
 from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.metrics import read_metrics
+from a3jax.train.plot import save_png
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import train
 
@@ -428,12 +429,7 @@ def plot_parallel(par: dict, out: str) -> str:
                 title="continuations")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    fs.write_bytes(out, buf.getvalue())
-    return out
+    return save_png(fig, out)
 
 
 def plot_phases(phases: list[tuple[str, str]], out: str) -> str:
@@ -466,12 +462,7 @@ def plot_phases(phases: list[tuple[str, str]], out: str) -> str:
     ax.set(xlabel="step (phases end to end)", ylabel="loss (nats/byte)", title="make demo")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    fs.write_bytes(out, buf.getvalue())
-    return out
+    return save_png(fig, out)
 
 
 # ----------------------------------------------------------------------------- the demo

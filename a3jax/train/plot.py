@@ -11,6 +11,18 @@ from a3jax import fs
 from a3jax.train.metrics import read_metrics
 
 
+def save_png(fig, out: str) -> str:
+    """Write a matplotlib figure as a PNG to out (local or gs://), close it, and return out."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    fs.write_bytes(out, buf.getvalue())
+    return out
+
+
 def plot_run(run_dir: str, out: str | None = None) -> str:
     # deferred: matplotlib is heavy and only drawing needs it
     import matplotlib
@@ -49,12 +61,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     ax.set_title(fs.basename(fs.normalize(run_dir)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    fs.write_bytes(out, buf.getvalue())  # local or gs://
-    return out
+    return save_png(fig, out)
 
 
 def cli_main(argv) -> int:
