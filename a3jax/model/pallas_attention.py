@@ -115,6 +115,22 @@ def _clamp(j, lo, hi, n):
     return jnp.clip(jnp.minimum(jnp.maximum(j, lo), hi - 1), 0, n - 1)
 
 
+def _key_block_maps(g, nq, nk):
+    """Index maps for a grid (b, h, i, j) over query blocks i and key blocks j: (kv_map, kid_map) pick
+    key block j of query head h's kv head (K/V) and of the key ids, clamped to the block range of
+    example b's query block i (shared by the forward and the dq kernels)."""
+
+    def kv_map(bi, hi_, i, j, lo_ref, hi_ref):
+        idx = bi * nq + i
+        return bi, lax.div(hi_, g), _clamp(j, lo_ref[idx], hi_ref[idx], nk), 0
+
+    def kid_map(bi, hi_, i, j, lo_ref, hi_ref):
+        idx = bi * nq + i
+        return bi, 0, _clamp(j, lo_ref[idx], hi_ref[idx], nk)
+
+    return kv_map, kid_map
+
+
 # ----------------------------------------------------------------------------- forward kernel
 
 
@@ -165,13 +181,7 @@ def _fwd_call(q, k, v, qg, qs, kg, ks, lo, hi, bq, bk):
     hkv, tk = k.shape[1], k.shape[2]
     g, nq, nk = h // hkv, tq // bq, tk // bk
 
-    def kv_map(bi, hi_, i, j, lo_ref, hi_ref):
-        idx = bi * nq + i
-        return bi, lax.div(hi_, g), _clamp(j, lo_ref[idx], hi_ref[idx], nk), 0
-
-    def kid_map(bi, hi_, i, j, lo_ref, hi_ref):
-        idx = bi * nq + i
-        return bi, 0, _clamp(j, lo_ref[idx], hi_ref[idx], nk)
+    kv_map, kid_map = _key_block_maps(g, nq, nk)
 
     q_map = lambda bi, hi_, i, j, *_: (bi, hi_, i, 0)
     qid_map = lambda bi, hi_, i, j, *_: (bi, i, 0)
@@ -273,13 +283,7 @@ def _bwd_calls(q, k, v, qg, qs, kg, ks, lo, hi, o, lse, do, bq, bk):
     delta = jnp.einsum("bhtd,bhtd->bht", do.astype(jnp.float32), o.astype(jnp.float32))[:, :, None, :]
 
     # dq: grid (b, h, i, j), like the forward.
-    def kv_map(bi, hi_, i, j, lo_ref, hi_ref):
-        idx = bi * nq + i
-        return bi, lax.div(hi_, g), _clamp(j, lo_ref[idx], hi_ref[idx], nk), 0
-
-    def kid_map(bi, hi_, i, j, lo_ref, hi_ref):
-        idx = bi * nq + i
-        return bi, 0, _clamp(j, lo_ref[idx], hi_ref[idx], nk)
+    kv_map, kid_map = _key_block_maps(g, nq, nk)
 
     q_map = lambda bi, hi_, i, j, *_: (bi, hi_, i, 0)
     row_map = lambda bi, hi_, i, j, *_: (bi, hi_, 0, i)
