@@ -123,6 +123,25 @@ def test_params_layout_matches_init_params(tmp_path):
     np.testing.assert_allclose(params["query_embed"], emb, atol=1e-6)
 
 
+def test_ar_model_exports_no_query_vector_and_comes_back_with_its_embedding_mean(tmp_path):
+    """An ar-trained model never trained query_embed (it holds its random-init value): a3-to-hf leaves
+    it out (removing a stale file), so hf-to-a3 starts it from the trained embeddings' mean, as for a
+    released LLaMA. An A3 model's trained vector is kept."""
+    import dataclasses
+
+    src = tmp_path / "hf"
+    make_hf_llama(src, seed=8)
+    cfg, params = from_hf(str(src))
+    params = dict(params, query_embed=np.full_like(params["query_embed"], 0.5))  # "trained" by A3
+    out = tmp_path / "out"
+    to_hf(cfg, params, str(out))
+    np.testing.assert_array_equal(from_hf(str(out))[1]["query_embed"], params["query_embed"])
+    to_hf(dataclasses.replace(cfg, objective="ar"), params, str(out))  # same dir: the stale file goes
+    assert not os.path.exists(out / QUERY_EMBED_FILE)
+    _, back = from_hf(str(out))
+    np.testing.assert_allclose(back["query_embed"], params["embed"].astype(np.float64).mean(axis=0), atol=1e-6)
+
+
 def test_cli_hf_to_a3_to_hf(tmp_path, capsys):
     src = tmp_path / "hf"
     make_hf_llama(src, dtype="bfloat16", seed=7, max_shard_size="20KB")

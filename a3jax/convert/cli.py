@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("a3-to-hf", help="a3jax params checkpoint -> HF LLaMA directory (+ query_embed.safetensors)",
                        description="a3jax params checkpoint -> HF LLaMA directory that transformers' "
-                                   "LlamaForCausalLM.from_pretrained loads; query_embed goes to "
-                                   "query_embed.safetensors beside it. block=llama models only.")
+                                   "LlamaForCausalLM.from_pretrained loads; an A3 model's query_embed goes to "
+                                   "query_embed.safetensors beside it (an ar/mdlm model's was never trained: "
+                                   "left out). block=llama models only.")
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)

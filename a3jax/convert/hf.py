@@ -646,7 +646,8 @@ def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
 def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
           max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None) -> str:
     """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
-    `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors`.
+    `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors` when the
+    params are an A3 model's (cfg.objective a3; an ar/mdlm model's query vector was never trained).
     Only for block=llama (the official block is not a HF LLaMA: use to_official)."""
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
@@ -657,8 +658,15 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
     write_safetensors(cfg, params, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
-    q = np.ascontiguousarray(_host(params["query_embed"]).astype(numpy_dtype(dtype)))
-    save_file({"query_embed": q}, os.path.join(out_dir, QUERY_EMBED_FILE), metadata={"format": "pt"})
+    qpath = os.path.join(out_dir, QUERY_EMBED_FILE)
+    if cfg.objective == "a3":
+        q = np.ascontiguousarray(_host(params["query_embed"]).astype(numpy_dtype(dtype)))
+        save_file({"query_embed": q}, qpath, metadata={"format": "pt"})
+    elif os.path.exists(qpath):
+        # An ar/mdlm model never trained its query vector (it still holds its random-init value):
+        # without the file, hf-to-a3 starts it per query_init from the trained embeddings, as for
+        # a released LLaMA.
+        os.remove(qpath)
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
