@@ -66,8 +66,22 @@ def apply_rope(x, cos, sin):
     return x * cos + rot * sin
 
 
+def linear(x, w, n_in: int = 1, preferred_element_type=None):
+    """x [*rows, *in] @ w [*in, *out] -> [*rows, *out] (in = the last n_in dims of x, the first of w),
+    as one 2-D matmul over the flattened rows. Why 2-D: for a contraction over several row dims
+    (b, t), XLA:CPU computes the weight gradient (a contraction over b and t) by copying the operands
+    into transposed layouts, which cost as much as the matmuls (bench/profile_step.py); over one
+    flattened row dim it does not, and the step is ~1.7x faster for the MLP. Same math, same result."""
+    rows, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    assert tuple(w.shape[:n_in]) == tuple(ins), (x.shape, w.shape, n_in)
+    outs = w.shape[n_in:]
+    k = math.prod(ins)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*rows, *outs)
+
+
 def swiglu_mlp(x, w_gate, w_up, w_down):
     dt = x.dtype
-    g = jnp.einsum("bte,em->btm", x, w_gate.astype(dt))
-    u = jnp.einsum("bte,em->btm", x, w_up.astype(dt))
-    return jnp.einsum("btm,me->bte", jax.nn.silu(g) * u, w_down.astype(dt))
+    g = linear(x, w_gate.astype(dt))
+    u = linear(x, w_up.astype(dt))
+    return linear(jax.nn.silu(g) * u, w_down.astype(dt))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from a3jax import masks
 from a3jax.config import ModelConfig
 from a3jax.model import attention as attn_lib
-from a3jax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin, swiglu_mlp
+from a3jax.model.layers import apply_rope, dtype_of, linear, rms_norm, rope_cos_sin, swiglu_mlp
 from a3jax.model.params import initializer, param_specs
 from a3jax.sharding import constrain
 
@@ -45,36 +45,45 @@ def _constrain(x, names):
     return constrain(x, names)
 
 
-def _layer(cfg: ModelConfig, p, xc, xq, c_rows: Rows, q_rows: Optional[Rows], rope_c, rope_q,
+def _layer(cfg: ModelConfig, p, x, xc, q_vec, tq: int, rows, rope, rope_c, c_rows: Rows,
            cache_kv=None, cache_ids=None, update_content=True):
-    """One two-stream block. Returns (xc', xq', (k, v) of the content rows)."""
-    dt = dtype_of(cfg.dtype)
-    tc = xc.shape[1]
-    # Rows that get updated: content rows (unless skipped) then query rows, stacked for one matmul.
-    # The content rows' normed input also feeds K/V, so each row set is normed once.
-    hc = rms_norm(xc, p["attn_norm"], cfg.rms_norm_eps)
-    parts, normed, ids, ropes = [], [], [], []
-    if update_content:
-        parts.append(xc)
-        normed.append(hc)
-        ids.append((masks.stream_groups(c_rows.groups, masks.CONTENT), c_rows.segments))
-        ropes.append(rope_c)
-    if xq is not None:
-        parts.append(xq)
-        normed.append(rms_norm(xq, p["attn_norm"], cfg.rms_norm_eps))
-        ids.append((masks.stream_groups(q_rows.groups, masks.QUERY), q_rows.segments))
-        ropes.append(rope_q)
-    stack = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
-    x, h = stack(parts), stack(normed)
-    row_groups = jnp.concatenate([g for g, _ in ids], axis=1)
-    row_segs = jnp.concatenate([s for _, s in ids], axis=1)
-    cos = jnp.concatenate([r[0] for r in ropes], axis=1)
-    sin = jnp.concatenate([r[1] for r in ropes], axis=1)
+    """One two-stream block over the rows that get updated, as one stack (one matmul per weight).
+    Returns (x' of those rows, (k, v) of the content rows).
 
-    q = jnp.einsum("bte,ehd->bthd", h, p["wq"].astype(dt))
-    k = jnp.einsum("bte,ehd->bthd", hc, p["wk"].astype(dt))
-    v = jnp.einsum("bte,ehd->bthd", hc, p["wv"].astype(dt))
-    q = _constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    Three layouts of the input, chosen by the caller (`run_rows`):
+    * x [B, Tc+Tq, E]: content rows then query rows, one residual stream carried across layers
+      (Tq = 0 without query rows); xc and q_vec are None.
+    * x [B, Tq, E] and xc [B, Tc, E] (update_content=False): only the query rows are updated; the
+      content rows only give keys/values.
+    * x None, xc and q_vec [E] (the first layer): every query row's input is the same vector
+      (query_embed), so its norm and q projection are computed once and broadcast: exact, and it
+      saves the q matmul over Tq rows (forward and backward).
+    rows = (attend-up-to groups, segments) [B, R] and rope = (cos, sin) [B, R, D] of the updated
+    rows; rope_c of the content rows (for the keys)."""
+    dt = dtype_of(cfg.dtype)
+    eps = cfg.rms_norm_eps
+    wq = p["wq"].astype(dt)
+    if q_vec is not None:
+        b, tc = xc.shape[:2]
+        hc = rms_norm(xc, p["attn_norm"], eps)
+        xq = jnp.broadcast_to(q_vec, (b, tq, q_vec.shape[-1]))
+        qq = jnp.broadcast_to(linear(rms_norm(q_vec, p["attn_norm"], eps), wq), (b, tq) + wq.shape[1:])
+        if update_content:
+            x = jnp.concatenate([xc, xq], axis=1)
+            q = jnp.concatenate([linear(hc, wq), qq], axis=1)
+        else:
+            x, q = xq, qq
+    elif xc is not None:
+        hc = rms_norm(xc, p["attn_norm"], eps)
+        q = linear(rms_norm(x, p["attn_norm"], eps), wq)
+    else:
+        tc = x.shape[1] - tq
+        h = rms_norm(x, p["attn_norm"], eps)
+        hc = h[:, :tc] if tq else h
+        q = linear(h, wq)
+    k = linear(hc, p["wk"].astype(dt))
+    v = linear(hc, p["wv"].astype(dt))
+    q = _constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
     k = _constrain(apply_rope(k, *rope_c), ("batch", "length", "act_kv_heads", None))
     v = _constrain(v, ("batch", "length", "act_kv_heads", None))
     keys_k, keys_v, keys_g, keys_s = k, v, c_rows.groups, c_rows.segments
@@ -84,21 +93,17 @@ def _layer(cfg: ModelConfig, p, xc, xq, c_rows: Rows, q_rows: Optional[Rows], ro
         keys_g = jnp.concatenate([cache_ids[0], c_rows.groups], axis=1)
         keys_s = jnp.concatenate([cache_ids[1], c_rows.segments], axis=1)
     kind = attn_lib.choose_kernel(cfg, keys_k.shape[1])
-    a = attn_lib.attention(kind, q, keys_k, keys_v, row_groups, row_segs, keys_g, keys_s,
+    a = attn_lib.attention(kind, q, keys_k, keys_v, rows[0], rows[1], keys_g, keys_s,
                            cfg.attention_block_size)
-    a = jnp.einsum("bthd,hde->bte", a, p["wo"].astype(dt))
+    a = linear(a, p["wo"].astype(dt), n_in=2)
     if cfg.block == "llama":
         x = x + a
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), p["w_gate"], p["w_up"], p["w_down"])
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], eps), p["w_gate"], p["w_up"], p["w_down"])
     else:  # reference code: v = post_norm(h + attn(in_norm(h))); h' = v + mlp(v)
-        x = rms_norm(x + a, p["mlp_norm"], cfg.rms_norm_eps)
+        x = rms_norm(x + a, p["mlp_norm"], eps)
         x = x + swiglu_mlp(x, p["w_gate"], p["w_up"], p["w_down"])
     x = _constrain(x, ("batch", "length", "act_embed"))
-    if update_content:
-        new_c, new_q = x[:, :tc], (x[:, tc:] if xq is not None else None)
-    else:
-        new_c, new_q = xc, x
-    return new_c, new_q, (k, v)
+    return x, (k, v)
 
 
 _REMAT_POLICIES = {
@@ -114,60 +119,85 @@ def run_rows(cfg: ModelConfig, params, c_tokens, c_rows: Rows, q_rows: Optional[
     layers. Returns (content hidden [B,Tc,E] or None, query hidden [B,Tq,E] or None, kv) where kv is
     the new rows' per-layer (k, v) stacked [L, B, Tc, Hkv, D] when return_kv, else None.
 
-    need_content=False skips the last layer's content update (its output is never read)."""
+    need_content=False skips the last layer's content update (its output is never read).
+    The two streams are one residual [B, Tc+Tq, E] across layers (content rows first); the row ids and
+    RoPE tables of that stack are built once here, not per layer."""
     dt = dtype_of(cfg.dtype)
     xc = params["embed"].astype(dt)[c_tokens]
     xc = _constrain(xc, ("batch", "length", "act_embed"))
-    xq = None
-    rope_q = None
-    if q_rows is not None:
-        b, tq = q_rows.positions.shape
-        xq = jnp.broadcast_to(params["query_embed"].astype(dt), (b, tq, cfg.hidden_size))
-        rope_q = rope_cos_sin(cfg, q_rows.positions)
+    tc = xc.shape[1]
     rope_c = rope_cos_sin(cfg, c_rows.positions)
+    ids_c = (masks.stream_groups(c_rows.groups, masks.CONTENT), c_rows.segments)
+    tq, q_vec, ids_q, rope_q = 0, None, None, None
+    rows, rope = ids_c, rope_c  # of the fused stack
+    if q_rows is not None:
+        tq = q_rows.positions.shape[1]
+        q_vec = params["query_embed"].astype(dt)
+        rope_q = rope_cos_sin(cfg, q_rows.positions)
+        ids_q = (masks.stream_groups(q_rows.groups, masks.QUERY), q_rows.segments)
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        rows, rope = jax.tree.map(cat, ids_c, ids_q), jax.tree.map(cat, rope_c, rope_q)
     cache_ids = (cache.groups, cache.segments) if cache is not None else None
     layers = params["layers"]
     L = cfg.num_layers
 
-    def one(p, xc, xq, ckv, update_content):
-        return _layer(cfg, p, xc, xq, c_rows, q_rows, rope_c, rope_q, ckv, cache_ids, update_content)
+    def one(p, x, xc, ckv, mode):
+        # mode: "fused" (x = content then query rows), "query" (x = the query rows; xc only gives
+        # keys/values), "first" / "first_query": layer 0 (query rows from query_embed) with / without
+        # the content update.
+        update = mode in ("fused", "first")
+        r, rp = (rows, rope) if update else (ids_q, rope_q)
+        return _layer(cfg, p, x, xc, q_vec if mode.startswith("first") else None, tq, r, rp, rope_c, c_rows,
+                      ckv, cache_ids, update)
 
     if cfg.remat != "none":
         one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4,))
 
+    def layer_p(l):
+        return jax.tree.map(lambda a: a[l], layers)
+
+    def layer_kv(l):
+        return (cache.k[l], cache.v[l]) if cache is not None else None
+
     # The last layer's content update is only needed when the caller reads the content stream.
     n_full = L if (need_content or q_rows is None) else L - 1
     kvs = []
-    if cfg.scan_layers and n_full > 0:
-        def body(carry, inp):
-            xc, xq = carry
+    x, first = xc, 0
+    if q_vec is not None:  # layer 0 on its own: its query rows all start from query_embed
+        if n_full == 0:
+            x, kv = one(layer_p(0), None, xc, layer_kv(0), "first_query")
+            return None, x, (jax.tree.map(lambda a: a[None], kv) if return_kv else None)
+        x, kv = one(layer_p(0), None, xc, layer_kv(0), "first")
+        if return_kv:
+            kvs.append(jax.tree.map(lambda a: a[None], kv))
+        first = 1
+    if cfg.scan_layers and n_full > first:
+        def body(x, inp):
             p, ckv = inp
-            xc, xq, kv = one(p, xc, xq, ckv, True)
-            return (xc, xq), (kv if return_kv else None)
+            x, kv = one(p, x, None, ckv, "fused")
+            return x, (kv if return_kv else None)
 
-        head = jax.tree.map(lambda a: a[:n_full], layers)
-        ckv = (cache.k[:n_full], cache.v[:n_full]) if cache is not None else None
-        (xc, xq), kv_scan = jax.lax.scan(body, (xc, xq), (head, ckv))
+        mid = jax.tree.map(lambda a: a[first:n_full], layers)
+        ckv = (cache.k[first:n_full], cache.v[first:n_full]) if cache is not None else None
+        x, kv_scan = jax.lax.scan(body, x, (mid, ckv))
         if return_kv:
             kvs.append(kv_scan)
     else:
-        for l in range(n_full):
-            p = jax.tree.map(lambda a: a[l], layers)
-            ckv = (cache.k[l], cache.v[l]) if cache is not None else None
-            xc, xq, kv = one(p, xc, xq, ckv, True)
+        for l in range(first, n_full):
+            x, kv = one(layer_p(l), x, None, layer_kv(l), "fused")
             if return_kv:
                 kvs.append(jax.tree.map(lambda a: a[None], kv))
-    if n_full < L:
-        p = jax.tree.map(lambda a: a[L - 1], layers)
-        ckv = (cache.k[L - 1], cache.v[L - 1]) if cache is not None else None
-        _, xq, kv = one(p, xc, xq, ckv, False)
+    if n_full < L:  # query rows only; the content rows give keys/values
+        x, kv = one(layer_p(L - 1), x[:, tc:], x[:, :tc], layer_kv(L - 1), "query")
         if return_kv:
             kvs.append(jax.tree.map(lambda a: a[None], kv))
-        xc = None
+        hc, hq = None, x
+    else:
+        hc, hq = x[:, :tc], (x[:, tc:] if q_rows is not None else None)
     kv_all = None
     if return_kv and kvs:
         kv_all = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
-    return xc, xq, kv_all
+    return hc, hq, kv_all
 
 
 def lm_logits(cfg: ModelConfig, params, h):
@@ -175,7 +205,7 @@ def lm_logits(cfg: ModelConfig, params, h):
     dt = dtype_of(cfg.dtype)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("bte,ev->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
+    logits = linear(h, w.astype(dt), preferred_element_type=jnp.float32)
     return _constrain(logits, ("batch", "length", "act_vocab"))
 
 
