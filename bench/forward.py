@@ -101,6 +101,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip T=2048 memory point")
     ap.add_argument("--reference", metavar="DIR", default="",
                     help="local copy of the reference A3 repo: time its step in the issue table")
+    ap.add_argument("--issue-only", action="store_true",
+                    help="only the issue table (A3, AR, reference): a quick before/after of a code change, "
+                         "run once per checkout with PYTHONPATH set to it")
     ap.add_argument("--reps", type=int, default=0, help="timed rounds (default 3, 2 with --quick)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forward.json"))
     args = ap.parse_args()
@@ -134,6 +137,8 @@ def main():
         result["issue_step"]["speedup_vs_reference"] = issue["reference A3 code (torch, 2 threads)"][0] / a3
         print(f"  a3jax A3 speed-up over the reference: {result['issue_step']['speedup_vs_reference']:.2f}x; "
               f"A3/AR {result['issue_step']['a3_over_ar']:.2f}")
+    if args.issue_only:
+        return finish(result, args.out)
 
     print(f"\n{'seq':>5} {'kernel':>9} {'A3 fwd+bwd s':>13} {'AR fwd+bwd s':>13} {'A3/AR':>6}")
     for t in (256, 1024):
@@ -150,12 +155,16 @@ def main():
         d, bw = (attention_temp_bytes(ISSUE_CFG, 4, t, k) / 2**20 for k in ("dense", "blockwise"))
         result["memory"].append(dict(seq=t, dense_mib=d, blockwise_mib=bw))
         print(f"{t:>5} {d:>15.1f} {bw:>19.1f}")
+    finish(result, args.out)
+
+
+def finish(result: dict, out: str) -> None:
     result["load_after"] = load_average()
     print(f"\nload average before {result['load_before']}, after {result['load_after']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
