@@ -64,7 +64,7 @@ def _layer(cfg: ModelConfig, p, x, xc, q_vec, tq: int, rows, rope, rope_c, c_row
     eps = cfg.rms_norm_eps
     wq = p["wq"].astype(dt)
     if q_vec is not None:
-        b, tc = xc.shape[:2]
+        b = xc.shape[0]
         hc = rms_norm(xc, p["attn_norm"], eps)
         xq = jnp.broadcast_to(q_vec, (b, tq, q_vec.shape[-1]))
         qq = jnp.broadcast_to(linear(rms_norm(q_vec, p["attn_norm"], eps), wq), (b, tq) + wq.shape[1:])
