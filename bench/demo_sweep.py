@@ -80,13 +80,12 @@ def _untrained_query_base(out: str) -> None:
     from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
     import dataclasses
 
-    from a3jax.checkpoint import save_params
+    from a3jax.checkpoint import load_params, save_params
     from a3jax.convert.hf import from_hf, to_hf
     from a3jax.demo import export_run
 
     if not os.path.exists(os.path.join(out, "pretrain", "final", "model.yaml")):
         export_run(os.path.join(out, "pretrain"), os.path.join(out, "pretrain", "final"))
-    from a3jax.checkpoint import load_params
     cfg, params = load_params(os.path.join(out, "pretrain", "final"), host=True)
     to_hf(dataclasses.replace(cfg, objective="a3"), params, os.path.join(out, "hf"))
     cfg2, params2 = from_hf(os.path.join(out, "hf"))
@@ -110,8 +109,7 @@ def adapt_sweep(args) -> int:
         shutil.rmtree(out, ignore_errors=True)
         if os.path.isdir(os.path.join(base, "pretrain")):
             # only the pretrained run: the export and conversions run again with this checkout's code
-            for sub in ("pretrain",):
-                shutil.copytree(os.path.join(base, sub), os.path.join(out, sub), symlinks=True)
+            shutil.copytree(os.path.join(base, "pretrain"), os.path.join(out, "pretrain"), symlinks=True)
         if name.endswith("-untrainedq") and os.path.isdir(os.path.join(out, "pretrain")):
             _untrained_query_base(out)
         overrides = [f"pretrain:{o}" for o in pre] + [f"adapt:{o}" for o in ad]
@@ -121,8 +119,7 @@ def adapt_sweep(args) -> int:
         secs = time.time() - t0
         if not os.path.isdir(os.path.join(base, "pretrain")):
             os.makedirs(base, exist_ok=True)
-            for sub in ("pretrain",):
-                shutil.copytree(os.path.join(out, sub), os.path.join(base, sub), symlinks=True)
+            shutil.copytree(os.path.join(out, "pretrain"), os.path.join(base, "pretrain"), symlinks=True)
         _, evals = read_metrics(os.path.join(out, "adapt"))
         inf, held, ph = rep["infill"], rep["heldout"], rep["phases"]
         row = dict(name=name, pretrain=pre, adapt=ad, seconds=secs, load=[load0, os.getloadavg()[0]],
