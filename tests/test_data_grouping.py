@@ -13,7 +13,7 @@ from a3jax.data.grouping import infill_blanks
 TOK = ByteTokenizer()
 STRATEGIES = ["ar", "blocks:1", "blocks:2", "blocks:4", "random:1", "random:4", "random:8", "mix:8:0.5",
               "mix:3:1", "mix:3:0", "sizes:uniform:5", "sizes:geometric:0.3", "sizes:geometric:0.5:4",
-              "infill", "infill:0.5", "infill:0.3:4:2"]
+              "infill", "infill:0.5", "infill:0.3:4:2", "infill:0.3:4:2:ltr", "infill:0.25:8:1:random"]
 
 
 def sizes_by_group(g):
@@ -50,6 +50,9 @@ def assert_promised_sizes(strategy, g, length, blank=None):
             assert bs.sum() == blank.sum()
             if len(bs):
                 assert np.all(bs[:-1] == k) and 1 <= bs[-1] <= k
+            if len(args) > 3 and args[3] == "ltr":  # the blanks in position order too
+                b = np.flatnonzero(blank)
+                assert np.array_equal(g[b], len(ctx) + np.arange(len(b)) // k)
 
 
 @given(strategy=st.sampled_from(STRATEGIES), length=st.integers(1, 300), seed=st.integers(0, 2**31))
@@ -98,8 +101,20 @@ def test_infill_blank_rate_and_spans():
     assert int(np.sum(np.bincount(g) == 1)) >= n_ctx - 1
 
 
+def test_infill_blank_orders_differ_only_in_the_blanks():
+    """`ltr` and `random` draw the same blanks and context order; random really shuffles the blanks."""
+    blank = infill_blanks(400, np.random.default_rng(5), 0.25, 8)
+    g_ltr = make_groups("infill:0.25:8:1:ltr", 400, np.random.default_rng(5))
+    g_rnd = make_groups("infill:0.25:8:1", 400, np.random.default_rng(5))
+    assert np.array_equal(g_ltr[~blank], g_rnd[~blank])
+    assert np.all(np.diff(g_ltr[blank]) == 1)
+    assert not np.all(np.diff(g_rnd[blank]) > 0)
+    assert np.array_equal(np.sort(g_rnd[blank]), g_ltr[blank])
+
+
 @pytest.mark.parametrize("bad", ["", "nope", "blocks", "blocks:0", "blocks:x", "random:4:5", "mix:4:2",
-                                 "sizes", "sizes:poisson:3", "sizes:uniform:0", "infill:1.5", "ar:3"])
+                                 "sizes", "sizes:poisson:3", "sizes:uniform:0", "infill:1.5", "ar:3",
+                                 "infill:0.25:8:1:rtl", "infill:0.25:8:1:ltr:2"])
 def test_bad_strategy_strings(bad):
     with pytest.raises(ValueError) as e:
         parse_strategy(bad)

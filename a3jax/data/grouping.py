@@ -15,10 +15,12 @@ Built-in strategies (docs/method.md for the reference numbers):
                          uniform in 1..kmax (the last one truncated)
     sizes:geometric:p[:kmax]  sizes drawn iid Geometric(p) on 1, 2, ... (mean 1/p), capped at kmax
                          (default: no cap)
-    infill[:rate[:span[:k]]]  random spans (lengths uniform 1..span, default 8) covering about
-                         `rate` (default 0.25) of the positions become the blanks; the context (all
+    infill[:rate[:span[:k[:order]]]]  random spans (lengths uniform 1..span, default 8) covering
+                         about `rate` (default 0.25) of the positions become the blanks; the context (all
                          other positions) comes first in left-to-right order, one token per group; the
-                         blanks follow as random:k groups (default k=4). Position 0 is never a blank.
+                         blanks follow in groups of k (default 4), in random order (order `random`, the
+                         default) or left to right (`ltr`: each span is written as a plain LM writes it,
+                         with the suffix visible). Position 0 is never a blank.
 
 A new strategy is one function:
 
@@ -248,18 +250,26 @@ def infill_blanks(length: int, rng: np.random.Generator, rate: float, span: int)
     return blank
 
 
+INFILL_BLANK_ORDERS = ("random", "ltr")
+
+
 @register_strategy("infill")
 def _infill(length, rng, *args):
-    _no_more(args, 3)
+    _no_more(args, 4)
     rate = _float(args, 0, "blank rate", default=0.25)
     span = _int(args, 1, "max span length", default=8)
     k = _int(args, 2, "blank group size k", default=4)
+    order = args[3] if len(args) > 3 and args[3] else "random"
+    if order not in INFILL_BLANK_ORDERS:
+        raise ValueError(f"blank order must be one of {', '.join(INFILL_BLANK_ORDERS)}, got {order!r}")
     blank = infill_blanks(length, rng, rate, span)
     g = np.empty(length, np.int32)
     ctx = np.flatnonzero(~blank)
     g[ctx] = np.arange(len(ctx), dtype=np.int32)
     b = np.flatnonzero(blank)
-    g[b[rng.permutation(len(b))]] = len(ctx) + np.arange(len(b), dtype=np.int32) // k
+    if order == "random":
+        b = b[rng.permutation(len(b))]
+    g[b] = len(ctx) + np.arange(len(b), dtype=np.int32) // k
     return g
 
 
