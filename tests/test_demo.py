@@ -95,6 +95,37 @@ def test_infill_benchmark_is_fixed_and_its_blanks_need_the_right_context():
             assert text[a - 1] == "(" and text[b] == ")", it
 
 
+def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
+    """The span NLL (scorer) and the benchmark's fills (decoder) see the context grouped the same way:
+    the decoder's teacher-forced log-probs of the true spans, left to right, sum to the scorer's."""
+    import numpy as np
+
+    from a3jax import demo
+    from a3jax.checkpoint import load_params
+    from a3jax.data import load_tokenizer
+    from a3jax.data.rows import blank_rows, placeholder_id
+    from a3jax.decode import infill
+
+    out, _ = demo_run
+    cfg, params = load_params(os.path.join(out, "final"))
+    pre_cfg, pre_params = load_params(os.path.join(out, "pretrain", "final"))
+    tok = load_tokenizer("byte")
+    items = demo.infill_benchmark(128, 0.05, count=3)
+    got = demo.span_nll(pre_cfg, pre_params, cfg, params, tok, items)
+    rows = [([tok.bos_id] + list(tok.encode(it["text"])), 1 + it["start"], it["end"] - it["start"]) for it in items]
+    tokens, known, valid = blank_rows(rows, max(len(r[0]) for r in rows), tok.pad_id, placeholder_id(tok))
+    for r, (ids, _, _) in enumerate(rows):  # teacher forcing commits the true tokens at the blanks
+        tokens[r, :len(ids)] = ids
+    lp = {}
+    for chunk in (demo.CONTEXT_GROUP_SIZE, None):
+        res = infill(cfg, params, tokens, known, valid=valid, order="left_to_right", group_size=1,
+                     prompt_group_size=chunk, teacher_forcing=True, return_info=True)
+        lp[chunk] = -float(res.logprobs[~known & valid].sum()) / got["bytes"]
+    assert got["bytes"] == sum(n for _, _, n in rows)
+    assert got["a3_both_sides"] == pytest.approx(lp[demo.CONTEXT_GROUP_SIZE], rel=1e-4)
+    assert abs(lp[None] - lp[demo.CONTEXT_GROUP_SIZE]) > 1e-4  # the grouping is not a no-op
+
+
 def test_demo_rerun_resumes_every_phase_and_rewrites_the_report(demo_run, capsys):
     from a3jax.demo import run
 
