@@ -69,18 +69,23 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {n: (float(np.min(wall[n])), float(np.median(cpu[n]))) for n in fns}
 
 
-def step_fns(cfg, b, t, kind, rng):
-    """Zero-arg fwd+bwd of the A3 loss and of the AR loss for `kind`, blocking on the result."""
+def step_inputs(cfg, b, t, kind, rng):
+    """The issue's A3 and AR fwd+bwd for `kind`: ((a3 fn, its args), (ar fn, its args)); jitted, not run."""
     cfg = dataclasses.replace(cfg, attention=kind)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     segs = jnp.ones((b, t), jnp.int32)
     positions, groups = random_groups_sorted(rng, b, t)
     ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    a3, arf = loss_fn(cfg, "query"), loss_fn(cfg, "content")
     a3_args = (params, tokens, jnp.asarray(positions), jnp.asarray(groups), segs)
+    return (loss_fn(cfg, "query"), a3_args), (loss_fn(cfg, "content"), (params, tokens, ar, ar, segs))
+
+
+def step_fns(cfg, b, t, kind, rng):
+    """Zero-arg fwd+bwd of the A3 loss and of the AR loss for `kind`, blocking on the result."""
+    (a3, a3_args), (arf, ar_args) = step_inputs(cfg, b, t, kind, rng)
     return (lambda: jax.block_until_ready(a3(*a3_args)),
-            lambda: jax.block_until_ready(arf(params, tokens, ar, ar, segs)))
+            lambda: jax.block_until_ready(arf(*ar_args)))
 
 
 def attention_temp_bytes(cfg, b, t, kind):

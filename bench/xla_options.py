@@ -13,7 +13,6 @@ are not here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -23,11 +22,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import forward  # noqa: E402  (bench/forward.py: the issue config and the same loss functions)
-from a3jax.model import init_params  # noqa: E402
 
 # name -> compile options (DebugOptions fields). A repeated enum field takes one enum name, or "" for none.
 VARIANTS = {
@@ -63,17 +60,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "xla_options.json"))
     args = ap.parse_args()
     names = args.variants.split(",")
-    rng = np.random.default_rng(0)
-    cfg = dataclasses.replace(forward.ISSUE_CFG, attention="blockwise")
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    b, t = 4, 1024
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
-    segs = jnp.ones((b, t), jnp.int32)
-    pos, grp = forward.random_groups_sorted(rng, b, t)
-    ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    a3_args = (params, tokens, jnp.asarray(pos), jnp.asarray(grp), segs)
-    ar_args = (params, tokens, ar, ar, segs)
-    a3, arf = forward.loss_fn(cfg, "query"), forward.loss_fn(cfg, "content")
+    (a3, a3_args), (arf, ar_args) = forward.step_inputs(forward.ISSUE_CFG, 4, 1024, "blockwise",
+                                                        np.random.default_rng(0))
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores",
               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": "python bench/xla_options.py " + " ".join(sys.argv[1:]),
