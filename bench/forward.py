@@ -6,8 +6,13 @@ attention memory vs T.
 
 --reference DIR: a local copy of github.com/PKU-ML/Any-order-Any-subset-AR (it has no license: it is
 run from there, never copied; see bench/reference_a3.py). Its step (torch CPU, 2 threads) is then
-timed interleaved with a3jax's A3 and AR steps, round by round, so the ratios come from one run.
-Each time is the best of the rounds (wall clock; the machine may be shared) with the median process
+timed beside a3jax's A3 and AR steps in the same run, so the ratios come from one run.
+
+The issue table runs each implementation in its own worker process (`--worker`), the processes
+taking turns round by round (`--rounds`): timed in one process, the A3 step right after the torch
+step was 15-30% slower than alone (page faults and caches after torch's large allocations), which
+biased the ratio against a3jax. `--same-process` times all three in one process, in turn, as before.
+Each time is the best of all rounds (wall clock; the machine may be shared) with the median process
 CPU time beside it. Prints tables and writes JSON.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -69,6 +75,53 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {n: (float(np.min(wall[n])), float(np.median(cpu[n]))) for n in fns}
 
 
+A3_NAME, AR_NAME, REF_NAME = "a3jax A3 (blockwise)", "a3jax AR (blockwise)", "reference A3 code (torch, 2 threads)"
+
+
+def issue_fns(names, reference: str, rng) -> dict:
+    """The issue table's zero-arg steps, by name (the reference needs its repo's path)."""
+    fns = {}
+    if A3_NAME in names or AR_NAME in names:
+        fns[A3_NAME], fns[AR_NAME] = step_fns(ISSUE_CFG, 4, 1024, "blockwise", rng)
+    if REF_NAME in names:
+        import reference_a3
+
+        c = ISSUE_CFG
+        fns[REF_NAME] = reference_a3.make_step(reference, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                                               c.num_kv_heads, c.intermediate_size, 4, 1024)
+    return {n: fns[n] for n in names}
+
+
+def isolated(names, reference: str, reps: int, rounds: int) -> dict:
+    """Each name's step timed in its own fresh process, the processes taking turns for `rounds`
+    rounds of `reps` steps each. Returns {name: (best wall s, median process CPU s)}."""
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", n, "--reps", str(reps)]
+            if reference:
+                cmd += ["--reference", reference]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rec = json.loads(out.strip().splitlines()[-1])
+            wall[n] += rec["wall"]
+            cpu[n] += rec["cpu"]
+    return {n: (float(np.min(wall[n])), float(np.median(cpu[n]))) for n in names}
+
+
+def worker(name: str, reference: str, reps: int) -> None:
+    """--worker: warm one step, time `reps`, print {"wall": [...], "cpu": [...]} as the last line."""
+    f = issue_fns([name], reference, np.random.default_rng(0))[name]
+    f()
+    wall, cpu = [], []
+    for _ in range(reps):
+        c, t0 = time.process_time(), time.perf_counter()
+        f()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c)
+    print(json.dumps({"wall": wall, "cpu": cpu}))
+
+
 def step_inputs(cfg, b, t, kind, rng):
     """The issue's A3 and AR fwd+bwd for `kind`: ((a3 fn, its args), (ar fn, its args)); jitted, not run."""
     cfg = dataclasses.replace(cfg, attention=kind)
@@ -109,37 +162,41 @@ def main():
     ap.add_argument("--issue-only", action="store_true",
                     help="only the issue table (A3, AR, reference): a quick before/after of a code change, "
                          "run once per checkout with PYTHONPATH set to it")
-    ap.add_argument("--reps", type=int, default=0, help="timed rounds (default 3, 2 with --quick)")
+    ap.add_argument("--reps", type=int, default=0, help="timed steps per round (default 3, 2 with --quick)")
+    ap.add_argument("--rounds", type=int, default=2, help="issue table: rounds of one process per implementation")
+    ap.add_argument("--same-process", action="store_true",
+                    help="issue table: time all implementations in this process, in turn (biased: see above)")
+    ap.add_argument("--worker", metavar="NAME", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forward.json"))
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 3)
+    if args.worker:
+        return worker(args.worker, args.reference, reps)
     rng = np.random.default_rng(0)
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
                          f"{os.cpu_count()} cores", "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": "python bench/forward.py " + " ".join(sys.argv[1:]),
               "load_before": load_average(), "a3_vs_ar": [], "memory": [], "issue_step": {}}
 
-    # The issue table: the default kernel's A3 and AR steps and the reference, one round each in turn.
-    fns = {}
-    fns["a3jax A3 (blockwise)"], fns["a3jax AR (blockwise)"] = step_fns(ISSUE_CFG, 4, 1024, "blockwise", rng)
-    if args.reference:
-        import reference_a3
-
-        c = ISSUE_CFG
-        ref = reference_a3.make_step(args.reference, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
-                                     c.num_kv_heads, c.intermediate_size, 4, 1024)
-        fns["reference A3 code (torch, 2 threads)"] = ref
-    issue = interleaved(fns, reps)
-    del fns
-    a3 = issue["a3jax A3 (blockwise)"][0]
+    # The issue table: the default kernel's A3 and AR steps and the reference.
+    names = [A3_NAME, AR_NAME] + ([REF_NAME] if args.reference else [])
+    if args.same_process:
+        fns = issue_fns(names, args.reference, rng)
+        issue = interleaved(fns, reps)
+        del fns
+    else:
+        issue = isolated(names, args.reference, reps, args.rounds)
+    result["issue_step_timing"] = "same process, in turn" if args.same_process else \
+        f"one process per implementation, {args.rounds} rounds of {reps} steps"
+    a3 = issue[A3_NAME][0]
     print("issue config (4L, d256, 8h/4kv, MLP 688, V1024, B4, T1024, random groups of 4, fp32), fwd+bwd:")
     print(f"{'implementation':>38} {'best s':>8} {'CPU s':>7} {'vs A3':>6}")
     for n, (w, c) in issue.items():
         print(f"{n:>38} {w:>8.3f} {c:>7.2f} {w / a3:>6.2f}")
     result["issue_step"] = {n: {"s": w, "cpu_s": c} for n, (w, c) in issue.items()}
-    result["issue_step"]["a3_over_ar"] = a3 / issue["a3jax AR (blockwise)"][0]
+    result["issue_step"]["a3_over_ar"] = a3 / issue[AR_NAME][0]
     if args.reference:
-        result["issue_step"]["speedup_vs_reference"] = issue["reference A3 code (torch, 2 threads)"][0] / a3
+        result["issue_step"]["speedup_vs_reference"] = issue[REF_NAME][0] / a3
         print(f"  a3jax A3 speed-up over the reference: {result['issue_step']['speedup_vs_reference']:.2f}x; "
               f"A3/AR {result['issue_step']['a3_over_ar']:.2f}")
     if args.issue_only:
