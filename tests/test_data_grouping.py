@@ -8,7 +8,9 @@ from a3jax.data import (ByteTokenizer, example_rng, group_document, load_curricu
                         make_groups, make_row, pack_documents, parse_strategy, register_strategy,
                         stage_for_step, validate_stages)
 from a3jax.data.checks import LayoutError, check_batch
-from a3jax.data.grouping import infill_blanks
+from a3jax.data.grouping import infill_blanks, repeat_blanks, strategy_needs_tokens
+from a3jax.data.pipeline import ExampleLayout
+from a3jax.data.rows import strategy_groups, text_row
 
 TOK = ByteTokenizer()
 STRATEGIES = ["ar", "blocks:1", "blocks:2", "blocks:4", "random:1", "random:4", "random:8", "mix:8:0.5",
@@ -257,3 +259,155 @@ def test_example_rng_depends_on_seed_and_index():
     assert np.array_equal(a, example_rng(0, 5).integers(0, 1 << 30, 4))
     assert not np.array_equal(a, example_rng(1, 5).integers(0, 1 << 30, 4))
     assert not np.array_equal(a, example_rng(0, 6).integers(0, 1 << 30, 4))
+
+
+# ----------------------------------------------------------------------------- copyable blanks (repeat)
+
+
+def runs_of(mask):
+    """(start, end) of each maximal run of True."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    d = np.flatnonzero(np.diff(m.astype(np.int8)))
+    return list(zip(d[::2].tolist(), d[1::2].tolist()))
+
+
+def occurs_in_context(tokens, blank, s, e):
+    """Whether tokens[s:e] occurs at some other start whose positions are all context."""
+    n = e - s
+    return any(j != s and not blank[j:j + n].any() and np.array_equal(tokens[j:j + n], tokens[s:e])
+               for j in range(len(tokens) - n + 1))
+
+
+# few symbols make repeats common; many make the fallback needed
+docs_tokens = st.integers(2, 40).flatmap(lambda v: st.lists(st.integers(0, v), min_size=1, max_size=300))
+
+
+@given(tokens=docs_tokens, rate=st.sampled_from([0.05, 0.25, 0.5, 1.0]), span=st.integers(2, 10),
+       seed=st.integers(0, 2**31))
+def test_repeat_blanks_are_copyable(tokens, rate, span, seed):
+    t = np.asarray(tokens)
+    blank, spans = repeat_blanks(t, np.random.default_rng(seed), rate, span)
+    L = len(t)
+    assert blank.shape == (L,) and blank.dtype == bool
+    assert L <= 1 or not blank[0]
+    target = max(1, round(rate * (L - 1))) if L > 1 else 0
+    assert blank.sum() <= target
+    runs = set(runs_of(blank))
+    for s, e in spans:
+        assert 2 <= e - s <= span and s >= 1
+        assert len(set(t[s:e].tolist())) >= 2, "not one token repeated"
+        assert (s, e) in runs, "a copy span is a run of blanks of its own"
+        assert occurs_in_context(t, blank, s, e), "its tokens occur elsewhere, all context"
+    # without the fallback every run of blanks is a copy span
+    if sum(e - s for s, e in spans) == blank.sum():
+        assert runs == set(spans)
+    # deterministic from the rng
+    b2, s2 = repeat_blanks(t, np.random.default_rng(seed), rate, span)
+    assert np.array_equal(blank, b2) and s2 == spans
+
+
+@given(length=st.integers(200, 400), rate=st.sampled_from([0.1, 0.25, 0.4]), seed=st.integers(0, 2**31))
+def test_repeat_blanks_rate_on_repetitive_text(length, rate, seed):
+    """Four symbols drawn at random: every short n-gram repeats, so copy spans (not the fallback)
+    reach ~rate."""
+    t = np.random.default_rng(seed).integers(0, 4, length)
+    blank, spans = repeat_blanks(t, np.random.default_rng(seed), rate, 8)
+    target = round(rate * (length - 1))
+    assert target - 1 <= blank.sum() <= target
+    assert sum(e - s for s, e in spans) >= 0.8 * target
+    # longest first: the copy spans are not mostly the shortest
+    assert np.mean([e - s for s, e in spans]) > 3
+
+
+@pytest.mark.parametrize("t", [np.arange(100), np.zeros(100, int)])
+def test_repeat_blanks_fall_back_when_nothing_repeats(t):
+    """No n-gram occurs twice, or only runs of one token do (copying them teaches nothing): every
+    blank comes from the fallback."""
+    blank, spans = repeat_blanks(t, np.random.default_rng(0), 0.25, 8)
+    assert spans == [] and blank.sum() == round(0.25 * 99) and not blank[0]
+
+
+def test_repeat_blanks_pick_the_repeated_names_in_code():
+    text = "def area(width, height):\n    return width * height\n"
+    t = np.asarray(TOK.encode(text))
+    blank, spans = repeat_blanks(t, np.random.default_rng(0), 0.25, 8)
+    assert spans and sum(e - s for s, e in spans) == blank.sum()
+    for s, e in spans:
+        assert text.count(TOK.decode(t[s:e].tolist())) >= 2
+
+
+@given(tokens=st.lists(st.integers(0, 5), min_size=1, max_size=200), seed=st.integers(0, 10_000),
+       order=st.sampled_from(["random", "ltr"]), k=st.integers(1, 4))
+def test_infill_repeat_groups(tokens, seed, order, k):
+    t = np.asarray(tokens)
+    strategy = f"infill:0.3:6:{k}:{order}:repeat"
+    g = make_groups(strategy, len(t), np.random.default_rng(seed), tokens=t)
+    blank, _ = repeat_blanks(t, np.random.default_rng(seed), 0.3, 6)
+    assert_promised_sizes(strategy, g, len(t), blank)
+    assert np.array_equal(g, make_groups(strategy, len(t), np.random.default_rng(seed), tokens=t))
+
+
+@given(strategy=st.sampled_from([s for s in STRATEGIES if s.startswith("infill")]),
+       tokens=st.lists(st.integers(0, 9), min_size=1, max_size=200), seed=st.integers(0, 10_000))
+def test_infill_any_is_the_default_and_ignores_tokens(strategy, tokens, seed):
+    t = np.asarray(tokens)
+    a = strategy.split(":")[1:]
+    full = "infill:" + ":".join((a + ["", "", "", ""])[:4] + ["any"])
+    ref = make_groups(strategy, len(t), np.random.default_rng(seed))
+    assert np.array_equal(ref, make_groups(full, len(t), np.random.default_rng(seed)))
+    assert np.array_equal(ref, make_groups(strategy, len(t), np.random.default_rng(seed), tokens=t))
+    assert np.array_equal(ref, make_groups(full, len(t), np.random.default_rng(seed), tokens=t))
+
+
+@pytest.mark.parametrize("bad, named", [("infill:0.25:8:1:random:near", "'near'"),
+                                        ("infill:0.25:1:1:random:repeat", "got 1"),
+                                        ("infill:0.25:8:1:random:repeat:3", "at most 5")])
+def test_infill_where_bad_args(bad, named):
+    with pytest.raises(ValueError, match=f"bad grouping strategy '{bad}'") as e:
+        parse_strategy(bad)
+    assert named in str(e.value)
+
+
+def test_repeat_needs_tokens_and_says_so():
+    s = "infill:0.25:8:1:random:repeat"
+    assert strategy_needs_tokens(s) and not strategy_needs_tokens("infill:0.25:8:1") and not strategy_needs_tokens("ar")
+    with pytest.raises(ValueError, match=r"'infill:0.25:8:1:random:repeat' needs the document's token ids"):
+        make_groups(s, 20, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="3 token ids for length 20"):
+        make_groups(s, 20, np.random.default_rng(0), tokens=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"'infill:0.25:8:1:random:repeat' needs each document's token ids.*batch"):
+        ExampleLayout([(s, 10)], 4, 0, True, TOK.bos_id, grouping_scope="batch")
+
+
+def test_group_document_gives_the_strategy_the_text_after_bos():
+    t = np.asarray([TOK.bos_id] + TOK.encode("ab ab ab cd cd ab cd ab cd"))
+    s = "infill:0.3:4:1:ltr:repeat"
+    g = group_document(s, len(t), np.random.default_rng(2), anchor_bos=True, tokens=t)
+    assert np.array_equal(g[1:] - 1, make_groups(s, len(t) - 1, np.random.default_rng(2), tokens=t[1:]))
+
+
+@given(data=packed_docs(), seed=st.integers(0, 10_000), anchor=st.booleans())
+def test_layout_repeat_blanks_per_segment(data, seed, anchor):
+    """pack_documents hands each segment's own tokens to the strategy: its groups are those of
+    group_document on that segment's tokens, with that row's example_rng."""
+    docs, seq_len = data
+    strategy = "infill:0.3:4:1:ltr:repeat"
+    b = pack_documents(docs, seq_len, TOK, strategy=strategy, seed=seed, anchor_bos=anchor)
+    rows = check_batch(b, TOK.vocab_size, TOK.pad_id, TOK.bos_id, anchor_bos=anchor)
+    for r, segs in enumerate(rows):
+        rng = example_rng(seed, r)
+        for s in segs:
+            order = np.argsort(s["positions"])
+            tok, g = np.asarray(s["tokens"])[order], np.asarray(s["groups"])[order]
+            want = group_document(strategy, len(tok), rng, anchor, tokens=tok)
+            assert np.array_equal(g - g.min(), want)
+
+
+def test_text_row_hands_its_tokens_to_the_strategy():
+    ids = TOK.encode("x = value\ny = value\n")
+    row, groups, target = text_row(TOK.bos_id, ids, "infill:0.3:8:1:ltr:repeat", seed=3, index=7)
+    assert np.array_equal(groups, strategy_groups("infill:0.3:8:1:ltr:repeat", len(row), 3, 7, tokens=row))
+    blank, _ = repeat_blanks(row[1:], example_rng(3, 7), 0.3, 8)
+    assert blank.any() and np.all(groups[1:][blank] > groups[1:][~blank].max())  # blanks after the context
+    with pytest.raises(ValueError, match="needs the document's token ids"):
+        strategy_groups("infill:0.3:8:1:ltr:repeat", len(row), 3, 7)

@@ -15,12 +15,17 @@ Built-in strategies (docs/method.md for the reference numbers):
                          uniform in 1..kmax (the last one truncated)
     sizes:geometric:p[:kmax]  sizes drawn iid Geometric(p) on 1, 2, ... (mean 1/p), capped at kmax
                          (default: no cap)
-    infill[:rate[:span[:k[:order]]]]  random spans (lengths uniform 1..span, default 8) covering
+    infill[:rate[:span[:k[:order[:where]]]]]  random spans (lengths uniform 1..span, default 8) covering
                          about `rate` (default 0.25) of the positions become the blanks; the context (all
                          other positions) comes first in left-to-right order, one token per group; the
                          blanks follow in groups of k (default 4), in random order (order `random`, the
                          default) or left to right (`ltr`: each span is written as a plain LM writes it,
                          with the suffix visible). Position 0 is never a blank.
+                         `where` picks the spans: `any` (the default) anywhere; `repeat` (needs the
+                         document's tokens) spans of 2..span tokens, longest first, whose token sequence
+                         also occurs elsewhere in the document, that occurrence left entirely in the
+                         context, so the answer can be copied (repeat_blanks); random spans fill up to
+                         `rate` when no such span is left.
 
 A new strategy is one function:
 
@@ -30,6 +35,13 @@ A new strategy is one function:
 `args` are the strings after the name; raise `ValueError` for bad ones (`parse_strategy` turns that
 into a message naming the strategy). The function may return any integer ids; `make_groups` ranks
 them densely.
+
+A strategy that looks at the document's token ids registers with `tokens=needs`, `needs(args) -> bool`
+saying whether those arguments need them; it is then called as `fn(length, rng, *args, tokens=ids)`
+(ids int [length] or None). `make_groups(..., tokens=ids)` / `group_document(..., tokens=ids)` pass
+them (the data pipeline, packing and rows do); a strategy whose arguments need them and gets none is
+an error naming it (`strategy_needs_tokens` tells beforehand: e.g. data.grouping_scope=batch, one
+grouping shared by rows of different documents, rejects such a strategy).
 
 Anchor BOS (`group_document(..., anchor_bos=True)`): position 0 (the document's BOS) is alone in group
 0 and the strategy orders positions 1..length-1 in groups 1..K.
@@ -46,15 +58,19 @@ from a3jax.config import CONFIG_ROOT, DataConfig, build, parse_yaml
 
 StrategyFn = Callable[..., np.ndarray]
 _REGISTRY: dict[str, StrategyFn] = {}
+_TOKEN_NEEDS: dict[str, Callable[[tuple], bool]] = {}  # token-aware strategies: args -> needs tokens
 
 
-def register_strategy(name: str):
-    """Decorator: registers `fn(length, rng, *args) -> group ids` under `name`."""
+def register_strategy(name: str, tokens: Callable[[tuple], bool] | None = None):
+    """Decorator: registers `fn(length, rng, *args) -> group ids` under `name`; with `tokens`
+    (args -> whether they need the token ids) fn also takes `tokens=` (see the module docstring)."""
 
     def deco(fn: StrategyFn) -> StrategyFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"grouping strategy {name!r} is already registered")
         _REGISTRY[name] = fn
+        if tokens is not None:
+            _TOKEN_NEEDS[name] = tokens
         return fn
 
     return deco
@@ -74,10 +90,20 @@ def parse_strategy(strategy: str) -> tuple[StrategyFn, tuple[str, ...]]:
     if fn is None:
         raise ValueError(f"unknown grouping strategy {strategy!r} (known: {', '.join(strategies())})")
     try:
-        fn(32, np.random.default_rng(0), *args)
+        if name in _TOKEN_NEEDS:  # trial ids with repeats, so a token policy's main path runs
+            fn(32, np.random.default_rng(0), *args, tokens=np.arange(32) % 5)
+        else:
+            fn(32, np.random.default_rng(0), *args)
     except (ValueError, TypeError) as e:
         raise ValueError(f"bad grouping strategy {strategy!r}: {e}") from None
     return fn, tuple(args)
+
+
+def strategy_needs_tokens(strategy: str) -> bool:
+    """Whether `strategy` (checked) needs the document's token ids."""
+    _, args = parse_strategy(strategy)
+    needs = _TOKEN_NEEDS.get(strategy.strip().split(":")[0])
+    return bool(needs and needs(args))
 
 
 def _dense(ids: np.ndarray) -> np.ndarray:
@@ -85,25 +111,38 @@ def _dense(ids: np.ndarray) -> np.ndarray:
     return inv.astype(np.int32).reshape(-1)
 
 
-def make_groups(strategy: str, length: int, rng: np.random.Generator) -> np.ndarray:
-    """Group ids (dense ranks 0..K-1, int32) for positions 0..length-1 of one document."""
+def make_groups(strategy: str, length: int, rng: np.random.Generator, tokens=None) -> np.ndarray:
+    """Group ids (dense ranks 0..K-1, int32) for positions 0..length-1 of one document; `tokens`
+    (int [length]) are its token ids, for the strategies that look at them."""
     fn, args = parse_strategy(strategy)
     if length <= 0:
         return np.zeros(0, np.int32)
-    ids = np.asarray(fn(int(length), rng, *args))
+    if tokens is not None:
+        tokens = np.asarray(tokens).reshape(-1)
+        if len(tokens) != length:
+            raise ValueError(f"grouping strategy {strategy!r}: {len(tokens)} token ids for length {length}")
+    name = strategy.strip().split(":")[0]
+    if name in _TOKEN_NEEDS:
+        if tokens is None and _TOKEN_NEEDS[name](args):
+            raise ValueError(f"grouping strategy {strategy!r} needs the document's token ids and got none "
+                             f"(pass tokens=; a grouping shared by several documents has none)")
+        ids = np.asarray(fn(int(length), rng, *args, tokens=tokens))
+    else:
+        ids = np.asarray(fn(int(length), rng, *args))
     if ids.shape != (length,):
         raise ValueError(f"grouping strategy {strategy!r} returned shape {ids.shape} for length {length}")
     return _dense(ids)
 
 
 def group_document(strategy: str, length: int, rng: np.random.Generator,
-                   anchor_bos: bool = True) -> np.ndarray:
-    """make_groups plus the anchor: with anchor_bos, position 0 alone in group 0, the rest after it."""
+                   anchor_bos: bool = True, tokens=None) -> np.ndarray:
+    """make_groups plus the anchor: with anchor_bos, position 0 alone in group 0, the rest after it
+    (the strategy then sees tokens[1:])."""
     if not anchor_bos or length <= 1:
-        return make_groups(strategy, length, rng)
+        return make_groups(strategy, length, rng, tokens)
     g = np.empty(length, np.int32)
     g[0] = 0
-    g[1:] = make_groups(strategy, length - 1, rng) + 1
+    g[1:] = make_groups(strategy, length - 1, rng, None if tokens is None else np.asarray(tokens)[1:]) + 1
     return g
 
 
@@ -250,19 +289,107 @@ def infill_blanks(length: int, rng: np.random.Generator, rate: float, span: int)
     return blank
 
 
+def _ngram_ids(tokens: np.ndarray, span: int) -> dict:
+    """n -> (id of the n-gram starting at each of 0..L-n, the starts >= 1 of n-grams that occur again
+    and are not one token repeated), for n in 2..span; equal ids = equal token sequences."""
+    sym = np.unique(tokens, return_inverse=True)[1].reshape(-1).astype(np.int64)  # ids 0..V-1, V <= L
+    vocab = int(sym.max()) + 1 if len(sym) else 1
+    # changes[i]: tokens i and i+1 differ; an n-gram at s is one repeated token iff none in s..s+n-2
+    changes = np.concatenate([[0], np.cumsum(sym[1:] != sym[:-1])])
+    ids = sym
+    out = {}
+    for n in range(2, min(span, len(tokens) - 1) + 1):
+        key = ids[:len(tokens) - n + 1] * vocab + sym[n - 1:]
+        _, ids, counts = np.unique(key, return_inverse=True, return_counts=True)
+        ids = ids.reshape(-1).astype(np.int64)
+        varied = changes[n - 1:] - changes[:len(tokens) - n + 1] > 0
+        cand = np.flatnonzero((counts[ids] >= 2) & varied)
+        cand = cand[cand >= 1]
+        if len(cand):
+            out[n] = (ids, cand)
+    return out
+
+
+def repeat_blanks(tokens, rng: np.random.Generator, rate: float, span: int):
+    """Copyable blanks: (mask, spans). spans are (start, end) pairs, 2 <= end - start <= span, not one
+    token repeated, whose tokens also occur at other positions that all stay context (the copy
+    source), each a maximal run of the mask (a context token on both sides, or the end). Longer spans
+    are placed first (they are what copying is for; short ones often repeat by chance). Position 0 is
+    never a blank. When no such span is left, random spans (lengths 1..span, never on a copy source or
+    next to a copy span) fill the mask up to ~rate of 1..L-1; blanks never exceed round(rate * (L - 1))."""
+    tokens = np.asarray(tokens).reshape(-1)
+    length = len(tokens)
+    blank = np.zeros(length, bool)
+    spans: list[tuple[int, int]] = []
+    if length <= 1 or rate <= 0:
+        return blank, spans
+    target = max(1, int(round(rate * (length - 1))))
+    keep = np.zeros(length, bool)  # copy sources and the neighbours of copy spans: never blanked
+    count = 0
+    grams = _ngram_ids(tokens, span)
+    for n in sorted(grams, reverse=True):
+        inv, cand = grams[n]
+        for s in cand[rng.permutation(len(cand))].tolist():
+            if count + n > target:
+                break
+            e = s + n
+            # the span: free, with a free token (or the end) on each side, so it stays a run of its own
+            if blank[s - 1:e + 1].any() or keep[s:e].any():
+                continue
+            others = np.flatnonzero(inv == inv[s])
+            others = others[(others + n <= s) | (others >= e)]  # occurrences outside the span
+            free = [j for j in others.tolist() if not blank[j:j + n].any()]
+            if not free:
+                continue
+            j = free[int(rng.integers(len(free)))]
+            blank[s:e] = True
+            keep[j:j + n] = True
+            keep[s - 1] = True
+            if e < length:
+                keep[e] = True
+            spans.append((s, e))
+            count += n
+    if count < target:  # fallback: random spans where nothing copyable is left
+        for _ in range(4 * length):
+            if count >= target:
+                break
+            n = min(int(rng.integers(1, span + 1)), target - count)
+            s = int(rng.integers(1, length))
+            e = min(length, s + n)
+            free = ~blank[s:e] & ~keep[s:e]
+            count += int(free.sum())
+            blank[s:e] |= free
+    return blank, spans
+
+
 INFILL_BLANK_ORDERS = ("random", "ltr")
+INFILL_BLANK_WHERE = ("any", "repeat")
 
 
-@register_strategy("infill")
-def _infill(length, rng, *args):
-    _no_more(args, 4)
+def _infill_needs_tokens(args) -> bool:
+    return len(args) > 4 and args[4] == "repeat"
+
+
+@register_strategy("infill", tokens=_infill_needs_tokens)
+def _infill(length, rng, *args, tokens=None):
+    _no_more(args, 5)
     rate = _float(args, 0, "blank rate", default=0.25)
     span = _int(args, 1, "max span length", default=8)
     k = _int(args, 2, "blank group size k", default=4)
     order = args[3] if len(args) > 3 and args[3] else "random"
     if order not in INFILL_BLANK_ORDERS:
         raise ValueError(f"blank order must be one of {', '.join(INFILL_BLANK_ORDERS)}, got {order!r}")
-    blank = infill_blanks(length, rng, rate, span)
+    where = args[4] if len(args) > 4 and args[4] else "any"
+    if where not in INFILL_BLANK_WHERE:
+        raise ValueError(f"blank placement must be one of {', '.join(INFILL_BLANK_WHERE)}, got {where!r}")
+    if where == "repeat":
+        if span < 2:
+            raise ValueError(f"max span length must be >= 2 for repeat blanks, got {span}")
+        if tokens is None:
+            raise ValueError("repeat blanks need the document's token ids")
+        blank, _ = repeat_blanks(tokens, rng, rate, span)
+    else:
+        blank = infill_blanks(length, rng, rate, span)
     g = np.empty(length, np.int32)
     ctx = np.flatnonzero(~blank)
     g[ctx] = np.arange(len(ctx), dtype=np.int32)

@@ -124,6 +124,7 @@ def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: b
 
     Returns the a3jax.layout dict (exactly LAYOUT_KEYS, int32 [T]) sorted by (segment, group).
     `bos_id` is the tokenizer's (it marks each segment's leading BOS, which is not a target).
+    Each segment is one document to the strategy, which sees its token ids (a3jax.data.grouping).
     `slot_groups` (int [T], a grouping of the row's T slots shared by every row of a batch) replaces the
     per-segment draw: each segment keeps the order of its slots' groups (re-ranked; with anchor_bos its
     BOS first, alone), and `strategy` / `rng` are unused.
@@ -142,7 +143,7 @@ def layout_row(row: dict, strategy: str, rng: np.random.Generator, anchor_bos: b
             order_in_seg = np.argsort(positions[run], kind="stable")
             run = run[order_in_seg]
             if slot_groups is None:
-                g = group_document(strategy, len(run), rng, anchor_bos)
+                g = group_document(strategy, len(run), rng, anchor_bos, tokens=tokens[run])
             else:
                 g = np.asarray(slot_groups)[run].astype(np.int64)
                 if anchor_bos and len(run) > 1:

@@ -9,7 +9,9 @@
                                              data.grouping_scope=batch one grouping of the
                                              row's slots per step from
                                              default_rng([grouping_seed, step, 1]), shared by
-                                             every row of the global batch
+                                             every row of the global batch (a strategy that
+                                             needs the document's tokens, infill:...:repeat,
+                                             is rejected there: the rows are different documents)
       [process_index::process_count]         per-process shard
       .batch(global_batch // process_count)  batch j of every process holds global step j
       .to_iter_dataset(ReadOptions)          threads prefetch `prefetch` batches (0 = synchronous)
@@ -38,7 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from a3jax.config import GROUPING_SCOPES
 from a3jax.sharding import batch_sharding
 
-from .grouping import batch_rng, example_rng, group_document, parse_strategy, stage_for_step, validate_stages
+from .grouping import (batch_rng, example_rng, group_document, parse_strategy, stage_for_step,
+                       strategy_needs_tokens, validate_stages)
 from .packing import PackedRows, layout_row, plan_packing
 from .sources import load_corpus
 from .tokenizers import load_tokenizer
@@ -60,6 +63,12 @@ class ExampleLayout:
         self.bos_id = int(bos_id)
         self.fixed_strategy = fixed_strategy
         self.grouping_scope = grouping_scope
+        if grouping_scope == "batch":  # one grouping for rows of different documents: no tokens to see
+            for strategy in [s for s, _ in self.stages] + ([fixed_strategy] if fixed_strategy else []):
+                if strategy_needs_tokens(strategy):
+                    raise ValueError(f"grouping strategy {strategy!r} needs each document's token ids; "
+                                     f"data.grouping_scope=batch shares one grouping across the rows of a "
+                                     f"batch (different documents): use grouping_scope=example")
         self._shared: tuple = (None, None)  # (key, slot groups) of the last batch: its rows come in a run
 
     def _batch_groups(self, step: int, strategy: str, length: int) -> np.ndarray:

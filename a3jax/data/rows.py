@@ -28,11 +28,13 @@ from .grouping import example_rng, group_document
 WINDOW_STRIDE = 1_000_003
 
 
-def strategy_groups(strategy: str, length: int, seed: int, index: int = 0, anchor_bos: bool = True) -> np.ndarray:
+def strategy_groups(strategy: str, length: int, seed: int, index: int = 0, anchor_bos: bool = True,
+                    tokens=None) -> np.ndarray:
     """Group ids [length] of one document under a grouping strategy of a3jax.data.grouping ('ar',
     'blocks:k', 'random:k', ...), deterministic in (seed, index); with anchor_bos position 0 (BOS) is
-    alone in group 0."""
-    return group_document(strategy, length, example_rng(seed, index), anchor_bos=anchor_bos)
+    alone in group 0. `tokens` (int [length], BOS first) are the document's ids, for the strategies
+    that need them (e.g. infill:...:repeat)."""
+    return group_document(strategy, length, example_rng(seed, index), anchor_bos=anchor_bos, tokens=tokens)
 
 
 def window_index(index: int, window: int) -> int:
@@ -67,7 +69,7 @@ def text_row(bos_id: int, ids: Sequence[int], strategy: str, seed: int, index: i
     row = np.asarray([int(bos_id)] + list(ids))
     target = np.ones(len(row), bool)
     target[0] = False
-    return row, strategy_groups(strategy, len(row), seed, index).astype(np.int32), target
+    return row, strategy_groups(strategy, len(row), seed, index, tokens=row).astype(np.int32), target
 
 
 def placeholder_id(tokenizer) -> int:
