@@ -58,7 +58,7 @@ from a3jax.config import CONFIG_ROOT, DataConfig, build, parse_yaml
 
 StrategyFn = Callable[..., np.ndarray]
 _REGISTRY: dict[str, StrategyFn] = {}
-_TOKEN_NEEDS: dict[str, Callable[[tuple], bool]] = {}  # token-aware strategies: args -> needs tokens
+_TOKEN_NEEDS: dict[StrategyFn, Callable[[tuple], bool]] = {}  # token-aware strategy fns: args -> needs tokens
 
 
 def register_strategy(name: str, tokens: Callable[[tuple], bool] | None = None):
@@ -70,7 +70,7 @@ def register_strategy(name: str, tokens: Callable[[tuple], bool] | None = None):
             raise ValueError(f"grouping strategy {name!r} is already registered")
         _REGISTRY[name] = fn
         if tokens is not None:
-            _TOKEN_NEEDS[name] = tokens
+            _TOKEN_NEEDS[fn] = tokens
         return fn
 
     return deco
@@ -90,7 +90,7 @@ def parse_strategy(strategy: str) -> tuple[StrategyFn, tuple[str, ...]]:
     if fn is None:
         raise ValueError(f"unknown grouping strategy {strategy!r} (known: {', '.join(strategies())})")
     try:
-        if name in _TOKEN_NEEDS:  # trial ids with repeats, so a token policy's main path runs
+        if fn in _TOKEN_NEEDS:  # trial ids with repeats, so a token policy's main path runs
             fn(32, np.random.default_rng(0), *args, tokens=np.arange(32) % 5)
         else:
             fn(32, np.random.default_rng(0), *args)
@@ -101,8 +101,8 @@ def parse_strategy(strategy: str) -> tuple[StrategyFn, tuple[str, ...]]:
 
 def strategy_needs_tokens(strategy: str) -> bool:
     """Whether `strategy` (checked) needs the document's token ids."""
-    _, args = parse_strategy(strategy)
-    needs = _TOKEN_NEEDS.get(strategy.strip().split(":")[0])
+    fn, args = parse_strategy(strategy)
+    needs = _TOKEN_NEEDS.get(fn)
     return bool(needs and needs(args))
 
 
@@ -121,9 +121,9 @@ def make_groups(strategy: str, length: int, rng: np.random.Generator, tokens=Non
         tokens = np.asarray(tokens).reshape(-1)
         if len(tokens) != length:
             raise ValueError(f"grouping strategy {strategy!r}: {len(tokens)} token ids for length {length}")
-    name = strategy.strip().split(":")[0]
-    if name in _TOKEN_NEEDS:
-        if tokens is None and _TOKEN_NEEDS[name](args):
+    needs = _TOKEN_NEEDS.get(fn)
+    if needs is not None:
+        if tokens is None and needs(args):
             raise ValueError(f"grouping strategy {strategy!r} needs the document's token ids and got none "
                              f"(pass tokens=; a grouping shared by several documents has none)")
         ids = np.asarray(fn(int(length), rng, *args, tokens=tokens))
