@@ -68,11 +68,17 @@ def interleaved(fns: dict, reps: int) -> dict:
     cpu = {n: [] for n in fns}
     for _ in range(reps):
         for n, f in fns.items():
-            c, t0 = time.process_time(), time.perf_counter()
-            f()
-            wall[n].append(time.perf_counter() - t0)
-            cpu[n].append(time.process_time() - c)
+            w, c = timed(f)
+            wall[n].append(w)
+            cpu[n].append(c)
     return {n: (float(np.min(wall[n])), float(np.median(cpu[n]))) for n in fns}
+
+
+def timed(f) -> tuple[float, float]:
+    """(wall s, process CPU s) of one call of f."""
+    c, t0 = time.process_time(), time.perf_counter()
+    f()
+    return time.perf_counter() - t0, time.process_time() - c
 
 
 A3_NAME, AR_NAME, REF_NAME = "a3jax A3 (blockwise)", "a3jax AR (blockwise)", "reference A3 code (torch, 2 threads)"
@@ -113,12 +119,7 @@ def worker(name: str, reference: str, reps: int) -> None:
     """--worker: warm one step, time `reps`, print {"wall": [...], "cpu": [...]} as the last line."""
     f = issue_fns([name], reference, np.random.default_rng(0))[name]
     f()
-    wall, cpu = [], []
-    for _ in range(reps):
-        c, t0 = time.process_time(), time.perf_counter()
-        f()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c)
+    wall, cpu = zip(*(timed(f) for _ in range(reps)))
     print(json.dumps({"wall": wall, "cpu": cpu}))
 
 
