@@ -28,10 +28,17 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 
-# Training objectives (docs/train.md): a3 = the two-stream any-order loss; ar = the content stream as a
-# plain causal LLaMA (next-token loss); mdlm = masked diffusion on the content stream (bidirectional
-# attention inside each document).
-OBJECTIVES = ("a3", "ar", "mdlm")
+
+def _objective(name: str):
+    """The objective table's entry, or None when `name` is not an objective (a3jax.objectives; imported
+    here, not at the top: the table builds on the model, which imports this module)."""
+    from a3jax import objectives
+    return objectives.get(name) if name in objectives.names() else None
+
+
+def _objective_names() -> tuple:
+    from a3jax import objectives
+    return objectives.names()
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class ModelConfig:
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
             "remat": ("none", "full", "dots", "dots_no_batch"),
-            "objective": OBJECTIVES,
+            "objective": _objective_names(),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -242,29 +249,30 @@ class Config:
     def __post_init__(self):
         # train.objective is the key users set; model.objective records it with the params. Either may
         # be given: a non-default one wins, two different non-default ones are an error (validate).
-        t, m = self.train.objective, self.model.objective
-        if t != m and "a3" in (t, m):
-            obj = m if t == "a3" else t
+        t, m, default = self.train.objective, self.model.objective, TrainConfig.objective
+        if t != m and default in (t, m):
+            obj = m if t == default else t
             object.__setattr__(self, "train", dataclasses.replace(self.train, objective=obj))
             object.__setattr__(self, "model", dataclasses.replace(self.model, objective=obj))
 
     def validate(self, where: str = "config") -> None:
         obj = self.train.objective
-        if obj not in OBJECTIVES:
-            raise ConfigError(f"{where}: train.objective {obj!r} is not one of {OBJECTIVES}")
+        entry = _objective(obj)
+        if entry is None:
+            raise ConfigError(f"{where}: train.objective {obj!r} is not one of {_objective_names()}")
         self.model.validate(f"{where}: model")
         if self.model.objective != obj:
             raise ConfigError(f"{where}: train.objective={obj!r} but model.objective={self.model.objective!r}; "
                               f"set one of them (model.objective records train.objective)")
-        if obj != "a3":
-            # ar / mdlm read rows in position order; a grouping would permute them (data/packing.py)
+        if entry.position_order:
+            # rows in position order (ar, mdlm); a grouping would permute them (data/packing.py)
             bad = [s.strategy for s in self.data.stages if s.strategy != "ar"]
             if bad:
                 raise ConfigError(f"{where}: train.objective={obj!r} trains on rows in position order; "
                                   f"data.stages must all use the 'ar' strategy, got {bad} "
                                   f"(e.g. data.stages='[{{ar: 1000}}]')")
-        if obj == "mdlm" and self.model.mask_token_id < 0:
-            raise ConfigError(f"{where}: train.objective=mdlm needs model.mask_token_id (a token id the data "
+        if entry.needs_mask_token and self.model.mask_token_id < 0:
+            raise ConfigError(f"{where}: train.objective={obj} needs model.mask_token_id (a token id the data "
                               f"never holds; the byte tokenizer's MASK is 259)")
         for i, st in enumerate(self.data.stages):
             if st.steps <= 0:

@@ -7,10 +7,11 @@ forward pass with the grouping's ids gives all of them; `log_likelihood` sums th
 non-padding positions. `score_rows` is the batched scorer of (ids, groups, target) rows that
 `score_texts`, `a3jax score` and the evaluation tasks (a3jax.eval) share.
 
-Per objective (model.objective, from the checkpoint): a3 scores any grouping exactly; ar (a plain
-causal LM) scores left to right only, from the content stream (logits at i-1 predict token i), and
-refuses other groupings; mdlm has no exact likelihood: `nelbo` estimates its NELBO (an upper bound on
--log P) from Monte-Carlo maskings, and score_rows reports -NELBO in place of log P.
+Per objective (model.objective, from the checkpoint; its entry's `scorer` in a3jax.objectives):
+'query' (a3) scores any grouping exactly; 'content' (ar, a plain causal LM) scores left to right only,
+from the content stream (logits at i-1 predict token i), and refuses other groupings; 'nelbo' (mdlm)
+has no exact likelihood: `nelbo` estimates its NELBO (an upper bound on -log P) from Monte-Carlo
+maskings, and score_rows reports -NELBO in place of log P.
 
 `stream="content"` scores with the content stream instead: the plain causal LLaMA (the converted base
 model before adaptation), log p(x_i | x_<i) read from the content logits at i - 1. It is left to right
@@ -28,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a3jax import fs
+from a3jax import fs, objectives
 from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.data.tokenizers import load_tokenizer
-from a3jax.model import InputError, ObjectiveError, apply_model, check_objective, default_layout, diffusion, validate_inputs
+from a3jax.model import InputError, apply_model, default_layout, diffusion, validate_inputs
 
 MDLM_SAMPLES = 32  # Monte-Carlo maskings per row when score_rows scores an mdlm model
 
@@ -45,9 +46,9 @@ class ScoreError(ValueError):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
     """Per-position log p(tokens[i] | earlier groups) [B, T] and whether tokens[i] is the argmax.
-    An ar model: the content stream (groups = positions) at i-1 predicts tokens[i]; a segment's first
-    token has no prediction (log p 0, greedy True: it is context, never a target)."""
-    if cfg.objective == "ar":
+    A model scored by its content stream (ar): the content stream (groups = positions) at i-1 predicts
+    tokens[i]; a segment's first token has no prediction (log p 0, greedy True: it is context)."""
+    if objectives.of(cfg).scorer == "content":
         return _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids)
     logits = apply_model(cfg, params, tokens, positions, groups, segment_ids, "query")
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -56,21 +57,22 @@ def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
 
 
 def _check_scorable(cfg: ModelConfig, groups, segment_ids, target=None) -> None:
-    """mdlm has no exact likelihood here (use nelbo); ar scores left to right only: within a segment
-    the group ids must increase with the position, one token per group, over the target span."""
+    """A NELBO-scored model has no exact likelihood here (use nelbo); a content-stream scorer (ar) goes
+    left to right only: within a segment the group ids must increase with the position, one token per
+    group, over the target span."""
     try:
-        check_objective(cfg, ("a3", "ar"), "exact log-likelihood (a3jax.score)")
-    except ObjectiveError as e:
-        raise ScoreError(f"{e}; an mdlm model's likelihood is estimated by a3jax.score.nelbo") from None
-    if cfg.objective != "ar":
+        obj = objectives.require(cfg, "exact log-likelihood (a3jax.score)", exact_likelihood=True)
+    except objectives.ObjectiveError as e:
+        raise ScoreError(f"{e}; its likelihood is estimated by a3jax.score.nelbo") from None
+    if obj.scorer != "content":
         return
     g, seg = np.asarray(groups), np.asarray(segment_ids)
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
     if target is not None:
         same &= np.asarray(target, bool)[:, 1:]
     if (same & (g[:, 1:] <= g[:, :-1])).any():
-        raise ScoreError("these params were trained with train.objective='ar' (a causal LM): they score "
-                         "left to right only (order 'ar', one token per group); got another grouping")
+        raise ScoreError(f"these params were trained with train.objective={obj.name!r} (a causal LM): they "
+                         f"score left to right only (order 'ar', one token per group); got another grouping")
 
 
 def _rows_nelbo(cfg, params, tokens, positions, segment_ids, target, key, samples: int):
@@ -97,8 +99,8 @@ def nelbo(cfg: ModelConfig, params, tokens, segment_ids=None, target_mask=None, 
     error [B]), both np.float32, from `samples` independent maskings (t ~ U(0, 1) per row and sample,
     each target masked with probability t; a3jax.model.diffusion). The NELBO is an upper bound on
     -log P(targets | the rest). Non-target positions are context (never masked); target_mask defaults
-    to every non-padding position. Needs an mdlm model (model.objective) and samples >= 2."""
-    check_objective(cfg, ("mdlm",), "a3jax.score.nelbo")
+    to every non-padding position. Needs a NELBO-scored model (mdlm; model.objective) and samples >= 2."""
+    objectives.require(cfg, "a3jax.score.nelbo", scorer="nelbo")
     if int(samples) < 2:
         raise ScoreError(f"samples must be >= 2 (the standard error needs two), got {samples}")
     tokens = np.asarray(tokens)
@@ -202,20 +204,19 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
     """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
     (a3jax.data.rows.pad_rows), so a call compiles once per length bucket. stream="content": the
-    causal content stream (AR rows only); an ar model always scores so.
-    An mdlm model gets (-NELBO from `samples` maskings, greedy with every target masked) instead: the
+    causal content stream (AR rows only); a model whose scorer is the content stream (ar) always
+    scores so. A NELBO-scored model (mdlm) gets (-NELBO from `samples` maskings, greedy with every target masked) instead: the
     groups are ignored (the target is whatever the mask says)."""
     if stream not in STREAMS:
         raise ScoreError(f"stream must be one of {STREAMS}, got {stream!r}")
-    if cfg.objective == "ar":
+    obj = objectives.require(cfg, "score_rows")
+    if obj.scorer == "content":
         stream = "content"
     if stream == "content":
-        if cfg.objective == "mdlm":
-            raise ScoreError("an mdlm model's content stream is a bidirectional denoiser: stream='content' does "
-                             "not apply; its likelihood is estimated by a3jax.score.nelbo")
+        if not obj.exact_likelihood:
+            raise ScoreError(f"a {obj.name} model's content stream is not a causal LM (it is scored by its "
+                             f"NELBO): stream='content' does not apply; see a3jax.score.nelbo")
         check_ar_rows(rows)
-    if cfg.objective == "mdlm":
-        check_objective(cfg, ("mdlm",), "score_rows")
     out = []
     limit = cfg.max_position_embeddings
     for start in range(0, len(rows), batch_size):
@@ -228,7 +229,7 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             validate_inputs(cfg, lay.tokens, lay.positions, lay.groups, lay.segment_ids)
         except InputError as e:
             raise ScoreError(str(e)) from None
-        if cfg.objective == "mdlm":
+        if not obj.exact_likelihood:
             target = (lay.loss_mask != 0) & (lay.segment_ids != 0)
             terms, greedy = _nelbo_jit(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
                                        jnp.asarray(lay.segment_ids), jnp.asarray(target),
@@ -236,7 +237,7 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
             nel, greedy = np.asarray(terms).mean(0), np.asarray(greedy)
             out += [(-float(nel[i]), bool(greedy[i])) for i in range(len(chunk))]
             continue
-        # an ar model scores through the content stream: check_ar_rows above checked its rows
+        # a content-stream scorer (ar): check_ar_rows above checked its rows
         if stream == "content":
             lp, greedy = _content_logp_and_greedy(cfg, params, jnp.asarray(lay.tokens), jnp.asarray(lay.positions),
                                                   jnp.asarray(lay.segment_ids))

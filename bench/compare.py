@@ -58,7 +58,7 @@ from a3jax.decode import generate  # noqa: E402
 from a3jax.demo import final_params, heldout_functions, infill_report  # noqa: E402
 from a3jax.model import param_count, query_embed_init  # noqa: E402
 from a3jax.score import log_likelihood, nelbo  # noqa: E402
-from a3jax.train import metrics as M  # noqa: E402
+from a3jax import objectives  # noqa: E402
 from a3jax.train.trainer import train  # noqa: E402
 
 MODEL = {"model.hidden_size": 128, "model.intermediate_size": 344, "model.num_layers": 4, "model.num_heads": 4,
@@ -96,7 +96,7 @@ def run_arm(work, name, steps, objective, names, init_from=""):
     wall = time.perf_counter() - t0
     params = final_params(cfg)
     tokens = steps * cfg.train.global_batch_size * cfg.data.seq_len
-    flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3" if objective == "a3" else "ar")
+    flops = tokens * objectives.get(objective).train_flops(cfg.model, cfg.data.seq_len)
     print(f"[compare] {name}: {objective} {steps} steps {wall:.0f} s, train eval {res.get('eval')}", flush=True)
     return dict(cfg=cfg, params=params, wall_s=wall, flops=flops, tokens=tokens, steps=steps,
                 train_eval=res.get("eval"))
@@ -125,9 +125,10 @@ def nll_report(arm, s):
             n += float(b["loss_mask"].sum())
         return -ll / n
 
-    if cfg.objective == "ar":
+    scorer = objectives.of(cfg).scorer
+    if scorer == "content":
         out["ar"] = exact("ar")
-    elif cfg.objective == "a3":
+    elif scorer == "query":
         out["ar"] = exact("ar")
         out["random:4"] = exact("random:4")
         per = [exact("random:1", seed=100 + k) for k in range(s["orders"])]
@@ -248,8 +249,10 @@ def main():
                  train_wall_s=arm["wall_s"] + (arms["a0"]["wall_s"] if from_a0 else 0),
                  phase_wall_s=arm["wall_s"], train_eval=arm["train_eval"])
         r["nll"] = nll_report(arm, s)
-        r["infill"] = infill_metrics(arm, items, tok) if obj != "ar" else None
-        r["gen"] = gen_report(arm, {"a3": a3_gen, "mdlm": mdlm_gen, "ar": ar_gen}[obj], prompts, tok, arms["a"], gen)
+        entry = objectives.get(obj)
+        r["infill"] = infill_metrics(arm, items, tok) if entry.can_infill else None
+        r["gen"] = gen_report(arm, {"a3": a3_gen, "mdlm": mdlm_gen, "content": ar_gen}[entry.decoder], prompts, tok,
+                              arms["a"], gen)
         results[name] = r
         print(f"[compare] metrics of {name} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     total = time.perf_counter() - t_start

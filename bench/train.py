@@ -10,10 +10,10 @@ stdlib corpus, host-to-device transfer, metrics, logging) for N steps of the fir
 jax.profiler, and reports the share of the loop's wall time spent outside the compiled step.
 
 Both steps are the real jitted `a3jax.train.step` (AdamW, clipping, donation, pinned shardings) on the
-same model and the same tokens per step; the AR step runs `apply_model(..., stream="content")` with
-groups = positions and next-token targets, the A3 step the query-stream loss on random groups of 4
+same model and the same tokens per step; the AR step is train.objective=ar (the content stream with
+groups = positions and next-token targets), the A3 step the query-stream loss on random groups of 4
 (rows in generation order, as the pipeline emits them). Model FLOPs per token come from
-a3jax.train.metrics (the two-stream formula); MFU is reported against the chip table, or on CPUs
+each objective's entry in a3jax.objectives; MFU is reported against the chip table, or on CPUs
 against a measured fp32 matmul peak of this machine (--peak to override). Prints a table, writes JSON.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from a3jax import objectives  # noqa: E402
 from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from a3jax.model import init_params, param_count, param_shapes, param_shardings  # noqa: E402
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of  # noqa: E402
@@ -66,10 +67,10 @@ def matmul_peak(n: int = 1024, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def make_batch(rng, b, t, stream):
+def make_batch(rng, b, t, objective):
     tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
     segs = np.ones((b, t), np.int32)
-    if stream == "content":  # AR: groups = positions, rows in position order
+    if objectives.get(objective).position_order:  # AR: groups = positions, rows in position order
         pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
         groups = pos.copy()
     else:  # A3: random groups of 4 in random order, rows sorted by group (generation order)
@@ -79,16 +80,17 @@ def make_batch(rng, b, t, stream):
             "loss_mask": np.ones((b, t), np.int32)}
 
 
-def time_step(mcfg, seq, batch, stream, steps, mesh, rules):
-    cfg = Config(model=mcfg, train=TrainConfig(global_batch_size=batch, optimizer=OptimizerConfig(warmup_steps=1)))
+def time_step(mcfg, seq, batch, objective, steps, mesh, rules):
+    cfg = Config(model=mcfg, train=TrainConfig(global_batch_size=batch, objective=objective,
+                                               optimizer=OptimizerConfig(warmup_steps=1)))
     opt, sched = make_optimizer(cfg.train.optimizer, 1000)
     psh = param_shardings(mcfg, mesh, rules)
     ssh = state_shardings(opt, psh, param_shapes(mcfg), mesh)
     bsh = batch_sharding(mesh, rules)
-    step = make_train_step(cfg, opt, sched, ssh, bsh, mesh, stream=stream)
+    step = make_train_step(cfg, opt, sched, ssh, bsh, mesh)
     params = jax.device_put(init_params(mcfg, jax.random.PRNGKey(0)), psh)
     state = create_state(params, opt, 0, ssh)
-    b = jax.device_put(make_batch(np.random.default_rng(0), batch, seq, stream), bsh)
+    b = jax.device_put(make_batch(np.random.default_rng(0), batch, seq, objective), bsh)
     with activate(mesh, rules):
         t0 = time.perf_counter()
         state, m = step(state, b)
@@ -118,7 +120,7 @@ def loop_overhead(size, seq, batch, steps, objective, data_parallel, isolated_st
     from a3jax.train.trainer import train
 
     here = os.path.dirname(os.path.abspath(__file__))
-    stage = "ar" if objective == "ar" else "random:4"
+    stage = "ar" if objectives.get(objective).position_order else "random:4"
     run_dir = tempfile.mkdtemp(prefix="a3jax_loop_")
     ov = [f"run_dir={run_dir}", f"data.seq_len={seq}", f"train.global_batch_size={batch}",
           f"data.stages=[{{'{stage}': {steps}}}]", "train.eval_every=0", "checkpoint.every=0",
@@ -186,10 +188,10 @@ def main():
             batch = max(n_dev, a.tokens // seq)
             res = {"size": size, "seq": seq, "batch": batch,
                    "params": param_count(mcfg)}
-            for name, stream in (("ar", "content"), ("a3", "query")):
-                dt, comp, cpu = time_step(mcfg, seq, batch, stream, a.steps, mesh, rules)
+            for name in ("ar", "a3"):
+                dt, comp, cpu = time_step(mcfg, seq, batch, name, a.steps, mesh, rules)
                 tps = batch * seq / dt
-                flops = M.train_flops_per_token(mcfg, seq, name)
+                flops = objectives.get(name).train_flops(mcfg, seq)
                 res[name] = {"step_s": dt, "compile_s": comp, "cpu_s": cpu, "tokens_per_s": tps,
                              "flops_per_token": flops, "mfu": flops * tps / (peak * n_dev)}
             res["time_ratio"] = res["a3"]["step_s"] / res["ar"]["step_s"]

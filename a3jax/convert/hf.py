@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from a3jax import fs
+from a3jax import fs, objectives
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
@@ -647,7 +647,7 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
           max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None) -> str:
     """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
     `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors` when the
-    params are an A3 model's (cfg.objective a3; an ar/mdlm model's query vector was never trained).
+    params' objective trains the query stream (a3; a3jax.objectives: otherwise it was never trained).
     Only for block=llama (the official block is not a HF LLaMA: use to_official)."""
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
@@ -659,11 +659,11 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
         json.dump(config_to_hf(cfg), f, indent=2)
     write_safetensors(cfg, params, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
     qpath = os.path.join(out_dir, QUERY_EMBED_FILE)
-    if cfg.objective == "a3":
+    if objectives.of(cfg).stream == "query":
         q = np.ascontiguousarray(_host(params["query_embed"]).astype(numpy_dtype(dtype)))
         save_file({"query_embed": q}, qpath, metadata={"format": "pt"})
     elif os.path.exists(qpath):
-        # An ar/mdlm model never trained its query vector (it still holds its random-init value):
+        # A content-stream objective (ar, mdlm) never trained the query vector (it still holds its random-init value):
         # without the file, hf-to-a3 starts it per query_init from the trained embeddings, as for
         # a released LLaMA.
         os.remove(qpath)

@@ -43,7 +43,7 @@ from a3jax.decode import sampling
 from a3jax.decode import mdlm
 from a3jax.decode import speculative as speculative_lib
 from a3jax.decode.orders import OrderError
-from a3jax.model import check_objective
+from a3jax import objectives
 
 MODES = ("a3", "reference")
 STREAMS = ("query", "content")
@@ -372,7 +372,7 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
          top_k=0, top_p=1.0, seed=0, use_cache=True, mode="a3", threshold=None, prompt_group_size=None,
          teacher_forcing=False, stop_at_eos=False, eos_id=None, max_steps=None, steps=None, speculative=0,
          independent_rows=False, window=None, phases=None, num_samples=1):
-    check_objective(cfg, ("a3", "mdlm"), "infilling (a3jax.decode.infill)")
+    objectives.require(cfg, "infilling (a3jax.decode.infill)", can_infill=True)
     per_row = np.ndim(seed) > 0
     if cfg.objective == "mdlm":
         if speculative or independent_rows or window is not None or per_row or num_samples != 1:
@@ -571,7 +571,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     prompt_group_size, speculative and independent_rows do not apply and must keep their defaults.
     An ar model (model.objective=ar) is its content stream: it always decodes this way. An mdlm model
     fills all max_new_tokens positions by iterative unmasking (`steps`, see infill)."""
-    check_objective(cfg, ("a3", "ar", "mdlm"), "generate")
+    objectives.require(cfg, "generate")
     if stream not in STREAMS:
         raise DecodeError(f"stream must be one of {STREAMS}, got {stream!r}")
     if cfg.objective == "ar":

@@ -22,26 +22,11 @@ __all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "defaul
            "KVCache", "Rows", "apply_model", "lm_logits", "run_rows",
            "ParamSpec", "param_specs", "param_shapes", "param_axes", "param_count", "decay_mask", "query_embed_init",
            "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel",
-           "param_shardings", "shard_params", "init_params_sharded", "diffusion", "ObjectiveError",
-           "check_objective"]
+           "param_shardings", "shard_params", "init_params_sharded", "diffusion"]
 
 
 class InputError(ValueError):
     """Bad model input, raised before anything is compiled."""
-
-
-class ObjectiveError(ValueError):
-    """Params trained for one objective (model.objective) handed to a decoder/scorer of another."""
-
-
-def check_objective(cfg: ModelConfig, allowed, what: str) -> None:
-    """Raises ObjectiveError unless cfg.objective (the checkpoint's train.objective) is in `allowed`."""
-    if cfg.objective not in tuple(allowed):
-        raise ObjectiveError(
-            f"{what} does not apply to these params: their checkpoint was trained with train.objective="
-            f"{cfg.objective!r} (model.objective in model.yaml), and {what} needs {' or '.join(map(repr, allowed))}")
-    if cfg.objective == "mdlm" and cfg.mask_token_id < 0:
-        raise ObjectiveError(f"{what}: an mdlm model needs model.mask_token_id (model.yaml has -1)")
 
 
 def _is_concrete(x) -> bool:

@@ -46,19 +46,28 @@ def corrupt(key, tokens, maskable, t, mask_id: int):
     return jnp.where(masked, jnp.int32(mask_id), tokens), masked
 
 
-def masked_nll(logits, tokens, masked):
-    """-log p(x_i | x_t) at masked positions, 0 elsewhere: [B, T] fp32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tgt = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    return jnp.where(masked, -tgt, 0.0)
+def forward_process(key, tokens, maskable, mask_id: int, t=None, low_discrepancy: bool = False):
+    """(x_t [B, T], weight [B, T] fp32): one draw of the masking (t per row unless given) and each
+    position's NELBO weight, masked / t (0 where unmasked)."""
+    k_t, k_m = jax.random.split(key)
+    if t is None:
+        t = sample_times(k_t, tokens.shape[0], low_discrepancy=low_discrepancy)
+    xt, masked = corrupt(k_m, tokens, maskable, t, mask_id)
+    return xt, masked.astype(jnp.float32) / t[:, None]
+
+
+def nelbo_terms(logits, tokens, weight):
+    """(-log p(x_i | x_t) * weight at the masked positions (weight > 0), 0 elsewhere [B, T] fp32;
+    logsumexp of the logits [B, T]). Summed over a row: its NELBO term; over a batch: the loss."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return jnp.where(weight > 0, (lse - tgt) * weight, 0.0), lse
 
 
 def nelbo_sample(cfg, params, key, tokens, positions, segment_ids, target, t=None):
     """One Monte-Carlo NELBO term per row: sum over masked targets of -log p / t, [B] fp32 (and the
     masked count [B]). `target` bool [B, T]: the positions that may be masked (the rest is context)."""
-    k_t, k_m = jax.random.split(key)
-    if t is None:
-        t = sample_times(k_t, tokens.shape[0], low_discrepancy=False)
-    xt, masked = corrupt(k_m, tokens, target, t, cfg.mask_token_id)
-    nll = masked_nll(denoiser_logits(cfg, params, xt, positions, segment_ids), tokens, masked)
-    return nll.sum(-1) / t, masked.sum(-1)
+    xt, weight = forward_process(key, tokens, target, cfg.mask_token_id, t)
+    terms, _ = nelbo_terms(denoiser_logits(cfg, params, xt, positions, segment_ids), tokens, weight)
+    return terms.sum(-1), (weight > 0).sum(-1)

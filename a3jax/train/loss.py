@@ -10,12 +10,10 @@ hold different numbers of target tokens.
 Optional z-loss (PaLM): z_loss * logsumexp(logits)^2 per target token, keeps the softmax normaliser
 near 0 in bf16 training.
 
-Objectives (train.objective, docs/train.md), all normalised per target token:
-    a3    the query stream at i predicts tokens[i] (the grouping comes from the data pipeline)
-    ar    the content stream with groups = positions (plain causal LLaMA) predicts tokens[i+1]
-    mdlm  the masked-diffusion NELBO: `mdlm_noise` masks each target with probability t (one t per
-          row, low-discrepancy over the global batch) and the loss is sum_masked CE / t
-          (a3jax.model.diffusion); the denoiser is the content stream with groups = 0.
+Which loss each objective uses (train.objective) is the objective table's business
+(a3jax.objectives); this module holds the pieces: `loss_sums` of a stream, and the masked-diffusion
+NELBO (`mdlm_noise` masks each target with probability t, one t per row, low-discrepancy over the
+global batch; `mdlm_sums` is sum_masked CE / t, a3jax.model.diffusion). All normalise per target.
 """
 from __future__ import annotations
 
@@ -47,46 +45,23 @@ def target_count(layout: Layout, stream: str = "query") -> jax.Array:
     return stream_targets(layout, stream)[1].sum()
 
 
-def objective_stream(objective: str) -> str:
-    """The stream whose targets an objective counts: query for a3; content (next token) for ar; for
-    mdlm the targets are the tokens themselves, counted like the query stream's."""
-    return "content" if objective == "ar" else "query"
-
-
 def mdlm_noise(key, layout: Layout, mask_id: int) -> dict:
     """The forward process of one global batch: dict(tokens = x_t [B, T] int32, weight = masked / t
     [B, T] fp32). Only targets are maskable (BOS and padding stay). Drawn before the microbatch split
-    so the low-discrepancy times cover the whole batch."""
-    k_t, k_m = jax.random.split(key)
-    t = diffusion.sample_times(k_t, layout.tokens.shape[0], low_discrepancy=True)
-    xt, masked = diffusion.corrupt(k_m, layout.tokens, target_mask(layout) > 0, t, mask_id)
-    return {"tokens": xt, "weight": masked.astype(jnp.float32) / t[:, None]}
+    with low-discrepancy times, so the times cover the whole batch evenly."""
+    xt, weight = diffusion.forward_process(key, layout.tokens, target_mask(layout) > 0, mask_id, low_discrepancy=True)
+    return {"tokens": xt, "weight": weight}
 
 
 def mdlm_sums(cfg_model, params, layout: Layout, noise: dict, z_loss: float = 0.0):
     """NELBO sums of one (micro)batch: nll = sum over masked targets of CE / t; tokens = target count
     (so nll / tokens is the NELBO per token); correct = argmax hits at masked positions."""
     logits = diffusion.denoiser_logits(cfg_model, params, noise["tokens"], layout.positions, layout.segment_ids)
-    w = noise["weight"]
-    masked = (w > 0).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, layout.tokens[..., None], axis=-1)[..., 0]
-    nll = jnp.where(w > 0, (lse - tgt) * w, 0.0).sum()
+    terms, lse = diffusion.nelbo_terms(logits, layout.tokens, noise["weight"])
+    masked = (noise["weight"] > 0).astype(jnp.float32)
     zl = (z_loss * jnp.square(lse) * masked).sum() if z_loss else jnp.zeros((), jnp.float32)
     correct = ((jnp.argmax(logits, axis=-1) == layout.tokens) * masked).sum()
-    return {"nll": nll, "z": zl, "correct": correct, "tokens": target_mask(layout).sum()}
-
-
-def objective_sums(cfg_model, params, layout: Layout, objective: str, noise=None, z_loss: float = 0.0):
-    """Summed loss terms of one (micro)batch under train.objective (see the module docstring)."""
-    if objective == "a3":
-        return loss_sums(cfg_model, params, layout, z_loss, "query")
-    if objective == "ar":
-        # groups = positions: the content stream is exactly LLaMA whatever grouping the rows carry
-        return loss_sums(cfg_model, params, layout._replace(groups=layout.positions), z_loss, "content")
-    if objective == "mdlm":
-        return mdlm_sums(cfg_model, params, layout, noise, z_loss)
-    raise ValueError(f"train.objective must be one of a3, ar, mdlm, got {objective!r}")
+    return {"nll": terms.sum(), "z": zl, "correct": correct, "tokens": target_mask(layout).sum()}
 
 
 def cross_entropy_sums(logits, tokens, mask, z_loss: float = 0.0):
@@ -113,9 +88,3 @@ def loss_sums(cfg_model, params, layout: Layout, z_loss: float = 0.0, stream: st
         logits = logits[:, :-1]
     nll, zl, correct = cross_entropy_sums(logits, targets, mask, z_loss)
     return {"nll": nll, "z": zl, "correct": correct, "tokens": mask.sum()}
-
-
-def objective(cfg_model, params, layout: Layout, denom, z_loss: float = 0.0, stream: str = "query"):
-    """Scalar to differentiate: (nll + z) / denom, where denom is the target count of the full batch."""
-    sums = loss_sums(cfg_model, params, layout, z_loss, stream)
-    return (sums["nll"] + sums["z"]) / denom, sums

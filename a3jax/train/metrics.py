@@ -17,7 +17,10 @@ D head dim, M MLP width, V vocab, T sequence length:
             + (L-1) * (2*(P_q + P_o + P_mlp) + 2*T*H*D)    content Q, O, MLP, attention (layers 1..L-1)
             + L * (2*(P_q + P_o + P_mlp) + 2*T*H*D)        query stream
             + 2*E*V                                        lm_head on the query stream
-    train FLOPs per token = 3 * fwd.
+    MDLM (content stream only, every position of the row in one group: attention is bidirectional,
+        so every query sees all T keys):
+        fwd = L * (2*(P_q + P_kv + P_o + P_mlp) + 4*T*H*D) + 2*E*V
+    train FLOPs per token = 3 * fwd. Each objective's entry in a3jax.objectives owns its formula.
 
 MFU = (train FLOPs per token * tokens per second) / (peak FLOP/s per device * number of devices).
 The peak is `train.peak_flops_per_device` when set, else looked up from PEAK_FLOPS by the device kind
@@ -36,7 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from a3jax import fs
+from a3jax import fs, objectives
 
 # Dense bf16 peak FLOP/s per chip (per device JAX sees). Matched by substring of device_kind, lowercase;
 # longer keys are tried first.
@@ -75,24 +78,14 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> Optional[f
     return None
 
 
-def forward_flops_per_token(mcfg, seq_len: int, stream: str = "a3") -> float:
-    E, L, H, K, D, M, V = (mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads, mcfg.num_kv_heads,
-                           mcfg.head_size, mcfg.intermediate_size, mcfg.vocab_size)
-    p_q = p_o = E * H * D
-    p_kv = 2 * E * K * D
-    p_mlp = 3 * E * M
-    attn = 2 * seq_len * H * D
-    head = 2 * E * V
-    if stream == "ar":
-        return L * (2 * (p_q + p_kv + p_o + p_mlp) + attn) + head
-    if stream == "a3":
-        rest = 2 * (p_q + p_o + p_mlp) + attn
-        return L * 2 * p_kv + (L - 1) * rest + L * rest + head
-    raise ValueError(f"stream must be 'a3' or 'ar', got {stream!r}")
+def forward_flops_per_token(mcfg, seq_len: int, objective: str = "a3") -> float:
+    """Forward FLOPs per token of what `objective`'s loss computes (its entry in a3jax.objectives)."""
+    return objectives.get(objective).forward_flops(mcfg, seq_len)
 
 
-def train_flops_per_token(mcfg, seq_len: int, stream: str = "a3") -> float:
-    return 3.0 * forward_flops_per_token(mcfg, seq_len, stream)
+def train_flops_per_token(mcfg, seq_len: int, objective: str = "a3") -> float:
+    """Training FLOPs per token of `objective`: forward + backward (2x forward)."""
+    return objectives.get(objective).train_flops(mcfg, seq_len)
 
 
 class MetricsSink:

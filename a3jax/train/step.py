@@ -26,19 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from a3jax import objectives
 from a3jax.layout import Layout
-from a3jax.train.loss import mdlm_noise, objective_stream, objective_sums, target_count
-
-
-def objective_of(cfg, stream=None) -> str:
-    """train.objective, or the one a legacy `stream` argument names (content = ar, query = a3)."""
-    if stream is None:
-        return cfg.train.objective
-    return "ar" if stream == "content" else "a3"
-
-
-def _noise(cfg, objective, key, batch):
-    return mdlm_noise(key, batch, cfg.model.mask_token_id) if objective == "mdlm" else None
 
 
 def _split_micro(x, k: int):
@@ -48,20 +37,20 @@ def _split_micro(x, k: int):
     return jnp.swapaxes(x, 0, 1)
 
 
-def train_step(cfg, optimizer, schedule, state, batch, stream=None):
-    """Unjitted step (see make_train_step) of train.objective (a3 | ar | mdlm; loss.objective_sums).
-    stream="content" / "query" force the ar / a3 objective (bench/train.py's baselines)."""
+def train_step(cfg, optimizer, schedule, state, batch):
+    """Unjitted step (see make_train_step) of train.objective (its entry in a3jax.objectives)."""
     mcfg, tcfg = cfg.model, cfg.train
-    obj = objective_of(cfg, stream)
+    obj = objectives.of(cfg)
     k = int(tcfg.microbatches)
     batch = Layout.from_batch(batch)
-    denom = jnp.maximum(target_count(batch, objective_stream(obj)), 1.0)
-    # mdlm: the masking of the whole global batch, from the state's rng and the step (resumable)
-    noise = _noise(cfg, obj, jax.random.fold_in(state.rng, state.step), batch)
+    denom = jnp.maximum(obj.target_count(batch), 1.0)
+    # the input transform (mdlm: the masking) of the whole global batch, from the state's rng and the
+    # step (resumable)
+    noise = obj.draw_noise(jax.random.fold_in(state.rng, state.step), batch, mcfg.mask_token_id)
 
     def loss_fn(p, mb):
         lay, nz = mb
-        sums = objective_sums(mcfg, p, lay, obj, nz, tcfg.z_loss)
+        sums = obj.sums(mcfg, p, lay, nz, tcfg.z_loss)
         return (sums["nll"] + sums["z"]) / denom, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -102,26 +91,26 @@ def train_step(cfg, optimizer, schedule, state, batch, stream=None):
     return new_state, metrics
 
 
-def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh, stream=None):
+def make_train_step(cfg, optimizer, schedule, shardings, batch_sharding, mesh):
     """jit(train_step) with state shardings pinned in and out, the state donated, metrics replicated.
     Every batch array gets `batch_sharding` (a pytree prefix: a layout dict or a Layout).
     Call it inside `a3jax.sharding.activate(mesh, rules)` (activation constraints use the rules)."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(lambda s, b: train_step(cfg, optimizer, schedule, s, b, stream),
+    return jax.jit(lambda s, b: train_step(cfg, optimizer, schedule, s, b),
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                    donate_argnums=(0,))
 
 
-def make_eval_step(cfg, param_shardings, batch_sharding, mesh, stream=None):
+def make_eval_step(cfg, param_shardings, batch_sharding, mesh):
     """jit: (params, batch) -> dict(nll, tokens, correct) sums (divide on the host) of train.objective:
-    exact NLL for a3 and ar; for mdlm the NELBO with a fixed masking (the same at every evaluation)."""
+    its loss with a fixed input transform (mdlm: the same masking at every evaluation)."""
     replicated = NamedSharding(mesh, P())
-    obj = objective_of(cfg, stream)
+    obj = objectives.of(cfg)
 
     def fn(params, batch):
         lay = Layout.from_batch(batch)
-        noise = _noise(cfg, obj, jax.random.PRNGKey(cfg.train.seed + 1), lay)
-        s = objective_sums(cfg.model, params, lay, obj, noise, 0.0)
+        noise = obj.draw_noise(jax.random.PRNGKey(cfg.train.seed + 1), lay, cfg.model.mask_token_id)
+        s = obj.sums(cfg.model, params, lay, noise, 0.0)
         return {"nll": s["nll"], "tokens": s["tokens"], "correct": s["correct"]}
 
     return jax.jit(fn, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
