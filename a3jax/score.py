@@ -205,8 +205,8 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
     (a3jax.data.rows.pad_rows), so a call compiles once per length bucket. stream="content": the
     causal content stream (AR rows only); a model whose scorer is the content stream (ar) always
-    scores so. A NELBO-scored model (mdlm) gets (-NELBO from `samples` maskings, greedy with every target masked) instead: the
-    groups are ignored (the target is whatever the mask says)."""
+    scores so. A NELBO-scored model (mdlm) gets (-NELBO from `samples` maskings, greedy with every
+    target masked) instead: the groups are ignored (the target is whatever the mask says)."""
     if stream not in STREAMS:
         raise ScoreError(f"stream must be one of {STREAMS}, got {stream!r}")
     obj = objectives.require(cfg, "score_rows")

@@ -29,7 +29,7 @@ from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import train
 from train_helpers import (compile_cache, corpus, exact_view, tiny_config,  # noqa: F401 (fixtures)
-                           tiny_overrides, wait_for)
+                           paused_train_command, tiny_overrides, wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "a3jax-test"
@@ -86,9 +86,8 @@ def _records(run_dir):
 
 
 def _spawn(run_dir, data, env, log, sleep):
-    cmd = [sys.executable, "-m", "a3jax", "train", "--no-progress",
-           *tiny_overrides(run_dir, data, **{"train.eval_batches": 1})]
-    env = dict(os.environ, A3JAX_DEBUG_STEP_SLEEP=str(sleep), PYTHONPATH=ROOT, **env)
+    cmd = paused_train_command(sleep, ["--no-progress", *tiny_overrides(run_dir, data, **{"train.eval_batches": 1})])
+    env = dict(os.environ, PYTHONPATH=ROOT, **env)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

@@ -1,4 +1,6 @@
-"""train.objective = ar | mdlm: MDLM masking invariants (hypothesis), the NELBO estimator against its
+"""The objective table (a3jax.objectives): every entry answers what callers ask, a new objective is one
+entry (a toy one trains, evaluates, exports and scores), and no code outside the table branches on
+objective names. train.objective = ar | mdlm: MDLM masking invariants (hypothesis), the NELBO estimator against its
 exact value by enumerating every unmasking order, the AR objective against HF LLaMA's causal-LM loss,
 checkpoints that remember their objective, and decoders/scorers that refuse another objective's params."""
 from __future__ import annotations
@@ -7,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +22,12 @@ from a3jax.config import ConfigError, ModelConfig, load_config
 from a3jax.decode import DecodeError, generate, infill
 from a3jax.decode.mdlm import reveal_counts
 from a3jax.layout import Layout
-from a3jax.model import ObjectiveError, diffusion, init_params
+from a3jax import objectives
+from a3jax.model import diffusion, init_params
+from a3jax.objectives import ObjectiveError
 from a3jax.score import ScoreError, log_likelihood, nelbo
-from a3jax.train.loss import mdlm_noise, mdlm_sums, objective_sums
+from a3jax.train.hooks import Hook
+from a3jax.train.loss import loss_sums, mdlm_noise, mdlm_sums
 from a3jax.train.trainer import train
 from hf_models import make_hf_llama
 from train_helpers import corpus, tiny_overrides  # noqa: F401 (fixture by name)
@@ -52,6 +58,109 @@ def layout(tokens, segs):
 
 rows = st.lists(st.integers(0, 27), min_size=T, max_size=T)
 segments = st.integers(2, T - 2).map(lambda cut: [1] * cut + [2] * (T - cut - 1) + [0])
+
+
+# ----------------------------------------------------------------------------- the table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unknown_objective_names_the_valid_ones():
+    with pytest.raises(ObjectiveError, match=r"unknown objective 'ddpm'; the objectives are a3, ar, mdlm"):
+        objectives.get("ddpm")
+    with pytest.raises(ConfigError, match=r"'ddpm' is not one of \('a3', 'ar', 'mdlm'\)"):
+        load_config(None, ["train.objective=ddpm"])
+
+
+def test_every_entry_answers_what_callers_ask():
+    got = {n: (o.stream, o.decoder, o.exact_likelihood, o.can_infill, o.position_order, o.needs_mask_token)
+           for n, o in ((n, objectives.get(n)) for n in objectives.names())}
+    assert got == {"a3": ("query", "a3", True, True, False, False),
+                   "ar": ("content", "content", True, False, True, False),
+                   "mdlm": ("content", "mdlm", False, True, True, True)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        objectives.get("a3").decoder = "mdlm"
+    assert objectives.of(CFG) is objectives.get("mdlm")  # a ModelConfig: the checkpoint's objective
+    assert objectives.of(load_config(None, ["train.objective=ar"])) is objectives.get("ar")
+
+
+def test_mdlm_flops_count_its_bidirectional_attention():
+    m = ModelConfig(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                    vocab_size=128256)
+    ar, md = (objectives.get(n).forward_flops(m, 2048) for n in ("ar", "mdlm"))
+    # the same matmuls; every query sees all 2048 keys instead of 1024 on average: per layer one more
+    # 2 (QK^T and PV) x 2 FLOPs x 1024 keys x 32 heads x 64 dims
+    assert md - ar == 16 * 2 * 2 * 1024 * 32 * 64
+    assert objectives.get("mdlm").train_flops(m, 2048) == 3 * md
+
+
+# Branches on objective names: comparisons and membership tests of an objective (or `obj`) against
+# literal names, and a literal dict indexed by the objective (dispatch). The table's attributes
+# (stream, decoder, ...) are what callers compare instead.
+_NAME = r"""["'](?:a3|ar|mdlm)["']"""
+_OBJ = r"\b(?:\w*objective|obj)\b"
+BRANCHES = [re.compile(p) for p in (
+    rf"{_OBJ}\s*(?:==|!=)\s*{_NAME}", rf"{_NAME}\s*(?:==|!=)\s*[\w.]*{_OBJ}",
+    rf"(?<!for ){_OBJ}\s+(?:not\s+)?in\s", rf"{_NAME}\s+(?:not\s+)?in\s+\(?[\w.]*{_OBJ}",
+    rf"}}\s*\[\s*[\w.]*{_OBJ}\s*\]", r"\bobjective_of\b")]
+
+
+def test_branch_patterns_catch_the_old_forms():
+    caught = ['if cfg.objective == "ar":', 'flops("a3" if tcfg.objective == "a3" else "ar")', "if obj != 'a3':",
+              "if cfg.objective not in tuple(allowed):", '{"a3": f, "ar": g}[obj]', 'if "a3" in (cfg.train.objective, m):',
+              "obj = objective_of(cfg, stream)"]
+    fine = ["if entry.position_order:", 'rows[0][a.objective]["step_s"]',
+            'if objectives.of(cfg).decoder == "mdlm":', "for obj in table:",
+            "obj = objectives.get(name)", "if self.model.objective != obj:"]
+    assert all(any(p.search(line) for p in BRANCHES) for line in caught)
+    assert not [line for line in fine if any(p.search(line) for p in BRANCHES)]
+
+
+def test_no_code_outside_the_table_branches_on_objective_names():
+    hits = []
+    for top in ("a3jax", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                if not f.endswith(".py") or path == objectives.__file__:
+                    continue
+                for n, line in enumerate(open(path, encoding="utf-8"), 1):
+                    code = line.split("#")[0]
+                    if any(p.search(code) for p in BRANCHES):
+                        hits.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert not hits, "ask a3jax.objectives instead:\n" + "\n".join(hits)
+
+
+def test_a_new_objective_is_one_entry(tmp_path, corpus, capsys):  # noqa: F811
+    # A toy objective: the query-stream loss on rows in position order (groups = positions, so every
+    # token sees the ones before it). Registering it is all it takes to train, evaluate, export, score.
+    def toy_sums(cfg_model, params, layout, noise, z_loss):
+        return loss_sums(cfg_model, params, layout._replace(groups=layout.positions), z_loss, "query")
+
+    objectives.register(objectives.Objective(
+        name="toy", stream="query", decoder="a3", scorer="query", can_infill=True, position_order=True,
+        needs_mask_token=False, predicts_next=False, sums=toy_sums,
+        forward_flops=objectives.get("a3").forward_flops, eval_label="toy"))
+    try:
+        with pytest.raises(ObjectiveError, match="already registered"):
+            objectives.register(objectives.get("toy"))
+        run, seen = tmp_path / "run", []
+        cfg = load_config(None, tiny_overrides(str(run), corpus, **{
+            "train.objective": "toy", "data.stages": "[{ar: 2}, {ar: 4}]", "train.steps": 3, "train.log_every": 1,
+            "train.eval_every": 3, "checkpoint.every": 0}))
+        res = train(cfg, progress_bar=False, tensorboard=False, hooks=[Hook(lambda i: seen.append(i.step), every=2)])
+        assert cfg.model.objective == "toy" and res["step"] == 3 and np.isfinite(res["loss"])
+        assert set(res["eval"]) == {"toy"} and np.isfinite(res["eval"]["toy"])
+        assert seen == [2, 3]  # the caller's hook: every 2 steps and at the end
+        assert "stage 1 (ar) runs 1 of its 4 steps" in capsys.readouterr().out  # train.steps cut the curriculum
+        mcfg, params = load_params(str(run / "final"))
+        assert mcfg.objective == "toy"
+        ids = np.array([[256, 97, 98, 99, 100]])
+        assert np.isfinite(log_likelihood(mcfg, params, ids, np.arange(5))).all()
+    finally:
+        objectives.unregister("toy")
+    with pytest.raises(ConfigError, match="'toy' is not one of"):
+        load_config(None, ["train.objective=toy"])
 
 
 # ----------------------------------------------------------------------------- masking invariants
@@ -182,7 +291,7 @@ def test_ar_objective_equals_hf_causal_lm_loss(tmp_path):
     ar = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), t.shape)
     # the groups the rows carry do not matter: ar uses groups = positions
     lay = Layout(t, ar, jnp.zeros_like(t), jnp.ones_like(t), (ar > 0).astype(jnp.int32))
-    s = objective_sums(cfg, params, lay, "ar")
+    s = objectives.get("ar").sums(cfg, params, lay, None, 0.0)
     assert float(s["tokens"]) == 3 * 19
     np.testing.assert_allclose(float(s["nll"] / s["tokens"]), want, rtol=2e-5)
     # and the scorer of an ar model gives the same chain rule

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig
+from a3jax.checkpoint import load_params
+from a3jax.config import MeshConfig, ModelConfig, OptimizerConfig, load_config
 from a3jax.data import make_train_iterator, stage_for_step
 from a3jax.data.checks import mean_group_size
 from a3jax.model import init_params, param_shapes, param_shardings
@@ -23,7 +25,8 @@ from a3jax.train.plot import cli_main as plot_main
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
 from a3jax.layout import LAYOUT_KEYS
 from a3jax.train.step import make_train_step
-from a3jax.train.trainer import CheckpointPolicy, batch_stage, train
+from a3jax.train.hooks import Hook, Hooks
+from a3jax.train.trainer import CheckpointPolicy, batch_stage, cut_stages, train
 from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)
 
 
@@ -136,16 +139,36 @@ class _Quiet:
 
 def test_checkpoint_policy_when_to_save():
     ck = _FakeCheckpoints()
-    policy = CheckpointPolicy(ck, every=4, total=10, end=6, config_dict={}, sink=_Quiet(), last_good=2)
-    assert [s for s in range(1, 11) if policy.after_step(s)] == [4, 8, 10]  # every 4 and the last step
+    policy = CheckpointPolicy(ck, total=10, end=6, config_dict={}, sink=_Quiet(), last_good=2)
     assert policy.at_planned_stop(6, interrupted=0) and not policy.at_planned_stop(6, interrupted=15)
-    assert not CheckpointPolicy(ck, 4, 10, 10, {}, _Quiet()).at_planned_stop(10, 0)  # the end is saved anyway
-    assert not CheckpointPolicy(ck, 0, 10, 10, {}, _Quiet()).periodic(5)  # every=0: only at the end
+    assert not CheckpointPolicy(ck, 10, 10, {}, _Quiet()).at_planned_stop(10, 0)  # the end is saved anyway
     assert policy.last_good_text() == "last good checkpoint: /run/checkpoints/2"
     policy.save(4, None, None, {})
     policy.save(4, None, None, {})  # exists: not saved again
     assert ck.saved == [4] and policy.last_good == 4
-    assert CheckpointPolicy(ck, 4, 10, 10, {}, _Quiet()).last_good_text() == "no checkpoint saved yet"
+    assert CheckpointPolicy(ck, 10, 10, {}, _Quiet()).last_good_text() == "no checkpoint saved yet"
+
+
+def test_hooks_say_how_often_they_run():
+    due = lambda hook: [s for s in range(1, 11) if hook.due(s, 10)]  # noqa: E731
+    assert due(Hook(print, every=4)) == [4, 8, 10]  # every 4 and the last step
+    assert due(Hook(print, every=0)) == [10]  # only at the end (checkpoint.every=0, final/)
+    assert due(Hook(print, every=3, at_end=False)) == [3, 6, 9]
+    hooks = Hooks(10)
+    a, b = hooks.add(print, every=5), hooks.add(len, every=2, name="b")
+    assert hooks.due(4) == [b] and hooks.due(10) == [a, b] and hooks.due(7) == []
+    assert (a.name, b.name) == ("print", "b")
+
+
+def test_eta_in_piped_log_lines_and_cut_curriculum_named():
+    rec = dict(step=25, stage=1, strategy="random:4", loss=1.0, grad_norm=1.0, lr=1e-3, tokens_per_s=100.0,
+               step_time_s=2.5, mfu=None)
+    assert M.log_line(rec, 4025).endswith(" eta 02:46:40")  # 4000 steps x 2.5 s
+    assert "eta" not in M.log_line(dict(rec, step_time_s=None, tokens_per_s=None), 4025)  # first step: no timing
+    cfg = load_config(None, ["data.stages=[{ar: 4}, {blocks:2: 4}, {random:4: 4}]", "train.steps=6",
+                             "train.optimizer.warmup_steps=1"])
+    assert cut_stages(cfg) == "stage 1 (blocks:2) runs 2 of its 4 steps; stage 2 (random:4, 4 steps) will not run"
+    assert cut_stages(load_config(None, ["data.stages=[{ar: 4}, {blocks:2: 4}]"])) == ""
 
 
 def test_batch_stage_comes_from_the_batch():
@@ -252,7 +275,7 @@ def test_grad_accumulation_equals_big_batch(corpus, host_data):
 # ----------------------------------------------------------------------------- whole runs
 
 
-def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
+def test_loss_decreases_and_curriculum_logged(corpus, tmp_path, capsys):
     cfg = tiny_config(tmp_path / "run", corpus, **{
         "data.stages": "[{ar: 16}, {blocks:2: 6}, {random:4: 8}]", "train.log_every": 1,
         "train.eval_every": 16, "checkpoint.every": 0, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.data": -1,
@@ -287,6 +310,15 @@ def test_loss_decreases_and_curriculum_logged(corpus, tmp_path):
     assert plot_main([cfg.run_dir]) == 0
     png = os.path.join(cfg.run_dir, "loss.png")
     assert os.path.getsize(png) > 10_000 and open(png, "rb").read(4) == b"\x89PNG"
+    # piped (no bar) log lines carry an ETA; the last step wrote RUN_DIR/final, a params checkpoint
+    # holding the last step's params
+    logged = capsys.readouterr().out
+    assert re.search(r"step 29/30 .* eta 00:00:\d\d", logged), logged[-2000:]
+    assert "final params -> " in logged
+    mcfg, final = load_params(os.path.join(cfg.run_dir, "final"))
+    assert (mcfg.objective, mcfg.num_layers, mcfg.hidden_size) == ("a3", 2, 32)
+    last = ocp.StandardCheckpointer().restore(os.path.join(cfg.run_dir, "checkpoints", "30", "state"))["params"]
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), final, last)
 
 
 def test_cli_help_and_bad_override(capsys):

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,7 +21,7 @@ from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import NonFiniteLossError, train
 from train_helpers import (compile_cache, corpus, exact_view, read_jsonl, tiny_config,  # noqa: F401 (fixtures)
-                           tiny_overrides, wait_for)
+                           paused_train_command, tiny_overrides, wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,9 +49,9 @@ def _assert_bitwise_equal(a, b):
 
 
 def _spawn(run_dir, corpus, cache_env, sleep=0.0):
-    env = dict(os.environ, A3JAX_DEBUG_STEP_SLEEP=str(sleep), PYTHONPATH=ROOT, **cache_env)
-    cmd = [sys.executable, "-m", "a3jax", "train", "--no-progress",
-           *tiny_overrides(str(run_dir), corpus, **{"train.eval_batches": 1})]
+    env = dict(os.environ, PYTHONPATH=ROOT, **cache_env)
+    cmd = paused_train_command(sleep, ["--no-progress", *tiny_overrides(str(run_dir), corpus,
+                                                                        **{"train.eval_batches": 1})])
     log = open(os.path.join(os.path.dirname(str(run_dir)), f"log-{time.time()}.txt"), "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log.name
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -43,6 +44,18 @@ def tiny_overrides(run_dir: str, corpus: str, **extra) -> list[str]:
 
 def tiny_config(run_dir, corpus, **extra):
     return load_config(None, tiny_overrides(str(run_dir), str(corpus), **extra))
+
+
+# `a3jax train ARGS` with a pause after every step, added as a training hook: the fault tests kill a
+# run reliably between two checkpoints. A pause changes no result.
+_PAUSED_TRAIN = ("import sys, time; from a3jax.train.cli import cli_main; from a3jax.train.hooks import Hook; "
+                 "pause = float(sys.argv[1]); "
+                 "sys.exit(cli_main(sys.argv[2:], hooks=[Hook(lambda info: time.sleep(pause), every=1)]))")
+
+
+def paused_train_command(pause: float, args) -> list[str]:
+    """The command line of `a3jax train ARGS` pausing `pause` seconds after every step."""
+    return [sys.executable, "-c", _PAUSED_TRAIN, str(pause), *args]
 
 
 def wait_for(cond, proc, what, timeout=240):

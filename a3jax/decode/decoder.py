@@ -374,7 +374,7 @@ def _run(cfg, params, tokens, known, *, valid=None, order="left_to_right", group
          independent_rows=False, window=None, phases=None, num_samples=1):
     objectives.require(cfg, "infilling (a3jax.decode.infill)", can_infill=True)
     per_row = np.ndim(seed) > 0
-    if cfg.objective == "mdlm":
+    if objectives.of(cfg).decoder == "mdlm":
         if speculative or independent_rows or window is not None or per_row or num_samples != 1:
             raise DecodeError("speculative=, independent_rows=, window=, num_samples= and per-row seeds apply to "
                               "A3 decoding, not to an mdlm model (model.objective=mdlm)")
@@ -574,10 +574,11 @@ def generate(cfg: ModelConfig, params, prompt_tokens, max_new_tokens: int, order
     objectives.require(cfg, "generate")
     if stream not in STREAMS:
         raise DecodeError(f"stream must be one of {STREAMS}, got {stream!r}")
-    if cfg.objective == "ar":
+    decoder = objectives.of(cfg).decoder
+    if decoder == "content":
         stream = "content"  # a causal LM has no trained query stream
     if stream == "content":
-        if cfg.objective == "mdlm":
+        if decoder == "mdlm":
             raise DecodeError("an mdlm model's content stream is a bidirectional denoiser, not a causal LM: "
                               "stream='content' does not apply (model.objective=mdlm)")
         if steps is not None:

@@ -28,7 +28,9 @@ See docs/train.md for every key.
 """
 
 
-def cli_main(argv) -> int:
+def cli_main(argv, hooks=()) -> int:
+    """`a3jax train`; hooks (a3jax.train.hooks.Hook) go to `train` (a program that wraps the CLI adds
+    behaviour, e.g. a pause after every step, without a flag)."""
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -55,7 +57,8 @@ def cli_main(argv) -> int:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1
     try:
-        result = train(cfg, progress_bar=False if ns.no_progress else None, stop_at_step=ns.stop_at_step)
+        result = train(cfg, progress_bar=False if ns.no_progress else None, stop_at_step=ns.stop_at_step,
+                       hooks=hooks)
     except (ConfigError, NonFiniteLossError, StorageError, FileNotFoundError) as e:
         print(f"a3jax train: {e}", file=sys.stderr)
         return 1

@@ -313,12 +313,21 @@ class MetricsWindow:
         return rec
 
 
+def hms(seconds: float) -> str:
+    """HH:MM:SS (hours grow past 99 as needed)."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def log_line(rec: dict, total_steps: int) -> str:
-    """The console line of a train record."""
+    """The console line of a train record (the one a piped log gets; a terminal gets the tqdm bar). The
+    ETA is the steps left at the window's mean step time (eval and saving not counted)."""
     line = (f"step {rec['step']}/{total_steps} stage {rec['stage']} ({rec['strategy']}) loss {rec['loss']:.4f} "
             f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e}")
     if rec["tokens_per_s"]:
         line += f" {rec['tokens_per_s']:,.0f} tok/s {rec['step_time_s'] * 1e3:.0f} ms/step"
     if rec["mfu"] is not None:
         line += f" mfu {100 * rec['mfu']:.1f}%"
+    if rec["step_time_s"]:
+        line += f" eta {hms(rec['step_time_s'] * max(0, total_steps - rec['step']))}"
     return line

@@ -6,10 +6,13 @@
     data.eval_strategies entry) -> checkpoints (every checkpoint.every steps, at the end, on SIGTERM /
     SIGINT).
 
-The loop (`_Trainer.run`) is short; its pieces are named: `Evaluator` (eval sets built once, run every
-train.eval_every steps), `metrics.MetricsWindow` (the log window and its totals, saved in and restored
-from the checkpoint's `progress` item), `CheckpointPolicy` (when to save). Each step's curriculum stage
-is the one its batch carries (the pipeline computes it); the trainer does not derive it again.
+The loop (`_Trainer.run`) is short: it runs a step, then the hooks due after it (a3jax.train.hooks),
+each saying how often it runs: the log line (train.log_every), `Evaluator` (eval sets built once, run
+every train.eval_every steps), the checkpoint (checkpoint.every; `CheckpointPolicy` says where and
+keeps the last good one), RUN_DIR/final at the last step (a3jax.train.final), then the caller's
+`hooks=`. `metrics.MetricsWindow` holds the log window and its totals (saved in and restored from the
+checkpoint's `progress` item). Each step's curriculum stage is the one its batch carries (the pipeline
+computes it); the trainer does not derive it again.
 
 Multi-process: every process runs this same function on its own data shard
 (make_train_iterator(process_index, process_count)); files other than checkpoints are written by
@@ -22,17 +25,15 @@ last good checkpoint, and saves nothing more.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
-import time
 from typing import Optional
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from a3jax import fs
+from a3jax import fs, objectives
 from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible, load_params
 from a3jax.config import Config, ConfigError, to_dict, yaml_text
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
@@ -41,6 +42,8 @@ from a3jax.layout import Layout
 from a3jax.model import init_params_sharded, param_count, param_shapes, param_shardings, query_embed_init
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
+from a3jax.train.final import FINAL_DIR, write_final
+from a3jax.train.hooks import Hooks, StepInfo
 from a3jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from a3jax.train.step import make_eval_step, make_train_step
 
@@ -132,15 +135,6 @@ def batch_stage(batch: dict, step: int) -> int:
     return int(stages[0])
 
 
-def eval_sets(cfg: Config) -> list:
-    """(label, grouping strategy) of each held-out loss: the data.eval_strategies for a3 (exact NLL
-    under each grouping); ar: the exact NLL under 'ar'; mdlm: the NELBO (on position-ordered rows)."""
-    obj = cfg.train.objective
-    if obj == "a3":
-        return [(s, s) for s in cfg.data.eval_strategies]
-    return [("ar" if obj == "ar" else "nelbo", "ar")]
-
-
 class Evaluator:
     """Held-out loss per data.eval_strategies entry: `evaluator(step, params) -> {strategy: loss}`,
     also written to metrics.jsonl and the console. The eval batches (train.eval_batches deterministic
@@ -155,7 +149,7 @@ class Evaluator:
     def _build(self) -> dict:
         cfg, (pi, pc) = self.cfg, (jax.process_index(), jax.process_count())
         sets = {}
-        for label, strat in eval_sets(cfg):
+        for label, strat in objectives.of(cfg).eval_sets(cfg.data.eval_strategies):
             try:
                 bs = make_eval_batches(cfg.data, cfg.train.global_batch_size, strat, max(1, cfg.train.eval_batches))
             except Exception as e:  # noqa: BLE001 - e.g. an empty held-out split
@@ -184,20 +178,15 @@ class Evaluator:
 
 
 class CheckpointPolicy:
-    """When the run saves (docs/checkpoints.md): every checkpoint.every steps, after the last step
-    (train.steps), at stop_at_step when that stops the run short of the end, and on a signal. Saving a
-    step that exists is a no-op; `last_good` is the newest step saved or restored by this run."""
+    """Where and when beyond the checkpoint hook the run saves (docs/checkpoints.md). The hook saves every
+    checkpoint.every steps and after the last step (train.steps); the loop also saves at stop_at_step
+    when that stops the run short of the end, and on a signal. Saving a step that exists is a no-op;
+    `last_good` is the newest step saved or restored by this run."""
 
-    def __init__(self, ckpts: RunCheckpoints, every: int, total: int, end: int, config_dict: dict,
+    def __init__(self, ckpts: RunCheckpoints, total: int, end: int, config_dict: dict,
                  sink: metrics_lib.MetricsSink, last_good: Optional[int] = None):
-        self.ckpts, self.every, self.total, self.end = ckpts, int(every), int(total), int(end)
+        self.ckpts, self.total, self.end = ckpts, int(total), int(end)
         self.config_dict, self.sink, self.last_good = config_dict, sink, last_good
-
-    def periodic(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
-    def after_step(self, step: int) -> bool:
-        return self.periodic(step) or step == self.total
 
     def at_planned_stop(self, step: int, interrupted: int) -> bool:
         return step == self.end and self.end < self.total and not interrupted
@@ -213,12 +202,13 @@ class CheckpointPolicy:
 
 
 def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool = True,
-          stop_at_step: Optional[int] = None) -> dict:
+          stop_at_step: Optional[int] = None, hooks=()) -> dict:
     """Runs (or resumes) the training job described by `cfg`; returns the final metrics.
 
     stop_at_step: return (after saving a checkpoint) once this many steps are done, as a preemption
-    would; for tests and for splitting a run into jobs. The returned dict has at least step, loss
-    (mean over the last log window), stage, strategy, eval (dict strategy -> loss, when evaluated),
+    would; for tests and for splitting a run into jobs. hooks: a3jax.train.hooks.Hook objects run
+    after the trainer's own (log, eval, checkpoint, final export), each on its own schedule.
+    The returned dict has at least step, loss (mean over the last log window), stage, strategy, eval (dict strategy -> loss, when evaluated),
     interrupted (signal number or 0), resumed_from (step or None), run_dir.
     """
     cfg.validate("train config")
@@ -235,7 +225,7 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
     # Handlers first: a preemption notice during startup (restore, compile) is honoured after the first step.
     stop = _StopFlag().install()
     try:
-        trainer = _Trainer(cfg, log, progress_bar, tensorboard, stop_at_step)
+        trainer = _Trainer(cfg, log, progress_bar, tensorboard, stop_at_step, hooks)
         try:
             trainer.run(stop)
             trainer.ckpts.wait()
@@ -247,10 +237,22 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
         stop.uninstall()
 
 
+def cut_stages(cfg: Config) -> str:
+    """What train.steps leaves out of the curriculum (data.stages), in words; "" when it runs it all."""
+    total, start, cut = cfg.total_steps, 0, []
+    for i, st in enumerate(cfg.data.stages):
+        if start >= total:
+            cut.append(f"stage {i} ({st.strategy}, {st.steps} steps) will not run")
+        elif start + st.steps > total:
+            cut.append(f"stage {i} ({st.strategy}) runs {total - start} of its {st.steps} steps")
+        start += st.steps
+    return "; ".join(cut)
+
+
 class _Trainer:
     """One run's setup (mesh, state, iterator, jitted steps, pieces) and its loop."""
 
-    def __init__(self, cfg: Config, log, progress_bar, tensorboard, stop_at_step):
+    def __init__(self, cfg: Config, log, progress_bar, tensorboard, stop_at_step, hooks=()):
         pi, pc = jax.process_index(), jax.process_count()
         self.cfg, self.log = cfg, log
         self.run_dir = fs.normalize(cfg.run_dir)
@@ -267,6 +269,10 @@ class _Trainer:
         bsh = batch_sharding(mesh, rules)
         log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices, "
             f"{pc} process(es); {total} steps of {gbs} x {seq} tokens")
+        cut = cut_stages(cfg)
+        if cut:
+            log(f"warning: train.steps={total} is shorter than the curriculum "
+                f"({sum(st.steps for st in cfg.data.stages)} steps in data.stages): {cut}")
 
         self.ckpts = RunCheckpoints(self.run_dir, cfg.checkpoint, log=log)
         make_iter = lambda start: make_train_iterator(cfg.data, gbs, pi, pc, start_step=start)  # noqa: E731
@@ -289,12 +295,12 @@ class _Trainer:
         self.sink = metrics_lib.MetricsSink(self.run_dir, self.start, total, enabled=pi == 0,
                                             tensorboard=tensorboard, progress_bar=progress_bar)
         self.evaluate = Evaluator(cfg, eval_fn, mesh, rules, self.sink)
-        self.checkpoints = CheckpointPolicy(self.ckpts, cfg.checkpoint.every, total, self.end, to_dict(cfg),
+        self.checkpoints = CheckpointPolicy(self.ckpts, total, self.end, to_dict(cfg),
                                             self.sink, last_good=self.resumed_from)
         # Per-step records since the last log line, restored from the checkpoint so averages match.
         self.window = metrics_lib.MetricsWindow(
             gbs * seq, n_devices=jax.device_count(),
-            flops_per_token=metrics_lib.train_flops_per_token(cfg.model, seq, "a3" if tcfg.objective == "a3" else "ar"),
+            flops_per_token=objectives.of(cfg).train_flops(cfg.model, seq),
             peak_flops=metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tcfg.peak_flops_per_device),
             start_step=self.start, progress=progress, process_count=pc)
         self.strategies = [st.strategy for st in cfg.data.stages]  # stage index -> its strategy (for logs)
@@ -302,6 +308,24 @@ class _Trainer:
         self.last_record: dict = {}
         self.last_eval: dict = {}
         self.interrupted = 0
+        self.hooks = self._builtin_hooks()
+        self.hooks.hooks.extend(hooks)
+
+    def _builtin_hooks(self) -> Hooks:
+        tcfg, hooks = self.cfg.train, Hooks(self.total)
+
+        def log_record(info: StepInfo):
+            self.last_record = self._log(info.step, info.stage)
+
+        def evaluate(info: StepInfo):
+            self.last_eval = self.evaluate(info.step, info.state.params)
+
+        hooks.add(log_record, every=max(1, tcfg.log_every))
+        if tcfg.eval_every > 0:
+            hooks.add(evaluate, every=tcfg.eval_every)
+        hooks.add(lambda info: self._save(info.step), every=self.cfg.checkpoint.every, name="checkpoint")
+        hooks.add(lambda info: self._write_final(info.state.params), every=0, name="final")
+        return hooks
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: _StopFlag) -> None:
@@ -309,9 +333,8 @@ class _Trainer:
         if self.start >= total:
             self.log(f"nothing to do: the run is complete at step {self.start} of {total} "
                      f"(raise train.steps to continue)")
-        # Testing/debugging knob: sleep after every step (the fault tests use it to kill -9 a run
-        # reliably between two checkpoints). Not a config key: it must never change results.
-        debug_sleep = float(os.environ.get("A3JAX_DEBUG_STEP_SLEEP", "0") or 0)
+            if not fs.exists(fs.join(self.run_dir, FINAL_DIR)):  # stopped between its last checkpoint and final/
+                self._write_final(self.state.params)
         if self.start == 0 and tcfg.eval_every > 0 and tcfg.eval_at_start:
             self.last_eval = self.evaluate(0, self.state.params)
         pending = None  # (step index, stage, device metrics, group size) of the step in flight
@@ -331,23 +354,16 @@ class _Trainer:
                 self._finish(*pending)  # the step before: its metrics are ready while this one runs
             pending = (step, stage, m, gsize)
             step = self.step = step + 1
-            log_now = step % max(1, tcfg.log_every) == 0 or step == total
-            eval_now = tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or step == total)
-            ckpt_now = self.checkpoints.periodic(step)
+            due = self.hooks.due(step)
             stop_now = stop.is_set()
-            if log_now or eval_now or ckpt_now or stop_now or step == end:
+            if due or stop_now or step == end:
                 self._finish(*pending)
                 pending = None
-            if log_now:
-                self.last_record = self._log(step, stage)
-            if eval_now:
-                self.last_eval = self.evaluate(step, self.state.params)
-            if self.checkpoints.after_step(step):
-                self._save(step)
-            if log_now or eval_now or ckpt_now:
-                self.window.restart_clock()  # eval / save time is not step time
-            if debug_sleep:
-                time.sleep(debug_sleep)
+            if due:
+                info = StepInfo(step, self.state, stage)
+                for hook in due:
+                    hook.fn(info)
+                self.window.restart_clock()  # time spent in hooks (eval, saving) is not step time
             if stop_now:
                 self.interrupted = stop.signum
                 sink.message(f"[a3jax train] signal {self.interrupted} at step {step}: saving and exiting")
@@ -380,6 +396,10 @@ class _Trainer:
         else:
             self.sink.console(metrics_lib.log_line(rec, self.total))
         return rec
+
+    def _write_final(self, params) -> None:
+        out = write_final(self.cfg, params, self.run_dir)
+        self.sink.message(f"[a3jax train] final params -> {out}")
 
     def _save(self, step: int) -> None:
         self.sink.flush()  # the metrics up to a checkpoint are written out before it (gs:// buffers them)
