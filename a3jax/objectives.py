@@ -1,7 +1,7 @@
 """The training objectives as one table: each entry says everything the rest of the code needs.
 
     obj = objectives.get("mdlm")            # or objectives.of(cfg) for a Config / ModelConfig
-    noise = obj.noise(key, layout, mask_id) # None unless the objective transforms its inputs
+    noise = obj.draw_noise(key, layout, mask_id)  # None unless the objective transforms its inputs
     sums = obj.sums(cfg.model, params, layout, noise, z_loss)
     obj.stream, obj.decoder, obj.exact_likelihood, obj.can_infill, obj.forward_flops(cfg.model, seq_len)
 
@@ -37,6 +37,7 @@ class Objective:
     """One training objective. Frozen: every attribute is read-only.
 
     stream: the stream its loss trains and decoding reads by default ('query' | 'content').
+    streams: the streams its forward pass runs (a3 runs the content stream for the query stream's keys).
     decoder: the decoder family generate/infill use ('a3' | 'content' | 'mdlm').
     scorer: how a3jax.score scores its params: 'query' (exact, any grouping), 'content' (exact, left
         to right only) or 'nelbo' (a Monte-Carlo upper bound on -log P).
@@ -52,6 +53,7 @@ class Objective:
 
     name: str
     stream: str
+    streams: tuple
     decoder: str
     scorer: str
     can_infill: bool
@@ -181,17 +183,19 @@ def require(cfg, what: str, **needs) -> Objective:
 
 
 A3 = register(Objective(
-    name="a3", stream="query", decoder="a3", scorer="query", can_infill=True, position_order=False,
-    needs_mask_token=False, predicts_next=False, sums=_a3_sums, forward_flops=_two_stream_flops))
+    name="a3", stream="query", streams=("content", "query"), decoder="a3", scorer="query", can_infill=True,
+    position_order=False, needs_mask_token=False, predicts_next=False, sums=_a3_sums,
+    forward_flops=_two_stream_flops))
 
 AR = register(Objective(
-    name="ar", stream="content", decoder="content", scorer="content", can_infill=False, position_order=True,
-    needs_mask_token=False, predicts_next=True, sums=_ar_sums, forward_flops=_causal_flops, eval_label="ar"))
+    name="ar", stream="content", streams=("content",), decoder="content", scorer="content", can_infill=False,
+    position_order=True, needs_mask_token=False, predicts_next=True, sums=_ar_sums, forward_flops=_causal_flops,
+    eval_label="ar"))
 
 MDLM = register(Objective(
-    name="mdlm", stream="content", decoder="mdlm", scorer="nelbo", can_infill=True, position_order=True,
-    needs_mask_token=True, predicts_next=False, sums=loss_lib.mdlm_sums, forward_flops=_bidirectional_flops,
-    noise=loss_lib.mdlm_noise, eval_label="nelbo"))
+    name="mdlm", stream="content", streams=("content",), decoder="mdlm", scorer="nelbo", can_infill=True,
+    position_order=True, needs_mask_token=True, predicts_next=False, sums=loss_lib.mdlm_sums,
+    forward_flops=_bidirectional_flops, noise=loss_lib.mdlm_noise, eval_label="nelbo"))
 
 __all__ = ["Objective", "ObjectiveError", "register", "unregister", "names", "get", "of", "require", "A3", "AR",
            "MDLM"]

@@ -73,11 +73,11 @@ def test_unknown_objective_names_the_valid_ones():
 
 
 def test_every_entry_answers_what_callers_ask():
-    got = {n: (o.stream, o.decoder, o.exact_likelihood, o.can_infill, o.position_order, o.needs_mask_token)
-           for n, o in ((n, objectives.get(n)) for n in objectives.names())}
-    assert got == {"a3": ("query", "a3", True, True, False, False),
-                   "ar": ("content", "content", True, False, True, False),
-                   "mdlm": ("content", "mdlm", False, True, True, True)}
+    got = {n: (o.stream, o.streams, o.decoder, o.exact_likelihood, o.can_infill, o.position_order,
+               o.needs_mask_token) for n, o in ((n, objectives.get(n)) for n in objectives.names())}
+    assert got == {"a3": ("query", ("content", "query"), "a3", True, True, False, False),
+                   "ar": ("content", ("content",), "content", True, False, True, False),
+                   "mdlm": ("content", ("content",), "mdlm", False, True, True, True)}
     with pytest.raises(dataclasses.FrozenInstanceError):
         objectives.get("a3").decoder = "mdlm"
     assert objectives.of(CFG) is objectives.get("mdlm")  # a ModelConfig: the checkpoint's objective
@@ -107,7 +107,8 @@ BRANCHES = [re.compile(p) for p in (
 
 def test_branch_patterns_catch_the_old_forms():
     caught = ['if cfg.objective == "ar":', 'flops("a3" if tcfg.objective == "a3" else "ar")', "if obj != 'a3':",
-              "if cfg.objective not in tuple(allowed):", '{"a3": f, "ar": g}[obj]', 'if "a3" in (cfg.train.objective, m):',
+              "if cfg.objective not in tuple(allowed):", '{"a3": f, "ar": g}[obj]',
+              'if "a3" in (cfg.train.objective, m):',
               "obj = objective_of(cfg, stream)"]
     fine = ["if entry.position_order:", 'rows[0][a.objective]["step_s"]',
             'if objectives.of(cfg).decoder == "mdlm":', "for obj in table:",
@@ -138,8 +139,8 @@ def test_a_new_objective_is_one_entry(tmp_path, corpus, capsys):  # noqa: F811
         return loss_sums(cfg_model, params, layout._replace(groups=layout.positions), z_loss, "query")
 
     objectives.register(objectives.Objective(
-        name="toy", stream="query", decoder="a3", scorer="query", can_infill=True, position_order=True,
-        needs_mask_token=False, predicts_next=False, sums=toy_sums,
+        name="toy", stream="query", streams=("content", "query"), decoder="a3", scorer="query", can_infill=True,
+        position_order=True, needs_mask_token=False, predicts_next=False, sums=toy_sums,
         forward_flops=objectives.get("a3").forward_flops, eval_label="toy"))
     try:
         with pytest.raises(ObjectiveError, match="already registered"):
