@@ -25,6 +25,7 @@ from a3jax.train.plot import cli_main as plot_main
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
 from a3jax.layout import LAYOUT_KEYS
 from a3jax.train.step import make_train_step
+from a3jax.train.final import copy_tokenizer
 from a3jax.train.hooks import Hook, Hooks
 from a3jax.train.trainer import CheckpointPolicy, batch_stage, cut_stages, train
 from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)
@@ -158,6 +159,20 @@ def test_hooks_say_how_often_they_run():
     a, b = hooks.add(print, every=5), hooks.add(len, every=2, name="b")
     assert hooks.due(4) == [b] and hooks.due(10) == [a, b] and hooks.due(7) == []
     assert (a.name, b.name) == ("print", "b")
+
+
+def test_final_carries_the_tokenizer_files(tmp_path):
+    src = tmp_path / "tok"
+    src.mkdir()
+    for name, text in (("tokenizer.json", "{}"), ("tokenizer_config.json", '{"a": 1}'), ("other.txt", "x")):
+        (src / name).write_text(text)
+    for spec in (str(src), str(src / "tokenizer.json")):  # a model directory or its tokenizer.json
+        out = tmp_path / f"out{len(spec)}"
+        out.mkdir()
+        assert copy_tokenizer(spec, str(out)) == ["tokenizer.json", "tokenizer_config.json"]
+        assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer_config.json"]
+        assert (out / "tokenizer_config.json").read_text() == '{"a": 1}'
+    assert copy_tokenizer("byte", str(tmp_path)) == []  # the byte tokenizer has no files
 
 
 def test_eta_in_piped_log_lines_and_cut_curriculum_named():

@@ -2,6 +2,8 @@
 format of `a3jax convert` output, `--ckpt` and `model.init_from`) with the tokenizer files beside it."""
 from __future__ import annotations
 
+import os
+
 import jax
 
 from a3jax import fs
@@ -18,6 +20,8 @@ def copy_tokenizer(spec: str, out: str) -> list:
     local or gs://) into `out`; the byte tokenizer has no files. Returns the names copied."""
     if spec in ("", "byte", "bytes"):
         return []
+    if not fs.is_gcs(spec):
+        spec = os.path.expanduser(spec)
     src = fs.dirname(spec) if spec.endswith(".json") else spec
     copied = []
     for name in TOKENIZER_FILES:
