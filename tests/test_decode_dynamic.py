@@ -1,4 +1,4 @@
-"""Issue 12: EOS that ends a row only when every blank before it is filled, mode='reference', scores
+"""Dynamic-order decoding: EOS that ends a row only when every blank before it is filled, mode='reference', scores
 from the sampling distribution, semi-autoregressive windows, phases whose query rows follow the
 remaining blanks, per-row seeds and num_samples (chi-square against an enumerated distribution).
 
