@@ -107,6 +107,18 @@ def test_example_runs(where, kind, code, tiny_checkpoint, tmp_path):
                                f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}")
 
 
+def test_cli_reference_is_generated():
+    """docs/cli.md is what `python -m a3jax.cli_reference` prints from the commands' own parsers."""
+    from a3jax import cli
+    from a3jax.cli_reference import reference_markdown
+
+    text = reference_markdown()
+    for name in cli.COMMANDS:
+        assert f"## a3jax {name}\n" in text and f"usage: a3jax {name}" in text, name
+    with open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8") as f:
+        assert f.read() == text, "docs/cli.md is stale: run `python -m a3jax.cli_reference > docs/cli.md`"
+
+
 def _text_files():
     yield "README.md"
     for top in ("docs", "a3jax", "bench", "tests"):
