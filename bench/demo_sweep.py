@@ -75,9 +75,9 @@ ADAPT_CANDIDATES = {
 
 
 def _untrained_query_base(out: str) -> None:
-    """The conversion before the fix (the A/B of `-untrainedq` rows): a3-to-hf wrote the AR model's
-    untrained query vector (its random-init value) and hf-to-a3 read it back, instead of starting it
-    from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
+    """The A/B baseline of the `-untrainedq` rows: an adaptation that starts from the AR model's
+    untrained query vector (its random-init value), as if a3-to-hf wrote it and hf-to-a3 read it back,
+    instead of from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
     import dataclasses
 
     from a3jax.checkpoint import load_params, save_params

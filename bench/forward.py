@@ -11,7 +11,7 @@ timed beside a3jax's A3 and AR steps in the same run, so the ratios come from on
 The comparison table runs each implementation in its own worker process (`--worker`), the processes
 taking turns round by round (`--rounds`): timed in one process, the A3 step right after the torch
 step was 15-30% slower than alone (page faults and caches after torch's large allocations), which
-biased the ratio against a3jax. `--same-process` times all three in one process, in turn, as before.
+biased the ratio against a3jax. `--same-process` times all three in one process, in turn.
 Each time is the best of all rounds (wall clock; the machine may be shared) with the median process
 CPU time beside it. Prints tables and writes JSON.
 """
