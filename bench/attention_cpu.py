@@ -1,4 +1,4 @@
-"""One layer's attention of the issue-15 A3 step, fwd+bwd: a3jax's blockwise kernel at several block
+"""One layer's attention of the comparison step (docs/performance.md), fwd+bwd: a3jax's blockwise kernel at several block
 sizes against torch's SDPA called as the reference A3 code calls it (one call per stream, a boolean
 T x T mask, K/V repeated to all heads).
 
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import forward  # noqa: E402  (the issue config's group layout)
+import forward  # noqa: E402  (the comparison step's group layout)
 from a3jax import masks  # noqa: E402
 from a3jax.model.attention import blockwise_attention  # noqa: E402
 

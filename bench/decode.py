@@ -4,9 +4,9 @@ self-speculative sampling vs token-by-token and plain group-wise decoding.
     python bench/decode.py [--blanks 256 512 1024] [--group-sizes 1 4 8] [--uncached-steps 6]
                            [--orders left_to_right] [--prompt 16] [--windows 0 32] [--one-phase]
                            [--repeat 2] [--out bench/results/decode.json]
-    # issue 12: 1024-token rows, 960 blanks, group size 4; cost that follows the remaining blanks
+    # dynamic orders: 1024-token rows, 960 blanks, group size 4; cost that follows the remaining blanks
     python bench/decode.py --blanks 960 --prompt 64 --group-sizes 4 --orders confidence left_to_right \
-        --windows 0 32 --one-phase --uncached-steps 4 --repeat 1 --out bench/results/decode_follow.json
+        --windows 0 32 --one-phase --uncached-steps 4 --repeat 1 --out bench/results/decode_dynamic.json
     python bench/decode.py --speculative [--ks 2 4 8] [--demo-ckpt runs/demo/final] [--rows 16]
                            [--prompt-tokens 32] [--new-tokens 64] [--temperatures 1.0 0.0]
                            [--out bench/results/decode_speculative.json]
@@ -15,7 +15,7 @@ Fills N blanks after a 16-token (--prompt) prompt (one row, greedy) with a rando
 shape (4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688, byte vocab 260). Cached: the whole decode
 (prefill + all steps) is timed after a compile run. Dynamic orders run in phases whose query rows
 shrink with the remaining blanks; --one-phase also times phases=1 (every blank's query row at every
-step, the decoder before issue 12) and checks it gives the same tokens; --windows adds
+step, a single static shape) and checks it gives the same tokens; --windows adds
 semi-autoregressive windows (window=W: W query rows per step). Uncached: every step is a full forward over all
 T = 16 + N rows, so its cost per step is flat; on a 2-core CPU running all of them (up to 1024 steps)
 takes too long, so the first `--uncached-steps` steps are timed after a compile run and the total is
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                     run(max_steps=1)  # compile (max_steps is a traced value: same program)
                     cached_s, res = timed(lambda: run(), repeat=args.repeat)
                     one_s, same_one = None, None
-                    if dynamic and args.one_phase:  # the single static shape decoded before issue 12
+                    if dynamic and args.one_phase:  # the single static shape, to compare with the phases
                         run(phases=1, max_steps=1)
                         one_s, one = timed(lambda: run(phases=1))
                         same_one = bool((one.tokens == res.tokens).all() and (one.step == res.step).all())

@@ -1,4 +1,4 @@
-"""The sweep behind configs/demo/*.yaml (docs/benchmarks.md, "The main job: `make demo`").
+"""The sweep behind configs/demo/*.yaml (docs/performance.md, "The demo").
 
 Short ar-objective pretraining runs of candidate demo models on the embedded stdlib corpus, each for
 the same number of steps: held-out nats/byte (byte tokenizer: nats/token = nats/byte) against the
@@ -75,9 +75,9 @@ ADAPT_CANDIDATES = {
 
 
 def _untrained_query_base(out: str) -> None:
-    """The conversion before the fix (the A/B of `-untrainedq` rows): a3-to-hf wrote the AR model's
-    untrained query vector (its random-init value) and hf-to-a3 read it back, instead of starting it
-    from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
+    """The A/B baseline of the `-untrainedq` rows: an adaptation that starts from the AR model's
+    untrained query vector (its random-init value), as if a3-to-hf wrote it and hf-to-a3 read it back,
+    instead of from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
     import dataclasses
 
     from a3jax.checkpoint import load_params, save_params

@@ -1,5 +1,5 @@
 """Forward+backward of the two-stream A3 loss vs the same model in content-only causal (AR) mode,
-per attention kernel (dense, blockwise), the issue-15 table against the reference A3 code itself, and
+per attention kernel (dense, blockwise), the comparison step (docs/performance.md) against the reference A3 code itself, and
 attention memory vs T.
 
     python bench/forward.py [--quick] [--reference DIR] [--out bench/results/forward.json]
@@ -8,10 +8,10 @@ attention memory vs T.
 run from there, never copied; see bench/reference_a3.py). Its step (torch CPU, 2 threads) is then
 timed beside a3jax's A3 and AR steps in the same run, so the ratios come from one run.
 
-The issue table runs each implementation in its own worker process (`--worker`), the processes
+The comparison table runs each implementation in its own worker process (`--worker`), the processes
 taking turns round by round (`--rounds`): timed in one process, the A3 step right after the torch
 step was 15-30% slower than alone (page faults and caches after torch's large allocations), which
-biased the ratio against a3jax. `--same-process` times all three in one process, in turn, as before.
+biased the ratio against a3jax. `--same-process` times all three in one process, in turn.
 Each time is the best of all rounds (wall clock; the machine may be shared) with the median process
 CPU time beside it. Prints tables and writes JSON.
 """
@@ -85,7 +85,7 @@ A3_NAME, AR_NAME, REF_NAME = "a3jax A3 (blockwise)", "a3jax AR (blockwise)", "re
 
 
 def issue_fns(names, reference: str, rng) -> dict:
-    """The issue table's zero-arg steps, by name (the reference needs its repo's path)."""
+    """The comparison table's zero-arg steps, by name (the reference needs its repo's path)."""
     fns = {}
     if A3_NAME in names or AR_NAME in names:
         fns[A3_NAME], fns[AR_NAME] = step_fns(ISSUE_CFG, 4, 1024, "blockwise", rng)
@@ -124,7 +124,7 @@ def worker(name: str, reference: str, reps: int) -> None:
 
 
 def step_inputs(cfg, b, t, kind, rng):
-    """The issue's A3 and AR fwd+bwd for `kind`: ((a3 fn, its args), (ar fn, its args)); jitted, not run."""
+    """The comparison step's A3 and AR fwd+bwd for `kind`: ((a3 fn, its args), (ar fn, its args)); jitted, not run."""
     cfg = dataclasses.replace(cfg, attention=kind)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
@@ -159,14 +159,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, skip T=2048 memory point")
     ap.add_argument("--reference", metavar="DIR", default="",
-                    help="local copy of the reference A3 repo: time its step in the issue table")
+                    help="local copy of the reference A3 repo: time its step in the comparison table")
     ap.add_argument("--issue-only", action="store_true",
-                    help="only the issue table (A3, AR, reference): a quick before/after of a code change, "
+                    help="only the comparison table (A3, AR, reference): a quick before/after of a code change, "
                          "run once per checkout with PYTHONPATH set to it")
     ap.add_argument("--reps", type=int, default=0, help="timed steps per round (default 3, 2 with --quick)")
-    ap.add_argument("--rounds", type=int, default=2, help="issue table: rounds of one process per implementation")
+    ap.add_argument("--rounds", type=int, default=2, help="comparison table: rounds of one process per implementation")
     ap.add_argument("--same-process", action="store_true",
-                    help="issue table: time all implementations in this process, in turn (biased: see above)")
+                    help="comparison table: time all implementations in this process, in turn (biased: see above)")
     ap.add_argument("--worker", metavar="NAME", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forward.json"))
     args = ap.parse_args()
@@ -179,7 +179,7 @@ def main():
               "command": "python bench/forward.py " + " ".join(sys.argv[1:]),
               "load_before": load_average(), "a3_vs_ar": [], "memory": [], "issue_step": {}}
 
-    # The issue table: the default kernel's A3 and AR steps and the reference.
+    # The comparison table: the default kernel's A3 and AR steps and the reference.
     names = [A3_NAME, AR_NAME] + ([REF_NAME] if args.reference else [])
     if args.same_process:
         fns = issue_fns(names, args.reference, rng)
@@ -190,7 +190,7 @@ def main():
     result["issue_step_timing"] = "same process, in turn" if args.same_process else \
         f"one process per implementation, {args.rounds} rounds of {reps} steps"
     a3 = issue[A3_NAME][0]
-    print("issue config (4L, d256, 8h/4kv, MLP 688, V1024, B4, T1024, random groups of 4, fp32), fwd+bwd:")
+    print("comparison step (4L, d256, 8h/4kv, MLP 688, V1024, B4, T1024, random groups of 4, fp32), fwd+bwd:")
     print(f"{'implementation':>38} {'best s':>8} {'CPU s':>7} {'vs A3':>6}")
     for n, (w, c) in issue.items():
         print(f"{n:>38} {w:>8.3f} {c:>7.2f} {w / a3:>6.2f}")

@@ -1,4 +1,4 @@
-"""Where the issue-15 fwd+bwd step spends its time: a jax.profiler trace of the A3 and AR steps read
+"""Where the comparison step's fwd+bwd (docs/performance.md) spends its time: a jax.profiler trace of the A3 and AR steps read
 per executed XLA:CPU thunk, made exclusive (children subtracted), summed by HLO op kind and by the
 model code region (op_name), plus the exact FLOPs of each compiled step (XLA's cost analysis).
 
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import forward  # noqa: E402  (bench/forward.py: the issue config and the same loss functions)
+import forward  # noqa: E402  (bench/forward.py: the comparison step's config and the same loss functions)
 
 
 def op_table(hlo_text: str) -> dict:

@@ -46,7 +46,7 @@ SIZES = {
     "small": ModelConfig(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, num_kv_heads=2,
                          max_position_embeddings=4096),
     "tiny": ModelConfig(max_position_embeddings=4096),  # configs/model/tiny.yaml: d=256, L=4, 3.0M params
-    # The demo-sized model of issue 15 / 19: d=128, L=4, 4 heads, MLP 344, vocab 260: 0.86M params.
+    # A demo-sized model (near configs/demo/pretrain.yaml's d=128, L=4): d=128, L=4, 4 heads, MLP 344, vocab 260: 0.86M params.
     "demo": ModelConfig(hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=4,
                         max_position_embeddings=4096),
 }

@@ -1,4 +1,4 @@
-"""XLA:CPU compiler options on the issue-15 step: each variant's A3 and AR fwd+bwd compiled in ONE process
+"""XLA:CPU compiler options on the comparison step (docs/performance.md): each variant's A3 and AR fwd+bwd compiled in ONE process
 with `compiled = jit(f).lower(...).compile(options)`, timed in interleaved rounds (so the machine's drift
 hits every variant alike), and each variant's A3 loss and gradients compared with the default's.
 
@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import forward  # noqa: E402  (bench/forward.py: the issue config and the same loss functions)
+import forward  # noqa: E402  (bench/forward.py: the comparison step's config and the same loss functions)
 
 # name -> compile options (DebugOptions fields). A repeated enum field takes one enum name, or "" for none.
 VARIANTS = {

@@ -98,7 +98,7 @@ def test_compile_tiny_for_v5e_2x2(tmp_path):
     assert rep["devices"] == 4 and rep["device_kind"] == "TPU v5 lite" and rep["mesh"]["fsdp"] == 4
     assert rep["hbm_per_chip_gib"] == 16.0 and rep["fits"] is True
     assert rep["model"]["scan_layers"] is True and rep["model"]["remat"] == "full" and rep["overrides"] == POD_STYLE
-    assert rep["model"]["attention"] == "auto" and rep["attention_kernel"] == "pallas"  # auto on TPU (issue 16)
+    assert rep["model"]["attention"] == "auto" and rep["attention_kernel"] == "pallas"  # auto picks pallas on TPU
     assert set(rep["programs"]) == {"train", "prefill", "decode"}
     for name, p in rep["programs"].items():
         for key in ("argument", "output", "total"):

@@ -1,4 +1,4 @@
-"""Issue 12: EOS that ends a row only when every blank before it is filled, mode='reference', scores
+"""Dynamic-order decoding: EOS that ends a row only when every blank before it is filled, mode='reference', scores
 from the sampling distribution, semi-autoregressive windows, phases whose query rows follow the
 remaining blanks, per-row seeds and num_samples (chi-square against an enumerated distribution).
 
@@ -88,7 +88,7 @@ PROMPTS = [[60, 1, 2], [60, 5]]
 
 def test_generate_eos_matches_the_brute_force_reference_loop():
     """Dynamic decoding with an EOS committed while blanks before it are still open: the row goes on
-    until they are filled (the old rule ended it there, leaving holes), as the reference does."""
+    until they are filled (ending it there would leave holes), as the reference does."""
     cfg, params = tiny()
     n = 10
     free, info = generate(cfg, params, PROMPTS, n, order="confidence", mode="reference", stop_at_eos=False,
@@ -118,7 +118,7 @@ def test_generate_eos_matches_the_brute_force_reference_loop():
             assert res.eos_at[r] == -1
         np.testing.assert_array_equal(out[r], want)
     assert (out[0, :j] != cfg.pad_token_id).all()  # no holes before the EOS
-    assert res.step[0].max() > 1  # the old rule ended row 0 at step 1
+    assert res.step[0].max() > 1  # ending at the EOS would stop row 0 at step 1
 
 
 @pytest.mark.parametrize("kw", [dict(order="confidence", group_size=2), dict(order="random", group_size=2, seed=4),

@@ -178,8 +178,7 @@ def test_generate_speculative_and_eos():
 
 @pytest.mark.parametrize("spec", [dict(speculative=2), dict(group_size=2)])
 def test_independent_rows_and_batch_invariance(spec):
-    """Both decoders: one key for every row by default (equal rows give equal samples, as before the
-    option existed); independent_rows gives row r the key fold_in(PRNGKey(seed), r); per-row seeds."""
+    """Both decoders: one key for every row by default (equal rows give equal samples); independent_rows gives row r the key fold_in(PRNGKey(seed), r); per-row seeds."""
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=6)
     many_t, many_k = np.repeat(tokens, 3, 0), np.repeat(known, 3, 0)  # the other tests' [3, 20]: no new compile

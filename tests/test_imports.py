@@ -17,7 +17,7 @@ TIERS = [
     {"train", "decode", "score"},
     {"eval"},
     {"demo", "compile", "show_masks", "bench_cli", "config_reference", "cli"},
-    {"__main__"},
+    {"__main__", "cli_reference"},
 ]
 TIER = {part: i for i, parts in enumerate(TIERS) for part in parts}
 

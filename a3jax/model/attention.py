@@ -213,14 +213,14 @@ def choose_kernel(cfg, num_keys: int, step_rows: int | None = None) -> str:
 
     `auto`: a cached step of at most 256 rows runs dense (a few rows against the cache: one masked
     matmul beats the blockwise loop); otherwise blockwise from 128 keys up, dense below. Measured on
-    CPU (docs/benchmarks.md, issue 15): blockwise fwd+bwd is 6.5x faster than dense at 1024 keys and
+    CPU (docs/performance.md): blockwise fwd+bwd is 6.5x faster than dense at 1024 keys and
     on par at 128 (one key block), and its memory is linear in T; for a few dozen keys the dense
     single matmul wins."""
     if cfg.attention != "auto":
         return cfg.attention
-    # TPU (issue 16): the fused Pallas kernel, for training, prefill and cached steps alike. GPU: the
+    # TPU: the fused Pallas kernel, for training, prefill and cached steps alike. GPU: the
     # policy below (blockwise is XLA-fused there too; cuDNN's fused attention cannot take per-example
-    # A3 groups without a dense T x T mask); GPU speed is unmeasured (docs/benchmarks.md).
+    # A3 groups without a dense T x T mask); GPU speed is unmeasured (docs/performance.md).
     if target_platform() == "tpu":
         return "pallas"
     if step_rows is not None and step_rows <= DENSE_MAX_STEP_ROWS:
