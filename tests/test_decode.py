@@ -226,7 +226,7 @@ def test_bad_input_errors():
         infill(cfg, params, tokens, known, DecodeSpec(order="sideways"))
     with pytest.raises(DecodeError, match="group_size"):
         infill(cfg, params, tokens, known, DecodeSpec(group_size=0))
-    with pytest.raises(DecodeError, match="threshold applies"):
+    with pytest.raises(DecodeError, match="threshold=0.5 applies"):
         infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", threshold=0.5))
     with pytest.raises(DecodeError, match="mode"):
         infill(cfg, params, tokens, known, DecodeSpec(mode="diffusion"))

@@ -115,4 +115,4 @@ def test_window_num_samples_and_mode_cli(ckpt, capsys):
     assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--mode", "reference", "--order", "left_to_right"]) == 2
     assert "mode='a3'" in capsys.readouterr().err
     assert main(["generate", "--ckpt", ckpt, "--prompt", "Hi", "--window", "2", "--order", "left_to_right"]) == 2
-    assert "window applies to the dynamic orders" in capsys.readouterr().err
+    assert "window=2 applies to the dynamic orders" in capsys.readouterr().err

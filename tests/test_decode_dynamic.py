@@ -248,7 +248,7 @@ def test_mode_and_option_errors():
             infill(cfg, params, tokens, known, DecodeSpec(order=order, mode="reference")).tokens
     with pytest.raises(DecodeError, match="mode must be one of"):
         infill(cfg, params, tokens, known, DecodeSpec(mode="diffusion"))
-    with pytest.raises(DecodeError, match="window applies to the dynamic orders"):
+    with pytest.raises(DecodeError, match="window=4 applies to the dynamic orders"):
         infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", window=4))
     with pytest.raises(DecodeError, match="group_size=4 commits more blanks per step than window=2"):
         infill(cfg, params, tokens, known, DecodeSpec(order="confidence", group_size=4, window=2))

@@ -182,11 +182,11 @@ class DecodeSpec:
             if isinstance(th, bool) or not isinstance(th, (int, float, np.floating)) or not 0.0 < th <= 1.0:
                 raise DecodeError(f"{c}.threshold must be a probability in (0, 1], got {th!r}")
             if kind != "dynamic":
-                raise DecodeError(f"{c}.threshold applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, "
+                raise DecodeError(f"{c}.threshold={th!r} applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, "
                                   f"not to order={name!r}")
         if self.window is not None:
             if kind != "dynamic":
-                raise DecodeError(f"{c}.window applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, not to "
+                raise DecodeError(f"{c}.window={self.window} applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, not to "
                                   f"order={name!r} (a fixed order already says which blanks come next)")
             if self.threshold is None and (self.group_size or 1) > self.window:
                 raise DecodeError(f"{c}.group_size={self.group_size} commits more blanks per step than "
@@ -198,10 +198,10 @@ class DecodeSpec:
                               f"grouping (it reproduces the reference's generate_two_stream)")
         if self.speculative:
             if kind == "dynamic":
-                raise DecodeError(f"{c}.speculative needs a fixed order (left_to_right, random or a user "
+                raise DecodeError(f"{c}.speculative={self.speculative} needs a fixed order (left_to_right, random or a user "
                                   f"grouping), not the dynamic order {name!r}")
             if self.teacher_forcing:
-                raise DecodeError(f"{c}.teacher_forcing commits given tokens; it has no speculative form")
+                raise DecodeError(f"{c}.teacher_forcing=True commits given tokens; it has no speculative form")
             if self.group_size not in (None, 1):
                 raise DecodeError(f"{c}.speculative={self.speculative} samples token by token (the draft block "
                                   f"is k); group_size={self.group_size} does not apply")
