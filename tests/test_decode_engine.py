@@ -145,7 +145,7 @@ def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):
         engine.generate(["x", "A longer prompt"], 8, content)
         assert len(compiles) == first, f"content stream: {len(compiles) - first} new compiles"
     finally:
-        jax.monitoring.clear_event_listeners()
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_engine_bad_input(engine):
