@@ -56,9 +56,10 @@ def test_eos_stops_a_row_and_pads_after_it():
 
 def test_sampling_is_deterministic_given_the_seed_and_options_are_checked():
     cfg, params = tiny()
-    a = generate(cfg, params, PROMPTS, 6, DecodeSpec(stop_at_eos=False, stream="content"), SamplingParams(temperature=1.0, seed=3)).new
-    b = generate(cfg, params, PROMPTS, 6, DecodeSpec(stop_at_eos=False, stream="content"), SamplingParams(temperature=1.0, seed=3)).new
-    c = generate(cfg, params, PROMPTS, 6, DecodeSpec(stop_at_eos=False, stream="content"), SamplingParams(temperature=1.0, seed=4)).new
+    spec = DecodeSpec(stop_at_eos=False, stream="content")
+    a = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=3)).new
+    b = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=3)).new
+    c = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=4)).new
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     for kw, name in [({"order": "random"}, "order"), ({"group_size": 2}, "group_size"),

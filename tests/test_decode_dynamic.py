@@ -214,7 +214,9 @@ def test_dynamic_scores_come_from_the_sampling_distribution():
     cfg, params = tiny()
     tokens, known = _rows(seed=21)
     valid = np.ones_like(known)
-    res = infill(cfg, params, tokens, known, DecodeSpec(order="confidence", group_size=1, mode="reference", teacher_forcing=True), SamplingParams(temperature=0.5, top_k=2))
+    res = infill(cfg, params, tokens, known,
+                 DecodeSpec(order="confidence", group_size=1, mode="reference", teacher_forcing=True),
+                 SamplingParams(temperature=0.5, top_k=2))
     _, want = _reference_dynamic(cfg, params, tokens, known, valid, -1, temperature=0.5, top_k=2, forced=tokens)
     _, raw = _reference_dynamic(cfg, params, tokens, known, valid, -1, forced=tokens)
     np.testing.assert_array_equal(res.step, want)
@@ -297,7 +299,8 @@ def test_num_samples_are_independent_draws_of_the_model():
     params = numpy_init(CFG4, 1)
     base = np.array([0, 0, 0, 0])
     known = np.array([True, False, False, False])
-    out = infill(CFG4, params, base, known, DecodeSpec(order="left_to_right", group_size=1), SamplingParams(temperature=1.0, seed=3, num_samples=SAMPLES)).tokens
+    ltr = DecodeSpec(order="left_to_right", group_size=1)
+    out = infill(CFG4, params, base, known, ltr, SamplingParams(temperature=1.0, seed=3, num_samples=SAMPLES)).tokens
     assert out.shape == (SAMPLES, 4)
     comps = np.array([[0, *c] for c in itertools.product(range(V), repeat=3)])
     groups = np.array([0, 1, 2, 3])
@@ -311,5 +314,5 @@ def test_num_samples_are_independent_draws_of_the_model():
     pairs = np.bincount(out[0::2, 1] * V + out[1::2, 1], minlength=V * V)
     assert stats.chisquare(pairs, np.outer(first, first).reshape(-1) / first.sum() ** 2 * (SAMPLES // 2)).pvalue > 1e-3
     # batching is invisible: samples 0..3 of a 4-sample call are the first 4 of the big one
-    few = infill(CFG4, params, base, known, DecodeSpec(order="left_to_right", group_size=1), SamplingParams(temperature=1.0, seed=3, num_samples=4)).tokens
+    few = infill(CFG4, params, base, known, ltr, SamplingParams(temperature=1.0, seed=3, num_samples=4)).tokens
     np.testing.assert_array_equal(few, out[:4])

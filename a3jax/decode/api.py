@@ -106,7 +106,8 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, spec: Optio
         # a fixed buffer also fixes the prefill width, so prompt lengths in one bucket share a program
         width = int(buf.lens.max()) if buffer_length is None else buf.tokens.shape[1]
         toks, logp, step, n = content_lib.decode_content(
-            cfg, params, buf.tokens, buf.lens, max_new_tokens, dataclasses.replace(spec, stop_at_eos=stop), sp, eos, width)
+            cfg, params, buf.tokens, buf.lens, max_new_tokens, dataclasses.replace(spec, stop_at_eos=stop), sp, eos,
+            width)
         res = DecodeResult(toks.astype(np.int32), logp, step, n)
         lens = buf.lens
     else:

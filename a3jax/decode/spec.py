@@ -186,7 +186,8 @@ class DecodeSpec:
                                   f"not to order={name!r}")
         if self.window is not None:
             if kind != "dynamic":
-                raise DecodeError(f"{c}.window={self.window} applies to the dynamic orders {orders_lib.DYNAMIC_ORDERS}, not to "
+                raise DecodeError(f"{c}.window={self.window} applies to the dynamic orders "
+                                  f"{orders_lib.DYNAMIC_ORDERS}, not to "
                                   f"order={name!r} (a fixed order already says which blanks come next)")
             if self.threshold is None and (self.group_size or 1) > self.window:
                 raise DecodeError(f"{c}.group_size={self.group_size} commits more blanks per step than "
@@ -198,8 +199,8 @@ class DecodeSpec:
                               f"grouping (it reproduces the reference's generate_two_stream)")
         if self.speculative:
             if kind == "dynamic":
-                raise DecodeError(f"{c}.speculative={self.speculative} needs a fixed order (left_to_right, random or a user "
-                                  f"grouping), not the dynamic order {name!r}")
+                raise DecodeError(f"{c}.speculative={self.speculative} needs a fixed order (left_to_right, random "
+                                  f"or a user grouping), not the dynamic order {name!r}")
             if self.teacher_forcing:
                 raise DecodeError(f"{c}.teacher_forcing=True commits given tokens; it has no speculative form")
             if self.group_size not in (None, 1):
