@@ -19,9 +19,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
 from a3jax.decode import api, text as text_lib
 from a3jax.decode.spec import DecodeError, DecodeSpec, SamplingParams
+from a3jax.score import score_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +88,6 @@ class Engine:
     def load(cls, path: str, tokenizer: str = "auto", **kw) -> "Engine":
         """From a params checkpoint directory; tokenizer 'auto' = the checkpoint's own (its
         tokenizer.json), else the byte tokenizer; or 'byte' / a path."""
-        from a3jax.checkpoint import load_params
-
         cfg, params = load_params(path)
         return cls(cfg, params, text_lib.load_tok(tokenizer, path), **kw)
 
@@ -201,8 +201,6 @@ class Engine:
     def score(self, texts, grouping: str = "ar", seed: int = 0) -> list:
         """Exact log P of each text (a str or a list of str) under a grouping strategy
         (a3jax.data.grouping: ar, blocks:k, random:k, ...). Returns one Scored per text."""
-        from a3jax.score import score_texts
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         if api.model_decoder(self.cfg) == "content" and grouping != "ar":
             raise api.not_adapted(f"scoring under the grouping {grouping!r}")

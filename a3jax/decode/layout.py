@@ -15,6 +15,7 @@ import numpy as np
 
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
+from a3jax.data.grouping import stage_for_step
 from a3jax.decode import orders as orders_lib
 from a3jax.decode.spec import DecodeError, DecodeResult, bucket_up, check_tokens
 
@@ -215,8 +216,6 @@ def prompt_group_size_for(config) -> int:
     one token per group (`ar`, every `infill:...`), k for `blocks:k`, else 0 (one group, e.g. the
     random groupings, whose context has no left-to-right layout). A checkpoint records it as
     model.prompt_group_size and decoding defaults to it."""
-    from a3jax.data.grouping import stage_for_step
-
     if config.train.objective != "a3":
         return 0  # the content stream (ar) or the denoiser (mdlm) has no query-stream layout
     _, strategy = stage_for_step(config.data.stages, max(config.total_steps - 1, 0))
