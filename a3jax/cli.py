@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
     "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
     "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
-    "score": ("a3jax.score", "cli_main", "exact log-likelihood of texts under a grouping"),
+    "score": ("a3jax.decode.score_cli", "score_main", "exact log-likelihood of texts under a grouping"),
     "eval": ("a3jax.eval.cli", "cli_main", "evaluate on JSONL tasks (multiple choice, infilling, QA, perplexity)"),
     "data": ("a3jax.data.prepare", "cli_main", "data tools: a3jax data prepare --source ... --out DIR"),
     "bench": ("a3jax.bench_cli", "cli_main", "run a benchmark script from bench/"),

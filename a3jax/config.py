@@ -78,6 +78,7 @@ class ModelConfig:
     pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
     mask_token_id: int = -1  # MASK id of the mdlm objective (-1 = none; the byte tokenizer's is 259); never predicted
     objective: str = "a3"  # what the params are trained for (a3 | ar | mdlm): mirrors train.objective; model.yaml records it, decoders check it
+    prompt_group_size: int = 0  # context layout the model was trained on, decoding's default: 0 = the whole context in one group, n = left-to-right chunks of n (a3jax.data.grouping.prompt_group_size_for derives it from data.stages)
     init_from: str = ""  # params checkpoint (from `a3jax convert`; local or gs://) to start from; "" = random init
     init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 
@@ -93,6 +94,8 @@ class ModelConfig:
                     "num_kv_heads", "max_position_embeddings", "attention_block_size"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.prompt_group_size < 0:
+            bad("prompt_group_size", f"must be >= 0 (0 = the whole context in one group), got {self.prompt_group_size}")
         if self.head_dim == 0 and self.hidden_size % self.num_heads:
             bad("num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}")
         if self.num_heads % self.num_kv_heads:

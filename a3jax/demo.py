@@ -35,7 +35,7 @@ from a3jax.config import MeshConfig, load_config
 from a3jax.data import SkipStats, load_tokenizer, make_eval_batches
 from a3jax.data.rows import blank_rows, placeholder_id, prompt_groups
 from a3jax.data.sources import iter_documents
-from a3jax.decode import generate, infill
+from a3jax.decode import DecodeSpec, SamplingParams, generate, infill
 from a3jax.model import param_shapes, param_shardings
 from a3jax.score import log_likelihood, score_rows
 from a3jax.sharding import make_mesh, rules_of
@@ -283,7 +283,7 @@ def a3_fill(cfg, params, tok, items, **kw):
     tokens, known, valid = blank_rows(rows, t, tok.pad_id, place)
     t0 = time.time()
     kw.setdefault("prompt_group_size", CONTEXT_GROUP_SIZE)
-    res = infill(cfg, params, tokens, known, valid=valid, return_info=True, seed=0, **kw)
+    res = infill(cfg, params, tokens, known, DecodeSpec(**kw), SamplingParams(seed=0), valid)
     secs = time.time() - t0
     fills = [tok.decode(res.tokens[r, s:s + n].tolist()) for r, (_, s, n) in enumerate(rows)]
     checks = dict(unfilled=int((res.tokens[~known & valid] == place).sum()),
@@ -295,7 +295,8 @@ def prefix_fill(cfg, params, tok, items):
     """What a plain LM can do: greedy continuation of the prefix, as many tokens as the blank has."""
     rows = _rows(tok, items)
     prompts = [ids[:s] for ids, s, _ in rows]
-    new = generate(cfg, params, prompts, max(n for _, _, n in rows), temperature=0.0, stop_at_eos=False)
+    spec = DecodeSpec(stop_at_eos=False, prompt_group_size=0)  # one context group, as these numbers always had
+    new = generate(cfg, params, prompts, max(n for _, _, n in rows), spec).new
     return [tok.decode(new[r, :n].tolist()) for r, (_, _, n) in enumerate(rows)]
 
 
@@ -404,8 +405,10 @@ def parallel_section(cfg, params, tok, items, group_sizes, gen_prompts: int, gen
     for name, fkw, gkw in settings:
         t0 = time.time()
         (fills, res, _, _), secs = _timed(lambda: a3_fill(cfg, params, tok, items, **fkw))
-        (new, gres), gsecs = _timed(lambda: generate(cfg, params, prompts, gen_tokens, temperature=0.0,
-                                                     stop_at_eos=False, return_info=True, seed=0, **gkw))
+        # the prompt as one group, the layout these numbers have always been measured with
+        gres, gsecs = _timed(lambda: generate(cfg, params, prompts, gen_tokens, DecodeSpec(
+            stop_at_eos=False, prompt_group_size=0, **gkw), SamplingParams(seed=0)))
+        new = gres.new
         rows = [(np.asarray(p + new[r].tolist()), np.arange(len(p) + gen_tokens, dtype=np.int32),
                  np.arange(len(p) + gen_tokens) >= len(p)) for r, p in enumerate(prompts)]
         ll = sum(v for v, _ in score_rows(cfg, params, rows, pad_id=tok.pad_id))

@@ -1,11 +1,11 @@
-"""Exact log-likelihood of any grouping in one forward pass (docs/method.md), and `a3jax score`.
+"""Exact log-likelihood of any grouping in one forward pass (docs/method.md).
 
     log P(x) = sum_k sum_{i in G_k} log p(x_i | x_{G_1..G_{k-1}})
 
 Every conditional is the query-stream prediction at i (it sees exactly the earlier groups), so one
 forward pass with the grouping's ids gives all of them; `log_likelihood` sums them over the target,
 non-padding positions. `score_rows` is the batched scorer of (ids, groups, target) rows that
-`score_texts`, `a3jax score` and the evaluation tasks (a3jax.eval) share.
+`score_texts`, the Engine (a3jax.decode.engine: `a3jax score`) and the evaluation tasks (a3jax.eval) share.
 
 Per objective (model.objective, from the checkpoint; its entry's `scorer` in a3jax.objectives):
 'query' (a3) scores any grouping exactly; 'content' (ar, a plain causal LM) scores left to right only,
@@ -19,21 +19,16 @@ only, so the rows' groups must be AR (strictly increasing).
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a3jax import fs, objectives
-from a3jax.checkpoint import load_params
+from a3jax import objectives
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
-from a3jax.data.tokenizers import load_tokenizer
 from a3jax.model import InputError, apply_model, default_layout, diffusion, validate_inputs
 
 MDLM_SAMPLES = 32  # Monte-Carlo maskings per row when score_rows scores an mdlm model
@@ -271,59 +266,3 @@ def score_texts(cfg: ModelConfig, params, tokenizer, texts, strategy: str = "ar"
         out.append(dict(index=i, tokens=n, log_likelihood=v, nll_per_token=-v / max(n, 1),
                         ppl=math.exp(min(-v / max(n, 1), 700.0)), bits_per_byte=-v / math.log(2) / nbytes))
     return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _read_texts(args) -> list[str]:
-    texts = list(args.text or [])
-    for path in args.file or []:
-        content = fs.read_text(path)  # local or gs://
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(content.splitlines(), 1):
-                if line.strip():
-                    obj = json.loads(line)
-                    if args.field not in obj:
-                        raise ScoreError(f"{path}:{n}: no field {args.field!r}")
-                    texts.append(obj[args.field])
-        else:
-            texts.append(content)
-    return texts
-
-
-def cli_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="a3jax score", description="Exact log-likelihood of texts under a "
-                                 "grouping (one forward pass each batch).")
-    ap.add_argument("--ckpt", required=True, help="params checkpoint directory")
-    ap.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json / model dir")
-    ap.add_argument("--text", action="append", help="text to score (repeatable)")
-    ap.add_argument("--file", action="append", help=".txt (whole file = one text) or .jsonl (one text per line)")
-    ap.add_argument("--field", default="text", help="jsonl field holding the text")
-    ap.add_argument("--order", default="ar", help="grouping strategy: ar | blocks:k | random:k | ... (a3jax.data.grouping)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of random groupings")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = ap.parse_args(argv)
-    try:
-        texts = _read_texts(args)
-        if not texts:
-            ap.error("give --text or --file")
-        tok = load_tokenizer(args.tokenizer)
-        cfg, params = load_params(args.ckpt)
-        rows = score_texts(cfg, params, tok, texts, args.order, args.seed, batch_size=args.batch_size)
-    except (ScoreError, ValueError, FileNotFoundError) as e:
-        print(f"a3jax score: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(dict(order=args.order, results=rows), indent=2))
-    else:
-        print(f"{'#':>3} {'tokens':>7} {'log-lik':>12} {'nll/tok':>8} {'ppl':>10} {'bits/byte':>9}")
-        for r in rows:
-            print(f"{r['index']:>3} {r['tokens']:>7} {r['log_likelihood']:>12.3f} {r['nll_per_token']:>8.4f} "
-                  f"{r['ppl']:>10.3f} {r['bits_per_byte']:>9.4f}")
-        tot = sum(r["log_likelihood"] for r in rows)
-        n = sum(r["tokens"] for r in rows)
-        print(f"total: {n} tokens, log-lik {tot:.3f}, ppl {math.exp(min(-tot / max(n, 1), 700.0)):.3f} "
-              f"(order {args.order})")
-    return 0

@@ -54,7 +54,7 @@ from a3jax.checkpoint import save_params  # noqa: E402
 from a3jax.config import load_config  # noqa: E402
 from a3jax.data import load_tokenizer, make_eval_batches  # noqa: E402
 from a3jax.data.sources import SkipStats, iter_documents  # noqa: E402
-from a3jax.decode import generate  # noqa: E402
+from a3jax.decode import DecodeSpec, SamplingParams, generate  # noqa: E402
 from a3jax.demo import final_params, heldout_functions, infill_report  # noqa: E402
 from a3jax.model import param_count, query_embed_init  # noqa: E402
 from a3jax.score import log_likelihood, nelbo  # noqa: E402
@@ -173,7 +173,8 @@ def gen_report(arm, settings, prompts, tok, scorer, gen):
     seqs = [[tok.bos_id] + list(tok.encode(p)) for p in prompts]
     out = {}
     for label, kw, calls in settings:
-        run = lambda: generate(cfg, params, seqs, gen, temperature=1.0, seed=0, stop_at_eos=False, **kw)  # noqa: E731
+        run = lambda: generate(cfg, params, seqs, gen, DecodeSpec(stop_at_eos=False, **kw),  # noqa: E731
+                               SamplingParams(temperature=1.0, seed=0)).new
         run()  # compile
         t0 = time.perf_counter()
         new = run()

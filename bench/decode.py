@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax.config import ModelConfig  # noqa: E402
-from a3jax.decode import DYNAMIC_ORDERS, generate, infill  # noqa: E402
+from a3jax.decode import DYNAMIC_ORDERS, DecodeSpec, SamplingParams, generate, infill  # noqa: E402
 from a3jax.model import numpy_init  # noqa: E402
 from a3jax.score import log_likelihood  # noqa: E402
 
@@ -79,10 +79,10 @@ def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0
         for k in ks:
             settings += [("speculative", k, dict(speculative=k)), ("group-wise", k, dict(group_size=k))]
         for method, k, kw in settings:
-            run = lambda: generate(cfg, params, prompts, n_new, temperature=temp, seed=seed, stop_at_eos=False,
-                                   independent_rows=True, return_info=True, **kw)
+            run = lambda: generate(cfg, params, prompts, n_new, DecodeSpec(stop_at_eos=False, **kw),
+                                   SamplingParams(temperature=temp, seed=seed, independent_rows=True))
             timed(run)  # compile
-            sec, (_, info) = timed(run, repeat=2)
+            sec, info = timed(run, repeat=2)
             new_steps = info.step[:, prompt_len:prompt_len + n_new]
             passes = new_steps.max(axis=1) + 1  # per row: the pass that committed its last token, + 1
             verify = np.array([len(np.unique(r)) for r in new_steps])  # passes that committed anything
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
                 tokens = np.random.default_rng(n).integers(0, 256, (1, t)).astype(np.int32)
                 known = (np.arange(t) < args.prompt)[None]
                 for k in args.group_sizes:
-                    run = lambda **kw: infill(CFG, params, tokens, known, order=order, group_size=k,
-                                              window=window or None, return_info=True, **kw)
+                    run = lambda **kw: infill(CFG, params, tokens, known, DecodeSpec(
+                        order=order, group_size=k, window=window or None, **kw))
                     run(max_steps=1)  # compile (max_steps is a traced value: same program)
                     cached_s, res = timed(lambda: run(), repeat=args.repeat)
                     one_s, same_one = None, None

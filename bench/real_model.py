@@ -5,7 +5,7 @@ and content-stream greedy decoding speed, a3jax vs transformers, in one run on t
 
 Conversion: `a3jax convert gguf-to-a3` in a fresh subprocess (peak RSS from getrusage(RUSAGE_CHILDREN)),
 and `from_gguf` under tracemalloc in another (the numpy allocations' peak, against the fp32 weights and
-the largest tensor). Decoding: the same prompt batch, greedy, no EOS stop, `generate(stream="content")`
+the largest tensor). Decoding: the same prompt batch, greedy, no EOS stop, `generate` with `DecodeSpec(stream="content")`
 (KV cache, layers scanned) vs transformers' `generate` on its own GGUF loading (KV cache, fp32), each
 timed after one warm-up call; tokens/s = batch x new tokens / seconds. Both use every CPU thread.
 """
@@ -72,7 +72,7 @@ def decode(gguf: str, ckpt: str, batches, new_tokens: int) -> list[dict]:
 
     from a3jax.checkpoint import load_params
     from a3jax.data.tokenizers import load_tokenizer
-    from a3jax.decode import generate
+    from a3jax.decode import DecodeSpec, generate
 
     tok = load_tokenizer(ckpt)
     cfg, params = load_params(ckpt)
@@ -85,7 +85,7 @@ def decode(gguf: str, ckpt: str, batches, new_tokens: int) -> list[dict]:
         seqs = [ids] * b
 
         def ours():
-            return generate(cfg, params, seqs, new_tokens, stream="content", stop_at_eos=False)
+            return generate(cfg, params, seqs, new_tokens, DecodeSpec(stream="content", stop_at_eos=False)).new
 
         def theirs():
             with torch.no_grad():

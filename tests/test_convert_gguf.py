@@ -17,7 +17,7 @@ from a3jax.convert.cli import cli_main
 from a3jax.convert.gguf_io import GGUFFile
 from a3jax.convert.hf import hf_tensors_of
 from a3jax.data.tokenizers import load_tokenizer
-from a3jax.decode import DecodeError, generate
+from a3jax.decode import DecodeError, DecodeSpec, generate
 from a3jax.decode.cli import generate_main
 from a3jax.eval.cli import cli_main as eval_main
 from a3jax.model import forward
@@ -169,13 +169,13 @@ def test_cli_gguf_to_a3_then_base_model_generation_and_evaluation(tmp_path, caps
     assert "already exists" in capsys.readouterr().err
     cfg, params = load_params(str(ckpt))
     tok = load_tokenizer(str(ckpt))
-    # generate --stream content = generate(stream="content") = greedy decoding of the source HF model
+    # generate --stream content = DecodeSpec(stream="content") = greedy decoding of the source HF model
     prompt = "the cat"
     assert generate_main(["--ckpt", str(ckpt), "--prompt", prompt, "--stream", "content", "--max-new-tokens", "6",
                           "--no-eos", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["results"][0]["completion"]
     ids = [tok.bos_id] + tok.encode(prompt)  # this vocabulary adds BOS (add_bos_token true)
-    new = generate(cfg, params, [ids], 6, stream="content", stop_at_eos=False)[0]
+    new = generate(cfg, params, [ids], 6, DecodeSpec(stop_at_eos=False, stream="content")).new[0]
     with torch.no_grad():
         want = model.generate(torch.as_tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):].tolist()
@@ -184,7 +184,7 @@ def test_cli_gguf_to_a3_then_base_model_generation_and_evaluation(tmp_path, caps
     assert generate_main(["--ckpt", str(ckpt), "--prompt", prompt, "--stream", "content", "--order", "random"]) == 2
     assert "--order does not apply" in capsys.readouterr().err
     with pytest.raises(DecodeError, match="group_size=2 does not apply"):
-        generate(cfg, params, [ids], 4, stream="content", group_size=2)
+        generate(cfg, params, [ids], 4, DecodeSpec(group_size=2, stream="content"))
     # eval --stream content: perplexity = the source model's causal log-likelihood
     text = "hello world the cat"
     task = tmp_path / "ppl.jsonl"

@@ -4,7 +4,7 @@ known tokens kept, batch == rows, reference semantics, sampling determinism, EOS
 import numpy as np
 import pytest
 
-from a3jax.decode import DecodeError, generate, infill
+from a3jax.decode import DecodeError, DecodeSpec, SamplingParams, generate, infill
 from a3jax.model import forward
 from a3jax.score import log_likelihood
 from test_decode_common import batch, tiny
@@ -42,9 +42,9 @@ def _check_same(a, b, tokens, known):
 def test_cached_equals_uncached(order):
     cfg, params = tiny()
     tokens, known = batch()
-    kw = dict(order=_order(order, known), group_size=2, return_info=True)
-    a = infill(cfg, params, tokens, known, use_cache=True, **kw)
-    b = infill(cfg, params, tokens, known, use_cache=False, **kw)
+    kw = dict(order=_order(order, known), group_size=2)
+    a = infill(cfg, params, tokens, known, DecodeSpec(use_cache=True, **kw))
+    b = infill(cfg, params, tokens, known, DecodeSpec(use_cache=False, **kw))
     _check_same(a, b, tokens, known)
     assert a.num_steps == 5  # 9 blanks, 2 per step
     # each step commits at most 2 blanks per row
@@ -56,9 +56,9 @@ def test_cached_equals_uncached(order):
 def test_cached_equals_uncached_threshold(threshold):
     cfg, params = tiny()
     tokens, known = batch()
-    kw = dict(order="confidence", threshold=threshold, return_info=True)
-    a = infill(cfg, params, tokens, known, use_cache=True, **kw)
-    b = infill(cfg, params, tokens, known, use_cache=False, **kw)
+    kw = dict(order="confidence", threshold=threshold)
+    a = infill(cfg, params, tokens, known, DecodeSpec(use_cache=True, **kw))
+    b = infill(cfg, params, tokens, known, DecodeSpec(use_cache=False, **kw))
     _check_same(a, b, tokens, known)
     if threshold > 0.99:  # nothing is that confident: exactly one commit per step
         assert a.num_steps == 9
@@ -71,7 +71,7 @@ def test_matches_naive_loop_over_forward():
     the blanks of step s in group s + 1, greedy at the blanks of the next step."""
     cfg, params = tiny()
     tokens, known = batch(seed=3)
-    out = infill(cfg, params, tokens, known, order="left_to_right", group_size=2)
+    out = infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", group_size=2)).tokens
     cur = tokens.copy()
     for r in range(3):
         groups = np.where(known[r], 0, 10_000)[None]
@@ -93,8 +93,7 @@ def test_teacher_forced_logprobs_equal_log_likelihood():
         tokens, known = batch(seed=seed)
         user = _user_grouping(known, seed=seed + 10, size=2)
         chunk = None if seed % 2 == 0 else 3
-        res = infill(cfg, params, tokens, known, order=user, teacher_forcing=True, prompt_group_size=chunk,
-                     return_info=True)
+        res = infill(cfg, params, tokens, known, DecodeSpec(order=user, prompt_group_size=chunk, teacher_forcing=True))
         np.testing.assert_array_equal(res.tokens, tokens)  # forced: nothing changes
         # the same grouping as score input: context groups first, then the user's groups in order
         if chunk is None:
@@ -112,25 +111,25 @@ def test_teacher_forced_logprobs_equal_log_likelihood():
 def test_batch_equals_rows_one_by_one():
     cfg, params = tiny()
     tokens, known = batch(seed=5)
-    for kw in (dict(order="random", group_size=2, temperature=0.9, top_p=0.95, seed=7),
-               dict(order="confidence", group_size=2)):
-        full = infill(cfg, params, tokens, known, **kw)
+    for spec, sp in ((DecodeSpec(order="random", group_size=2), SamplingParams(temperature=0.9, top_p=0.95, seed=7)),
+                     (DecodeSpec(order="confidence", group_size=2), None)):
+        full = infill(cfg, params, tokens, known, spec, sp).tokens
         for r in range(3):
-            one = infill(cfg, params, tokens[r:r + 1], known[r:r + 1], **kw)
+            one = infill(cfg, params, tokens[r:r + 1], known[r:r + 1], spec, sp).tokens
             np.testing.assert_array_equal(one[0], full[r])
 
 
 def test_sampling_deterministic_given_seed():
     cfg, params = tiny()
     tokens, known = batch(seed=5)
-    kw = dict(order="random", group_size=2, temperature=0.9, top_p=0.95)
-    a = infill(cfg, params, tokens, known, seed=7, **kw)
-    b = infill(cfg, params, tokens, known, seed=7, **kw)
-    c = infill(cfg, params, tokens, known, seed=8, **kw)
+    spec = DecodeSpec(order="random", group_size=2)
+    a = infill(cfg, params, tokens, known, spec, SamplingParams(temperature=0.9, top_p=0.95, seed=7)).tokens
+    b = infill(cfg, params, tokens, known, spec, SamplingParams(temperature=0.9, top_p=0.95, seed=7)).tokens
+    c = infill(cfg, params, tokens, known, spec, SamplingParams(temperature=0.9, top_p=0.95, seed=8)).tokens
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     np.testing.assert_array_equal(a[known], tokens[known])
-    greedy = infill(cfg, params, tokens, known, order="random", group_size=2, seed=7)
+    greedy = infill(cfg, params, tokens, known, DecodeSpec(order="random", group_size=2), SamplingParams(seed=7)).tokens
     assert (a != greedy).any()  # temperature really samples
 
 
@@ -144,22 +143,18 @@ def test_padding_rows_of_different_lengths():
     known[1, :14] = known[0, :14]
     if known[1, :14].all():
         known[1, 5] = False
-    full = infill(cfg, params, tokens, known, valid=valid, order="left_to_right", group_size=2)
-    one = infill(cfg, params, tokens[1:, :14], known[1:, :14], order="left_to_right", group_size=2)
+    full = infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", group_size=2), valid=valid).tokens
+    one = infill(cfg, params, tokens[1:, :14], known[1:, :14], DecodeSpec(order="left_to_right", group_size=2)).tokens
     np.testing.assert_array_equal(full[1, :14], one[0])
     np.testing.assert_array_equal(full[1, 14:], tokens[1, 14:])  # padding untouched
 
 
 def test_reference_mode_matches_reference_loop():
     """mode='reference': committed tokens (known or generated) form one group 0, blanks group 1,
-    recomputed each step; dynamic confidence commits the most confident blank. 'official' is its
-    alias and warns."""
+    recomputed each step; dynamic confidence commits the most confident blank."""
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=11)
-    out = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="reference")
-    with pytest.warns(FutureWarning, match="mode='reference'"):
-        alias = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="official")
-    np.testing.assert_array_equal(alias, out)
+    out = infill(cfg, params, tokens, known, DecodeSpec(order="confidence", group_size=1, mode="reference")).tokens
     cur, filled = tokens.copy(), known.copy()
     for _ in range(9):
         logits = np.asarray(forward(cfg, params, cur, groups=np.where(filled, 0, 1)))[0]
@@ -179,8 +174,9 @@ def test_generate_plain_ar_cached_equals_uncached_and_infill():
     """generate = left-to-right infill of the positions after each (ragged) prompt; group_size 1 is
     plain AR, cached == uncached."""
     cfg, params = tiny()
-    a, ia = generate(cfg, params, PROMPTS, 8, stop_at_eos=False, return_info=True)
-    b, ib = generate(cfg, params, PROMPTS, 8, stop_at_eos=False, use_cache=False, return_info=True)
+    ia = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False))
+    ib = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False, use_cache=False))
+    a, b = ia.new, ib.new
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(ia.logprobs, ib.logprobs, atol=1e-4)
     assert ia.num_steps == 8
@@ -189,17 +185,18 @@ def test_generate_plain_ar_cached_equals_uncached_and_infill():
     for r, p in enumerate(PROMPTS):
         tokens[r, :len(p)], known[r, :len(p)] = p, True
     valid = np.arange(12)[None] < np.array([len(p) + 8 for p in PROMPTS])[:, None]
-    filled = infill(cfg, params, tokens, known, valid=valid, order="left_to_right", group_size=1)
+    filled = infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", group_size=1), valid=valid).tokens
     for r, p in enumerate(PROMPTS):
         np.testing.assert_array_equal(a[r], filled[r, len(p):len(p) + 8])
 
 
 def test_generate_eos_ends_a_row():
     cfg, params = tiny()
-    free = generate(cfg, params, PROMPTS, 8, stop_at_eos=False)
+    free = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False)).new
     # call the token row 0 generates at new position 3 the EOS: row 0 must stop right there
     eos = int(free[0, 3])
-    out, info = generate(cfg, params, PROMPTS, 8, eos_token_id=eos, return_info=True)
+    info = generate(cfg, params, PROMPTS, 8, DecodeSpec(eos_id=eos))
+    out = info.new
     for r in range(3):
         hits = np.flatnonzero(free[r] == eos)
         if len(hits):
@@ -226,13 +223,13 @@ def test_bad_input_errors():
     with pytest.raises(DecodeError, match="known has shape"):
         infill(cfg, params, tokens, known[:, :5])
     with pytest.raises(DecodeError, match="unknown order 'sideways'"):
-        infill(cfg, params, tokens, known, order="sideways")
+        infill(cfg, params, tokens, known, DecodeSpec(order="sideways"))
     with pytest.raises(DecodeError, match="group_size"):
-        infill(cfg, params, tokens, known, group_size=0)
-    with pytest.raises(DecodeError, match="threshold applies"):
-        infill(cfg, params, tokens, known, order="left_to_right", threshold=0.5)
+        infill(cfg, params, tokens, known, DecodeSpec(group_size=0))
+    with pytest.raises(DecodeError, match="threshold=0.5 applies"):
+        infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", threshold=0.5))
     with pytest.raises(DecodeError, match="mode"):
-        infill(cfg, params, tokens, known, mode="diffusion")
+        infill(cfg, params, tokens, known, DecodeSpec(mode="diffusion"))
     with pytest.raises(DecodeError, match="outside"):
         infill(cfg, params, tokens + 100, known)
     long = np.zeros((1, 200), np.int32)
@@ -243,4 +240,4 @@ def test_bad_input_errors():
     with pytest.raises(DecodeError, match="empty"):
         generate(cfg, params, [[60], []], 4)
     with pytest.raises(DecodeError, match="user grouping has shape"):
-        infill(cfg, params, tokens, known, order=np.zeros((3, 7), np.int64))
+        infill(cfg, params, tokens, known, DecodeSpec(order=np.zeros((3, 7), np.int64)))

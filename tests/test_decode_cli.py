@@ -7,6 +7,7 @@ import pytest
 from a3jax.cli import main
 from a3jax.decode import cli as dcli
 from a3jax.data.tokenizers import load_tokenizer
+from a3jax.decode.text import parse_masked, render
 from test_decode_common import TINY_BYTE, tiny
 
 
@@ -33,12 +34,12 @@ def test_infill_cli_keeps_context_and_fills_blank(ckpt, capsys):
     assert obj["steps"] == 3 and len(obj["blanks"]) == 1
     assert obj["text"] == out[:len(obj["text"])]
     # the CLI is the Python API: same tokens as infill() on the parsed ids
-    from a3jax.decode import infill
+    from a3jax.decode import DecodeSpec, infill
     tok = load_tokenizer("byte")
-    ids, known, spans = dcli.parse_masked(dcli.unescape(TEXT), tok)
+    ids, known, spans = parse_masked(dcli.unescape(TEXT), tok)
     assert spans == [(20, 26)] and ids[0] == tok.bos_id and (ids[~known] == tok.mask_id).all()
     cfg, params = tiny(TINY_BYTE)
-    filled = infill(cfg, params, ids[None], known[None], order="confidence", group_size=2)[0]
+    filled = infill(cfg, params, ids[None], known[None], DecodeSpec(order="confidence", group_size=2)).tokens[0]
     assert obj["blanks"][0] == tok.decode(filled[20:26])
 
 
@@ -74,10 +75,11 @@ def test_unescape_and_parse():
     assert dcli.unescape(r"a\nb\tc\\n") == "a\nb\tc\\n"
     tok = load_tokenizer("byte")
     with pytest.raises(ValueError, match="at least one"):
-        dcli.parse_masked("x [MASK:0]", tok)
-    ids, known, spans = dcli.parse_masked("[MASK:2]ab[MASK:1]", tok)
+        parse_masked("x [MASK:0]", tok)
+    ids, known, spans = parse_masked("[MASK:2]ab[MASK:1]", tok)
     assert spans == [(1, 3), (5, 6)] and list(known) == [True, False, False, True, True, False]
-    assert dcli.render(tok, np.array([256, 104, 105, 97, 98, 33]), spans, False) == "hiab!"
+    assert render(tok, np.array([256, 104, 105, 97, 98, 33]), spans) == "hiab!"
+    assert render(tok, np.array([256, 104, 105, 97, 98, 33]), spans, ("<", ">")) == "<hi>ab<!>"
 
 
 def test_speculative_cli(ckpt, capsys):
@@ -96,7 +98,7 @@ def test_speculative_cli(ckpt, capsys):
 
 def test_window_num_samples_and_mode_cli(ckpt, capsys):
     """--window, --num-samples and --mode reference are the API's window=, num_samples=, mode=."""
-    from a3jax.decode import generate
+    from a3jax.decode import DecodeSpec, SamplingParams, generate
     args = ["generate", "--ckpt", ckpt, "--prompt", "Hi", "--prompt", "Yo", "--max-new-tokens", "6", "--json",
             "--no-eos", "--order", "confidence", "--window", "3", "--temperature", "1.0", "--seed", "2",
             "--num-samples", "3"]
@@ -105,11 +107,12 @@ def test_window_num_samples_and_mode_cli(ckpt, capsys):
     assert [(r["prompt"], r["sample"]) for r in res] == [(p, i) for p in ("Hi", "Yo") for i in range(3)]
     cfg, params = tiny(TINY_BYTE)
     tok = load_tokenizer("byte")
-    new = generate(cfg, params, [[tok.bos_id] + list(tok.encode(p)) for p in ("Hi", "Yo")], 6, order="confidence",
-                   window=3, temperature=1.0, seed=2, num_samples=3, stop_at_eos=False)
+    new = generate(cfg, params, [[tok.bos_id] + list(tok.encode(p)) for p in ("Hi", "Yo")], 6,
+                   DecodeSpec(order="confidence", window=3, stop_at_eos=False),
+                   SamplingParams(temperature=1.0, seed=2, num_samples=3)).new
     assert [r["completion"] for r in res] == [tok.decode([int(x) for x in row if x not in (tok.pad_id, tok.eos_id)])
                                               for row in new]
     assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--mode", "reference", "--order", "left_to_right"]) == 2
     assert "mode='a3'" in capsys.readouterr().err
     assert main(["generate", "--ckpt", ckpt, "--prompt", "Hi", "--window", "2", "--order", "left_to_right"]) == 2
-    assert "window applies to the dynamic orders" in capsys.readouterr().err
+    assert "window=2 applies to the dynamic orders" in capsys.readouterr().err

@@ -1,10 +1,10 @@
-"""Base-model decoding (generate(stream="content")) on the tiny random model: greedy = the argmax of
+"""Base-model decoding (generate with DecodeSpec(stream="content")) on the tiny random model: greedy = the argmax of
 the causal content-stream forward at every step, cached = uncached, ragged batch = rows alone, EOS,
 sampling determinism, and the options that do not apply are refused."""
 import numpy as np
 import pytest
 
-from a3jax.decode import DecodeError, generate
+from a3jax.decode import DecodeError, DecodeSpec, SamplingParams, generate
 from a3jax.model import forward
 from test_decode_common import TINY, tiny
 
@@ -24,12 +24,13 @@ def _greedy_by_forward(cfg, params, prompt, n):
 
 def test_greedy_equals_stepwise_argmax_cached_and_uncached_ragged():
     cfg, params = tiny()
-    new, res = generate(cfg, params, PROMPTS, 8, stream="content", stop_at_eos=False, return_info=True)
-    unc = generate(cfg, params, PROMPTS, 8, stream="content", stop_at_eos=False, use_cache=False)
+    res = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False, stream="content"))
+    new = res.new
+    unc = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False, stream="content", use_cache=False)).new
     np.testing.assert_array_equal(new, unc)
     for r, p in enumerate(PROMPTS):
         assert new[r].tolist() == _greedy_by_forward(cfg, params, p, 8), r
-        alone = generate(cfg, params, [p], 8, stream="content", stop_at_eos=False)
+        alone = generate(cfg, params, [p], 8, DecodeSpec(stop_at_eos=False, stream="content")).new
         np.testing.assert_array_equal(alone[0], new[r])
         # the buffer: prompt kept, new tokens right after it with their steps and log-probs
         assert res.tokens[r, :len(p)].tolist() == p
@@ -40,9 +41,9 @@ def test_greedy_equals_stepwise_argmax_cached_and_uncached_ragged():
 
 def test_eos_stops_a_row_and_pads_after_it():
     cfg, params = tiny()
-    full = generate(cfg, params, PROMPTS, 8, stream="content", stop_at_eos=False)
+    full = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False, stream="content")).new
     stop = int(full[0, 2])  # make the third token of row 0 the stop token
-    new = generate(cfg, params, PROMPTS, 8, stream="content", eos_token_id=stop)
+    new = generate(cfg, params, PROMPTS, 8, DecodeSpec(eos_id=stop, stream="content")).new
     for r in range(len(PROMPTS)):
         hits = np.flatnonzero(full[r] == stop)
         if len(hits):
@@ -55,17 +56,19 @@ def test_eos_stops_a_row_and_pads_after_it():
 
 def test_sampling_is_deterministic_given_the_seed_and_options_are_checked():
     cfg, params = tiny()
-    a = generate(cfg, params, PROMPTS, 6, stream="content", temperature=1.0, seed=3, stop_at_eos=False)
-    b = generate(cfg, params, PROMPTS, 6, stream="content", temperature=1.0, seed=3, stop_at_eos=False)
-    c = generate(cfg, params, PROMPTS, 6, stream="content", temperature=1.0, seed=4, stop_at_eos=False)
+    spec = DecodeSpec(stop_at_eos=False, stream="content")
+    a = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=3)).new
+    b = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=3)).new
+    c = generate(cfg, params, PROMPTS, 6, spec, SamplingParams(temperature=1.0, seed=4)).new
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     for kw, name in [({"order": "random"}, "order"), ({"group_size": 2}, "group_size"),
-                     ({"threshold": 0.5}, "threshold"), ({"mode": "official"}, "mode"),
+                     ({"threshold": 0.5, "order": "confidence"}, "threshold"),
+                     ({"mode": "reference", "order": "confidence"}, "mode"),
                      ({"prompt_group_size": 2}, "prompt_group_size")]:
         with pytest.raises(DecodeError, match=f"{name}=.* does not apply"):
-            generate(cfg, params, PROMPTS, 4, stream="content", **kw)
+            generate(cfg, params, PROMPTS, 4, DecodeSpec(stream="content", **kw))
     with pytest.raises(DecodeError, match="stream must be one of"):
-        generate(cfg, params, PROMPTS, 4, stream="both")
+        generate(cfg, params, PROMPTS, 4, DecodeSpec(stream="both"))
     with pytest.raises(DecodeError, match="outside"):
-        generate(cfg, params, [[60, 99]], 4, stream="content")
+        generate(cfg, params, [[60, 99]], 4, DecodeSpec(stream="content"))

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from a3jax.config import ModelConfig
-from a3jax.decode import DecodeError, generate, infill
+from a3jax.decode import DecodeError, DecodeSpec, SamplingParams, generate, infill
 from a3jax.decode import orders
 from a3jax.model import forward, numpy_init
 from a3jax.score import log_likelihood
@@ -91,16 +91,16 @@ def test_generate_eos_matches_the_brute_force_reference_loop():
     until they are filled (ending it there would leave holes), as the reference does."""
     cfg, params = tiny()
     n = 10
-    free, info = generate(cfg, params, PROMPTS, n, order="confidence", mode="reference", stop_at_eos=False,
-                          return_info=True)
+    info = generate(cfg, params, PROMPTS, n, DecodeSpec(order="confidence", stop_at_eos=False, mode="reference"))
+    free = info.new
     # the EOS: row 0's token committed at step 1, at a position with an open blank before it
     lens = np.array([len(p) for p in PROMPTS])
     step0 = info.step[0, lens[0]:lens[0] + n]
     j = int(np.flatnonzero(step0 == 1)[0])
     assert (step0[:j] > 1).any(), "the chosen EOS must have a hole before it when it is committed"
     eos = int(free[0, j])
-    out, res = generate(cfg, params, PROMPTS, n, order="confidence", mode="reference", eos_token_id=eos,
-                        return_info=True)
+    res = generate(cfg, params, PROMPTS, n, DecodeSpec(order="confidence", eos_id=eos, mode="reference"))
+    out = res.new
     t = int(lens.max()) + n
     tokens = np.full((2, t), cfg.pad_token_id)
     known = np.zeros((2, t), bool)
@@ -121,21 +121,23 @@ def test_generate_eos_matches_the_brute_force_reference_loop():
     assert res.step[0].max() > 1  # ending at the EOS would stop row 0 at step 1
 
 
-@pytest.mark.parametrize("kw", [dict(order="confidence", group_size=2), dict(order="random", group_size=2, seed=4),
-                                dict(order="random", speculative=2, seed=4)])
-def test_eos_rule_for_fixed_dynamic_and_speculative(kw):
+@pytest.mark.parametrize("kw,seed", [(dict(order="confidence", group_size=2), 0), (dict(order="random", group_size=2), 4),
+                                     (dict(order="random", speculative=2), 4)])
+def test_eos_rule_for_fixed_dynamic_and_speculative(kw, seed):
     """A3 decoding with EOS = the free run cut at the first step where the row's first committed EOS
     has every blank before it filled; blanks after it are padding with step -1."""
     cfg, params = tiny()
     n = 10
     lens = np.array([len(p) for p in PROMPTS])
-    free, fi = generate(cfg, params, PROMPTS, n, stop_at_eos=False, return_info=True, **kw)
+    fi = generate(cfg, params, PROMPTS, n, DecodeSpec(stop_at_eos=False, **kw), SamplingParams(seed=seed))
+    free = fi.new
     # the EOS: row 0's earliest commit that has an open blank before it when it is committed
     s0 = fi.step[0, lens[0]:lens[0] + n]
     cands = [j for j in range(n) if (s0[:j] > s0[j]).any()]
     assert cands
     eos = int(free[0, min(cands, key=lambda j: s0[j])])
-    out, res = generate(cfg, params, PROMPTS, n, eos_token_id=eos, return_info=True, **kw)
+    res = generate(cfg, params, PROMPTS, n, DecodeSpec(eos_id=eos, **kw), SamplingParams(seed=seed))
+    out = res.new
     for r in range(2):
         new = free[r]
         steps = fi.step[r, lens[r]:lens[r] + n]
@@ -170,16 +172,16 @@ def test_every_order_window_and_phase_split_cached_equals_uncached():
     tokens, known = _rows()
     assert orders.phase_widths(20, 32, 8, 2) == (32, 16)  # the split really happens
     for name in DYNAMIC:
-        kw = dict(order=name, group_size=2, return_info=True)
-        a = infill(cfg, params, tokens, known, **kw)
+        kw = dict(order=name, group_size=2)
+        a = infill(cfg, params, tokens, known, DecodeSpec(**kw))
         for other in (dict(use_cache=False), dict(phases=1)):
-            b = infill(cfg, params, tokens, known, **kw, **other)
+            b = infill(cfg, params, tokens, known, DecodeSpec(**kw, **other))
             np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=f"{name} {other}")
             np.testing.assert_array_equal(a.step, b.step, err_msg=f"{name} {other}")
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     for kw in (dict(order="confidence", group_size=2, window=8), dict(order="margin", threshold=0.3)):
-        a = infill(cfg, params, tokens, known, return_info=True, **kw)
-        b = infill(cfg, params, tokens, known, return_info=True, use_cache=False, **kw)
+        a = infill(cfg, params, tokens, known, DecodeSpec(**kw))
+        b = infill(cfg, params, tokens, known, DecodeSpec(use_cache=False, **kw))
         np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=str(kw))
         np.testing.assert_array_equal(a.step, b.step, err_msg=str(kw))
         assert (a.step[~known] >= 0).all()
@@ -193,7 +195,7 @@ def test_window_never_commits_outside_its_range(kw):
     cfg, params = tiny()
     tokens, known = _rows()
     w = kw["window"]
-    res = infill(cfg, params, tokens, known, return_info=True, **kw)
+    res = infill(cfg, params, tokens, known, DecodeSpec(**kw))
     blank = ~known
     for r in range(len(tokens)):
         assert (res.step[r][blank[r]] >= 0).all()
@@ -201,7 +203,7 @@ def test_window_never_commits_outside_its_range(kw):
             open_before = np.flatnonzero(blank[r] & ((res.step[r] >= s) | (res.step[r] < 0)))
             now = np.flatnonzero(res.step[r] == s)
             assert set(now) <= set(open_before[:w]), (r, s, now, open_before[:w])
-    free = infill(cfg, params, tokens, known, return_info=True, **{k: v for k, v in kw.items() if k != "window"})
+    free = infill(cfg, params, tokens, known, DecodeSpec(**{k: v for k, v in kw.items() if k != "window"}))
     assert (free.step != res.step).any()
 
 
@@ -212,8 +214,9 @@ def test_dynamic_scores_come_from_the_sampling_distribution():
     cfg, params = tiny()
     tokens, known = _rows(seed=21)
     valid = np.ones_like(known)
-    res = infill(cfg, params, tokens, known, order="confidence", group_size=1, mode="reference", temperature=0.5,
-                 top_k=2, teacher_forcing=True, return_info=True)
+    res = infill(cfg, params, tokens, known,
+                 DecodeSpec(order="confidence", group_size=1, mode="reference", teacher_forcing=True),
+                 SamplingParams(temperature=0.5, top_k=2))
     _, want = _reference_dynamic(cfg, params, tokens, known, valid, -1, temperature=0.5, top_k=2, forced=tokens)
     _, raw = _reference_dynamic(cfg, params, tokens, known, valid, -1, forced=tokens)
     np.testing.assert_array_equal(res.step, want)
@@ -232,7 +235,7 @@ def test_a3_mode_with_a_grouping_is_generate_two_stream():
     for g in np.unique(group_ids[group_ids > 0]):
         logits = np.asarray(forward(cfg, params, cur, groups=group_ids))
         cur = np.where(group_ids == g, logits.argmax(-1), cur)
-    out = infill(cfg, params, tokens, known, order=group_ids, mode="a3")
+    out = infill(cfg, params, tokens, known, DecodeSpec(order=group_ids, mode="a3")).tokens
     np.testing.assert_array_equal(out, cur)
 
 
@@ -244,27 +247,27 @@ def test_mode_and_option_errors():
     tokens, known = _rows()
     for order in ("left_to_right", "random", np.arange(24)):
         with pytest.raises(DecodeError, match="mode='a3'.*generate_two_stream"):
-            infill(cfg, params, tokens, known, order=order, mode="reference")
+            infill(cfg, params, tokens, known, DecodeSpec(order=order, mode="reference")).tokens
     with pytest.raises(DecodeError, match="mode must be one of"):
-        infill(cfg, params, tokens, known, mode="diffusion")
-    with pytest.raises(DecodeError, match="window applies to the dynamic orders"):
-        infill(cfg, params, tokens, known, order="left_to_right", window=4)
+        infill(cfg, params, tokens, known, DecodeSpec(mode="diffusion"))
+    with pytest.raises(DecodeError, match="window=4 applies to the dynamic orders"):
+        infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", window=4))
     with pytest.raises(DecodeError, match="group_size=4 commits more blanks per step than window=2"):
-        infill(cfg, params, tokens, known, order="confidence", group_size=4, window=2)
+        infill(cfg, params, tokens, known, DecodeSpec(order="confidence", group_size=4, window=2))
     with pytest.raises(DecodeError, match="window must be a positive int"):
-        infill(cfg, params, tokens, known, order="confidence", window=0)
+        infill(cfg, params, tokens, known, DecodeSpec(order="confidence", window=0))
     with pytest.raises(DecodeError, match="phases must be a positive int"):
-        infill(cfg, params, tokens, known, order="confidence", phases=0)
+        infill(cfg, params, tokens, known, DecodeSpec(order="confidence", phases=0))
     with pytest.raises(DecodeError, match="seed has 3 entries but the batch has 2 rows"):
-        infill(cfg, params, tokens, known, seed=np.array([1, 2, 3]))
+        infill(cfg, params, tokens, known, None, SamplingParams(seed=np.array([1, 2, 3])))
     with pytest.raises(DecodeError, match="seed must be an int"):
-        infill(cfg, params, tokens, known, seed=1.5)
+        infill(cfg, params, tokens, known, None, SamplingParams(seed=1.5))
     with pytest.raises(DecodeError, match="already independent"):
-        infill(cfg, params, tokens, known, seed=np.array([1, 2]), independent_rows=True)
+        infill(cfg, params, tokens, known, None, SamplingParams(seed=np.array([1, 2]), independent_rows=True))
     with pytest.raises(DecodeError, match="num_samples must be a positive int"):
-        infill(cfg, params, tokens, known, num_samples=0)
-    with pytest.raises(DecodeError, match="num_samples= and per-row seeds apply to the query stream"):
-        generate(cfg, params, PROMPTS, 4, stream="content", num_samples=2)
+        infill(cfg, params, tokens, known, None, SamplingParams(num_samples=0))
+    with pytest.raises(DecodeError, match="SamplingParams.num_samples=2 does not apply"):
+        generate(cfg, params, PROMPTS, 4, DecodeSpec(stream="content"), SamplingParams(num_samples=2))
 
 
 # ----------------------------------------------------------------------------- seeds and samples
@@ -273,12 +276,12 @@ def test_mode_and_option_errors():
 def test_row_with_seed_s_equals_the_row_alone_with_seed_s():
     cfg, params = tiny()
     tokens, known = _rows()
-    kw = dict(order="confidence", group_size=2, temperature=1.0, top_p=0.9)
-    both = infill(cfg, params, tokens, known, seed=np.array([7, 11]), **kw)
+    spec = DecodeSpec(order="confidence", group_size=2)
+    both = infill(cfg, params, tokens, known, spec, SamplingParams(1.0, top_p=0.9, seed=np.array([7, 11]))).tokens
     for r, s in enumerate((7, 11)):
-        alone = infill(cfg, params, tokens[r:r + 1], known[r:r + 1], seed=s, **kw)
+        alone = infill(cfg, params, tokens[r:r + 1], known[r:r + 1], spec, SamplingParams(1.0, top_p=0.9, seed=s)).tokens
         np.testing.assert_array_equal(both[r], alone[0])
-    same = infill(cfg, params, tokens[[0, 0]], known[[0, 0]], seed=np.array([7, 7]), **kw)
+    same = infill(cfg, params, tokens[[0, 0]], known[[0, 0]], spec, SamplingParams(1.0, top_p=0.9, seed=np.array([7, 7]))).tokens
     np.testing.assert_array_equal(same[0], same[1])
     assert (same[1] != both[1]).any()
 
@@ -296,8 +299,8 @@ def test_num_samples_are_independent_draws_of_the_model():
     params = numpy_init(CFG4, 1)
     base = np.array([0, 0, 0, 0])
     known = np.array([True, False, False, False])
-    out = infill(CFG4, params, base, known, order="left_to_right", group_size=1, temperature=1.0, seed=3,
-                 num_samples=SAMPLES)
+    ltr = DecodeSpec(order="left_to_right", group_size=1)
+    out = infill(CFG4, params, base, known, ltr, SamplingParams(temperature=1.0, seed=3, num_samples=SAMPLES)).tokens
     assert out.shape == (SAMPLES, 4)
     comps = np.array([[0, *c] for c in itertools.product(range(V), repeat=3)])
     groups = np.array([0, 1, 2, 3])
@@ -311,6 +314,5 @@ def test_num_samples_are_independent_draws_of_the_model():
     pairs = np.bincount(out[0::2, 1] * V + out[1::2, 1], minlength=V * V)
     assert stats.chisquare(pairs, np.outer(first, first).reshape(-1) / first.sum() ** 2 * (SAMPLES // 2)).pvalue > 1e-3
     # batching is invisible: samples 0..3 of a 4-sample call are the first 4 of the big one
-    few = infill(CFG4, params, base, known, order="left_to_right", group_size=1, temperature=1.0, seed=3,
-                 num_samples=4)
+    few = infill(CFG4, params, base, known, ltr, SamplingParams(temperature=1.0, seed=3, num_samples=4)).tokens
     np.testing.assert_array_equal(few, out[:4])

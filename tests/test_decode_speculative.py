@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from a3jax.config import ModelConfig
-from a3jax.decode import DecodeError, generate, infill
+from a3jax.decode import DecodeError, DecodeSpec, SamplingParams, generate, infill
 from a3jax.model import numpy_init
 from a3jax.score import log_likelihood, token_log_probs
 from test_decode_common import batch, tiny
@@ -96,10 +96,11 @@ def _chi2_p(counts, probs):
     return stats.chisquare(f_obs, f_exp).pvalue
 
 
-def _sample(params, order, seed, **kw):
+def _sample(params, order, seed, spec, temperature=0.0, top_k=0):
     tokens = np.tile(BASE, (SAMPLES, 1))
     known = np.tile(KNOWN, (SAMPLES, 1))
-    out = infill(CFG, params, tokens, known, order=order, seed=seed, independent_rows=True, **kw)
+    out = infill(CFG, params, tokens, known, DecodeSpec(order=order, **spec),
+                 SamplingParams(temperature, top_k, seed=seed, independent_rows=True)).tokens
     np.testing.assert_array_equal(out[:, KNOWN], tokens[:, KNOWN])
     return out
 
@@ -113,7 +114,7 @@ def test_speculative_samples_are_exact(k, order_name, filtering):
     pos = _order_positions(order)
     probs = _exact(params, pos, **filtering)
     assert abs(probs.sum() - 1) < 1e-4
-    out = _sample(params, order, seed=k, speculative=k, **filtering)
+    out = _sample(params, order, k, dict(speculative=k), **filtering)
     counts = _histogram(out, pos)
     p = _chi2_p(counts, probs)
     assert p > 1e-3, f"speculative k={k} {order_name} {filtering}: chi-square p = {p:.2e}"
@@ -126,7 +127,7 @@ def test_group_wise_decoding_fails_the_same_test():
     the token-by-token distribution, and the test sees it."""
     params = _params()
     pos = _order_positions("left_to_right")
-    out = _sample(params, "left_to_right", seed=4, group_size=4, temperature=1.0)
+    out = _sample(params, "left_to_right", 4, dict(group_size=4), temperature=1.0)
     p = _chi2_p(_histogram(out, pos), _exact(params, pos))
     assert p < 1e-6, f"group-wise decoding passed the exactness test (p = {p:.2e})"
 
@@ -138,8 +139,8 @@ def test_greedy_speculative_equals_greedy_token_by_token(order, k):
     tokens, known = batch(seed=2)
     if order == "user":
         order = np.random.default_rng(3).permutation(tokens.shape[1])[None].repeat(3, 0)
-    ref = infill(cfg, params, tokens, known, order=order, group_size=1, return_info=True)
-    res = infill(cfg, params, tokens, known, order=order, speculative=k, return_info=True)
+    ref = infill(cfg, params, tokens, known, DecodeSpec(order=order, group_size=1))
+    res = infill(cfg, params, tokens, known, DecodeSpec(order=order, speculative=k))
     np.testing.assert_array_equal(res.tokens, ref.tokens)
     np.testing.assert_allclose(res.logprobs, ref.logprobs, atol=1e-4)
     assert (res.step[~known] >= 0).all() and (res.step[known] == -1).all()
@@ -153,9 +154,9 @@ def test_greedy_speculative_equals_greedy_token_by_token(order, k):
 def test_cached_equals_uncached(sampling):
     cfg, params = tiny()
     tokens, known = batch(seed=4)
-    kw = dict(order="random", speculative=3, return_info=True, **sampling)
-    a = infill(cfg, params, tokens, known, use_cache=True, **kw)
-    b = infill(cfg, params, tokens, known, use_cache=False, **kw)
+    sp = SamplingParams(**sampling)
+    a = infill(cfg, params, tokens, known, DecodeSpec(order="random", speculative=3, use_cache=True), sp)
+    b = infill(cfg, params, tokens, known, DecodeSpec(order="random", speculative=3, use_cache=False), sp)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.step, b.step)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
@@ -165,13 +166,14 @@ def test_cached_equals_uncached(sampling):
 def test_generate_speculative_and_eos():
     cfg, params = tiny()
     prompts = [[60, 1, 2, 3], [60, 7], [60, 9, 9]]
-    ref = generate(cfg, params, prompts, 10, stop_at_eos=False)
-    new, info = generate(cfg, params, prompts, 10, stop_at_eos=False, speculative=4, return_info=True)
+    ref = generate(cfg, params, prompts, 10, DecodeSpec(stop_at_eos=False)).new
+    info = generate(cfg, params, prompts, 10, DecodeSpec(speculative=4, stop_at_eos=False))
+    new = info.new
     np.testing.assert_array_equal(new, ref)
     assert info.num_steps <= 2 * 10 + 1  # at most a draft and a verify pass per token
     eos = int(ref[0, 2])  # row 0 must stop right after new position 2
-    out = generate(cfg, params, prompts, 10, eos_token_id=eos, speculative=4)
-    plain = generate(cfg, params, prompts, 10, eos_token_id=eos)
+    out = generate(cfg, params, prompts, 10, DecodeSpec(speculative=4, eos_id=eos)).new
+    plain = generate(cfg, params, prompts, 10, DecodeSpec(eos_id=eos)).new
     np.testing.assert_array_equal(out, plain)
     assert (out[0, 3:] == cfg.pad_token_id).all()
 
@@ -182,21 +184,25 @@ def test_independent_rows_and_batch_invariance(spec):
     cfg, params = tiny()
     tokens, known = batch(b=1, seed=6)
     many_t, many_k = np.repeat(tokens, 3, 0), np.repeat(known, 3, 0)  # the other tests' [3, 20]: no new compile
-    kw = dict(order="left_to_right", temperature=1.0, seed=5, **spec)
-    shared = infill(cfg, params, many_t, many_k, **kw)
+    ds = DecodeSpec(order="left_to_right", **spec)
+
+    def sp(**kw):
+        return SamplingParams(**dict(dict(temperature=1.0, seed=5), **kw))
+
+    shared = infill(cfg, params, many_t, many_k, ds, sp()).tokens
     assert (shared == shared[0]).all()  # default: every row draws with the same key
-    np.testing.assert_array_equal(infill(cfg, params, tokens, known, **kw)[0], shared[0])
-    own = infill(cfg, params, many_t, many_k, independent_rows=True, **kw)
+    np.testing.assert_array_equal(infill(cfg, params, tokens, known, ds, sp()).tokens[0], shared[0])
+    own = infill(cfg, params, many_t, many_k, ds, sp(independent_rows=True)).tokens
     assert len({tuple(r) for r in own}) > 1
     # row r's key is that of sample r of the seed: row 0 of the batch is the row decoded alone, and
     # independent_rows is num_samples over a batch of copies
-    np.testing.assert_array_equal(infill(cfg, params, tokens, known, independent_rows=True, **kw)[0], own[0])
-    np.testing.assert_array_equal(infill(cfg, params, tokens, known, num_samples=3, **kw), own)
+    np.testing.assert_array_equal(infill(cfg, params, tokens, known, ds, sp(independent_rows=True)).tokens[0], own[0])
+    np.testing.assert_array_equal(infill(cfg, params, tokens, known, ds, sp(num_samples=3)).tokens, own)
     # one seed per row: row r with seed s is the row decoded alone with seed s
-    per_row = infill(cfg, params, many_t, many_k, **dict(kw, seed=np.array([5, 8, 5])))
+    per_row = infill(cfg, params, many_t, many_k, ds, sp(seed=np.array([5, 8, 5]))).tokens
     np.testing.assert_array_equal(per_row[0], shared[0])
     np.testing.assert_array_equal(per_row[2], shared[0])
-    np.testing.assert_array_equal(per_row[1], infill(cfg, params, tokens, known, **dict(kw, seed=8))[0])
+    np.testing.assert_array_equal(per_row[1], infill(cfg, params, tokens, known, ds, sp(seed=8)).tokens[0])
     assert (per_row[1] != per_row[0]).any()
 
 
@@ -204,10 +210,10 @@ def test_speculative_bad_options():
     cfg, params = tiny()
     tokens, known = batch()
     with pytest.raises(DecodeError, match="fixed order"):
-        infill(cfg, params, tokens, known, order="confidence", speculative=2)
+        infill(cfg, params, tokens, known, DecodeSpec(order="confidence", speculative=2))
     with pytest.raises(DecodeError, match="positive int"):
-        infill(cfg, params, tokens, known, speculative=-1)
-    with pytest.raises(DecodeError, match="mode 'a3'"):
-        infill(cfg, params, tokens, known, speculative=2, mode="reference")
+        infill(cfg, params, tokens, known, DecodeSpec(speculative=-1))
+    with pytest.raises(DecodeError, match="mode='a3'"):
+        infill(cfg, params, tokens, known, DecodeSpec(speculative=2, mode="reference"))
     with pytest.raises(DecodeError, match="teacher_forcing"):
-        infill(cfg, params, tokens, known, speculative=2, teacher_forcing=True)
+        infill(cfg, params, tokens, known, DecodeSpec(speculative=2, teacher_forcing=True))

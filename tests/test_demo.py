@@ -104,7 +104,7 @@ def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
     from a3jax.checkpoint import load_params
     from a3jax.data import load_tokenizer
     from a3jax.data.rows import blank_rows, placeholder_id
-    from a3jax.decode import infill
+    from a3jax.decode import DecodeSpec, infill
 
     out, _ = demo_run
     cfg, params = load_params(os.path.join(out, "final"))
@@ -118,8 +118,8 @@ def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
         tokens[r, :len(ids)] = ids
     lp = {}
     for chunk in (demo.CONTEXT_GROUP_SIZE, None):
-        res = infill(cfg, params, tokens, known, valid=valid, order="left_to_right", group_size=1,
-                     prompt_group_size=chunk, teacher_forcing=True, return_info=True)
+        res = infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", group_size=1,
+                                                            prompt_group_size=chunk, teacher_forcing=True), valid=valid)
         lp[chunk] = -float(res.logprobs[~known & valid].sum()) / got["bytes"]
     assert got["bytes"] == sum(n for _, _, n in rows)
     assert got["a3_both_sides"] == pytest.approx(lp[demo.CONTEXT_GROUP_SIZE], rel=1e-4)

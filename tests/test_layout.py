@@ -12,7 +12,7 @@ from a3jax.data.rows import (blank_rows, context_target_groups, pad_rows, placeh
                              strategy_groups, text_row, window_index)
 from a3jax.data.tokenizers import ByteTokenizer
 from a3jax.layout import LAYOUT_KEYS, Layout, LayoutKeyError, with_defaults
-from a3jax.train.loss import stream_targets, target_count
+from a3jax.objectives.losses import stream_targets, target_count
 
 
 def _eq(a, b):

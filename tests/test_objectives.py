@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 
 from a3jax.checkpoint import load_params, save_params
 from a3jax.config import ConfigError, ModelConfig, load_config
-from a3jax.decode import DecodeError, generate, infill
+from a3jax.decode import DecodeError, DecodeSpec, generate, infill
 from a3jax.decode.mdlm import reveal_counts
 from a3jax.layout import Layout
 from a3jax import objectives
@@ -27,7 +27,7 @@ from a3jax.model import diffusion, init_params
 from a3jax.objectives import ObjectiveError
 from a3jax.score import ScoreError, log_likelihood, nelbo
 from a3jax.train.hooks import Hook
-from a3jax.train.loss import loss_sums, mdlm_noise, mdlm_sums
+from a3jax.objectives.losses import loss_sums, mdlm_noise, mdlm_sums
 from a3jax.train.trainer import train
 from hf_models import make_hf_llama
 from train_helpers import corpus, tiny_overrides  # noqa: F401 (fixture by name)
@@ -326,18 +326,18 @@ def test_checkpoint_records_objective_and_decoders_refuse_a_mismatch(tmp_path, c
     known = np.array([[1, 1, 0, 0, 0, 1, 1, 1]], bool)
     with pytest.raises(ScoreError, match="train.objective='mdlm'.*nelbo"):
         log_likelihood(mcfg, params, ids, np.arange(8))
-    out = infill(mcfg, params, ids, known, order="random", steps=2, return_info=True)  # MDLM sampler
+    out = infill(mcfg, params, ids, known, DecodeSpec(order="random", steps=2))  # MDLM sampler
     assert out.num_steps == 2 and (out.step[0, 2:5] >= 0).all() and (out.tokens[known] == ids[known]).all()
     with pytest.raises(DecodeError, match="threshold"):
-        infill(mcfg, params, ids, known, order="confidence", threshold=0.5)
+        infill(mcfg, params, ids, known, DecodeSpec(order="confidence", threshold=0.5))
     a3 = dataclasses.replace(mcfg, objective="a3")
     with pytest.raises(ObjectiveError, match="'a3'.*needs 'mdlm'"):
         nelbo(a3, params, ids)
     ar = dataclasses.replace(mcfg, objective="ar")
-    with pytest.raises(ObjectiveError, match="train.objective='ar'"):
+    with pytest.raises(ObjectiveError, match="not been A3-adapted.*model.init_from=CKPT"):
         infill(ar, params, ids, known)
     with pytest.raises(DecodeError, match="left to right"):
-        generate(ar, params, [[256, 97]], 4, order="confidence")
+        generate(ar, params, [[256, 97]], 4, DecodeSpec(order="confidence"))
     with pytest.raises(ScoreError, match="left to right"):
         log_likelihood(ar, params, ids, np.array([0, 2, 1, 3, 4, 5, 6, 7]))
     # the evaluation tasks (and the lm-eval adapter, which wraps A3Evaluator) take both objectives
@@ -358,7 +358,7 @@ def test_checkpoint_records_objective_and_decoders_refuse_a_mismatch(tmp_path, c
     from a3jax.decode.cli import infill_main
     save_params(str(tmp_path / "ar"), ar, params)
     assert infill_main(["--ckpt", str(tmp_path / "ar"), "--text", "ab[MASK:2]cd"]) == 2
-    assert "train.objective='ar'" in capsys.readouterr().err
+    assert "has not been A3-adapted" in capsys.readouterr().err
 
 
 def test_mdlm_schedule_reveals_every_blank_in_s_steps():
@@ -373,7 +373,7 @@ def test_mdlm_schedule_reveals_every_blank_in_s_steps():
     valid = np.ones(ids.shape, bool)
     valid[1, 12:] = False  # row 1 is shorter: padding is neither context nor filled
     for order in ("random", "confidence", "left_to_right"):
-        r = infill(CFG, PARAMS, ids, known, valid=valid, order=order, steps=3, return_info=True)
+        r = infill(CFG, PARAMS, ids, known, DecodeSpec(order=order, steps=3), valid=valid)
         assert r.num_steps == 3
         assert (r.step[0, 4:] >= 0).all() and (r.step[1, 4:12] >= 0).all() and (r.step[1, 12:] == -1).all()
         assert (r.tokens[known] == ids[known]).all() and not (r.tokens[valid] == MASK).any()

@@ -87,7 +87,7 @@ def test_score_cli(tmp_path, capsys):
     ref = score_texts(cfg, params, load_tokenizer("byte"), ["hello world", "abc"])
     assert [r["tokens"] for r in rows] == [11, 3]
     np.testing.assert_allclose([r["log_likelihood"] for r in rows], [r["log_likelihood"] for r in ref], rtol=1e-6)
-    assert main(["score", "--ckpt", ckpt, "--text", "hello world", "--order", "random:4"]) == 0
-    assert "order random:4" in capsys.readouterr().out
-    assert main(["score", "--ckpt", ckpt, "--text", "x", "--order", "nope"]) == 2
+    assert main(["score", "--ckpt", ckpt, "--text", "hello world", "--grouping", "random:4"]) == 0
+    assert "grouping random:4" in capsys.readouterr().out
+    assert main(["score", "--ckpt", ckpt, "--text", "x", "--grouping", "nope"]) == 2
     assert "error" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from a3jax.config import load_config
 from a3jax.convert.cli import cli_main
 from a3jax.convert.hf import hf_tensors_of
 from a3jax.data.tokenizers import load_tokenizer
-from a3jax.decode import generate, infill
+from a3jax.decode import DecodeSpec, generate, infill
 from a3jax.demo import final_params
 from a3jax.eval.tasks import A3Evaluator
 from a3jax.model import forward
@@ -143,8 +143,8 @@ def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_mod
     out, cfg, params = ckpt
     tok = load_tokenizer(out)
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
-    cached = generate(cfg, params, prompts, 24, stream="content", stop_at_eos=False)
-    uncached = generate(cfg, params, prompts, 24, stream="content", stop_at_eos=False, use_cache=False)
+    cached = generate(cfg, params, prompts, 24, DecodeSpec(stop_at_eos=False, stream="content")).new
+    uncached = generate(cfg, params, prompts, 24, DecodeSpec(stop_at_eos=False, stream="content", use_cache=False)).new
     np.testing.assert_array_equal(cached, uncached)
     for p, row in zip(prompts, cached):
         with torch.no_grad():
@@ -211,8 +211,7 @@ def test_a3_training_starts_from_the_converted_model(ckpt, tmp_path):
     target = np.arange(len(ids)) > 0  # BOS conditions, it is not scored
     ll = log_likelihood(mcfg, params, ids[None], np.arange(len(ids)), target_mask=target[None])
     known = ~target
-    res = infill(mcfg, params, ids[None], known[None], order="left_to_right", group_size=1, teacher_forcing=True,
-                 return_info=True)
+    res = infill(mcfg, params, ids[None], known[None], DecodeSpec(order="left_to_right", group_size=1, teacher_forcing=True))
     np.testing.assert_array_equal(res.tokens[0], ids)
     assert (res.step[0, 1:] == np.arange(len(ids) - 1)).all()  # one token per step, left to right
     assert float(ll[0]) == pytest.approx(float(res.logprobs[0].sum()), abs=2e-3)

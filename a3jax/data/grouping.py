@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from a3jax import objectives
 from a3jax.config import CONFIG_ROOT, DataConfig, build, parse_yaml
 
 StrategyFn = Callable[..., np.ndarray]
@@ -448,3 +449,20 @@ def load_curriculum(name_or_path: str):
     stages = build(DataConfig, {"stages": values.get("stages", [])}, path).stages
     validate_stages(stages, f"{path}: stages")
     return stages
+
+
+def prompt_group_size_for(config) -> int:
+    """The context layout a run's training shows its model, from the LAST curriculum stage the run
+    trains (config: a3jax.config.Config): 1 when that stage's strategy puts the context left to right
+    one token per group (`ar`, every `infill:...`), k for `blocks:k`, else 0 (one group, e.g. the
+    random groupings, whose context has no left-to-right layout). A checkpoint records it as
+    model.prompt_group_size and decoding defaults to it."""
+    if objectives.of(config).decoder != "a3":
+        return 0  # the content stream (ar) or the denoiser (mdlm) has no query-stream layout
+    _, strategy = stage_for_step(config.data.stages, max(config.total_steps - 1, 0))
+    name, _, args = strategy.partition(":")
+    if name in ("ar", "infill"):
+        return 1
+    if name == "blocks":
+        return int(args.split(":")[0])
+    return 0

@@ -113,7 +113,7 @@ def full_step_logits(cfg: ModelConfig, params, tokens, groups, segments, q_pos):
 
 def commit_rows(cfg: ModelConfig, params, cache: KVCache, tokens, new_pos, new_group) -> KVCache:
     """Content rows only: the tokens at slots new_pos [B, C] (-1 = none; group id new_group) enter the
-    cache, no query rows run. Used where a decode loop narrows its row count (a3jax.decode.decoder's
+    cache, no query rows run. Used where a decode loop narrows its row count (a3jax.decode.dynamic's
     phases): the last step's commits are written before the narrower loop starts."""
     b, t = tokens.shape
     kind = choose_kernel(cfg, cache.groups.shape[1] + new_pos.shape[1], step_rows=new_pos.shape[1])

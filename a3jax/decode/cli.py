@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
-import numpy as np
-
-from a3jax import fs
+from a3jax import fs, objectives
 from a3jax.checkpoint import load_params
-from a3jax.data.rows import placeholder_id
-from a3jax.data.tokenizers import load_tokenizer
-from a3jax.decode import DecodeError, generate, infill
+from a3jax.decode.engine import Engine
+from a3jax.decode.spec import DecodeError, DecodeSpec, SamplingParams
+from a3jax.decode.text import load_tok, parse_masked, render
 
-MASK_RE = re.compile(r"\[MASK:(\d+)\]")
 HILITE, RESET = "\033[1;32m", "\033[0m"
 
 
@@ -41,51 +37,6 @@ def unescape(text: str) -> str:
         else:
             out.append(c)
             i += 1
-    return "".join(out)
-
-
-def load_tok(spec: str, ckpt: str):
-    """--tokenizer auto: the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
-    if spec == "auto":
-        spec = ckpt if fs.isfile(fs.join(ckpt, "tokenizer.json")) else "byte"
-    return load_tokenizer(spec)
-
-
-def parse_masked(text: str, tok):
-    """Text with [MASK:n] blanks -> (pieces, ids, known, spans): ids start with BOS (known); each
-    blank is n placeholder tokens (a3jax.data.rows.placeholder_id); spans are the blanks' (start, end)
-    token ranges."""
-    placeholder = placeholder_id(tok)
-    ids, known, spans = [tok.bos_id], [True], []
-    pos = 0
-    for m in MASK_RE.finditer(text):
-        piece = tok.encode(text[pos:m.start()])
-        ids += piece
-        known += [True] * len(piece)
-        n = int(m.group(1))
-        if n < 1:
-            raise ValueError(f"blank {m.group(0)!r} must have at least one token")
-        spans.append((len(ids), len(ids) + n))
-        ids += [placeholder] * n
-        known += [False] * n
-        pos = m.end()
-    piece = tok.encode(text[pos:])
-    ids += piece
-    known += [True] * len(piece)
-    if not spans:
-        raise ValueError("no blanks in --text: mark each one as [MASK:n] (n = number of tokens to fill)")
-    return np.asarray(ids), np.asarray(known), spans
-
-
-def render(tok, ids, spans, color: bool) -> str:
-    """Decoded text (BOS dropped) with the spans highlighted when color."""
-    out, pos = [], 1
-    for a, b in spans:
-        out.append(tok.decode(ids[pos:a]))
-        filled = tok.decode(ids[a:b])
-        out.append(f"{HILITE}{filled}{RESET}" if color else filled)
-        pos = b
-    out.append(tok.decode(ids[pos:]))
     return "".join(out)
 
 
@@ -110,11 +61,11 @@ def _common(ap):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-group-size", type=int, default=None,
-                    help="encode the context as AR chunks of this size (default: one group)")
+                    help="the context's layout: 0 = one group, n = left-to-right chunks of n (default: the "
+                         "layout the model was trained on, model.prompt_group_size)")
     ap.add_argument("--no-cache", action="store_true", help="recompute every step (baseline)")
-    ap.add_argument("--mode", default="a3", choices=("a3", "reference", "official"),
-                    help="a3 (default) | reference: the reference code's dynamic resampling (dynamic orders; "
-                         "'official' is its deprecated alias)")
+    ap.add_argument("--mode", default="a3", choices=("a3", "reference"),
+                    help="a3 (default) | reference: the reference code's dynamic resampling (dynamic orders)")
     ap.add_argument("--window", type=int, default=None, metavar="W",
                     help="dynamic orders: choose only among the first W remaining blanks (semi-autoregressive)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
@@ -127,16 +78,33 @@ def _common(ap):
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
-def _decode_options(args, group_size: int) -> dict:
-    """The keyword options `_common` adds, as infill/generate take them (group_size: the default)."""
+# the flags that only the query stream (A3 decoding) takes, as `--flag`: value-or-None
+def _query_only(args) -> dict:
+    return {"--order": args.order, "--group-size": args.group_size, "--threshold": args.threshold,
+            "--prompt-group-size": args.prompt_group_size, "--mode": args.mode if args.mode != "a3" else None,
+            "--speculative": args.speculative or None, "--independent-rows": args.independent_rows or None,
+            "--window": args.window, "--num-samples": getattr(args, "num_samples", 1) if getattr(
+                args, "num_samples", 1) != 1 else None}
+
+
+def _spec(args, **extra) -> DecodeSpec:
+    """The DecodeSpec and SamplingParams of the flags `_common` adds (a DecodeError names a bad one)."""
     if args.speculative and args.group_size not in (None, 1):
         raise DecodeError(f"--speculative {args.speculative} samples token by token (the draft block is K); "
                           f"--group-size {args.group_size} does not apply")
-    return dict(order=args.order or "left_to_right", group_size=args.group_size or group_size,
-                temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache, top_k=args.top_k,
-                top_p=args.top_p, threshold=args.threshold, prompt_group_size=args.prompt_group_size,
-                mode=args.mode, speculative=args.speculative, independent_rows=args.independent_rows,
-                window=args.window, return_info=True)
+    return DecodeSpec(order=args.order or "left_to_right", group_size=args.group_size, threshold=args.threshold,
+                      prompt_group_size=args.prompt_group_size, mode=args.mode, speculative=args.speculative,
+                      window=args.window, use_cache=not args.no_cache, **extra)
+
+
+def _sampling(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          num_samples=getattr(args, "num_samples", 1), independent_rows=args.independent_rows)
+
+
+def _engine(args, rows: int) -> Engine:
+    cfg, params = load_params(args.ckpt)
+    return Engine(cfg, params, load_tok(args.tokenizer, args.ckpt), slots=rows)
 
 
 def _fail(prog, e) -> int:
@@ -157,24 +125,23 @@ def infill_main(argv) -> int:
             text = fs.read_text(args.file)
         else:
             text = args.text if args.no_escapes else unescape(args.text)
-        tok = load_tok(args.tokenizer, args.ckpt)
-        ids, known, spans = parse_masked(text, tok)
-        cfg, params = load_params(args.ckpt)
+        spec, sampling = _spec(args), _sampling(args)
+        eng = _engine(args, rows=1)
         t0 = time.perf_counter()
-        res = infill(cfg, params, ids[None], known[None], **_decode_options(args, group_size=4))
+        res, = eng.infill(text, spec=spec, sampling=sampling)
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("infill", e)
-    out = res.tokens[0]
+    n_blank = sum(b - a for a, b in parse_masked(text, eng.tokenizer)[2])
     if args.json:
-        print(json.dumps(dict(text=render(tok, out, spans, False),
-                              blanks=[tok.decode(out[a:b]) for a, b in spans], steps=res.num_steps,
-                              seconds=round(dt, 4))))
+        print(json.dumps(dict(text=res.text, blanks=res.blanks, steps=res.steps, seconds=round(dt, 4))))
     else:
-        sys.stdout.write(render(tok, out, spans, _use_color(args.color)))
+        spans = parse_masked(text, eng.tokenizer)[2]
+        color = (HILITE, RESET) if _use_color(args.color) else None
+        sys.stdout.write(render(eng.tokenizer, res.tokens, spans, color))
         if not text.endswith("\n"):
             sys.stdout.write("\n")
-        print(f"[{int((~known).sum())} tokens in {res.num_steps} steps, {dt:.2f}s]", file=sys.stderr)
+        print(f"[{n_blank} tokens in {res.steps} steps, {dt:.2f}s]", file=sys.stderr)
     return 0
 
 
@@ -187,53 +154,36 @@ def generate_main(argv) -> int:
     ap.add_argument("--no-eos", action="store_true", help="do not stop at EOS")
     ap.add_argument("--num-samples", type=int, default=1, metavar="N",
                     help="N independent samples of every prompt, decoded in one batch (use with --temperature > 0)")
-    ap.add_argument("--stream", default="query", choices=("query", "content"),
-                    help="query: A3 group decoding (default); content: the content stream left to right with a "
-                         "KV cache, i.e. the converted base LLaMA before adaptation (BOS only if the tokenizer "
-                         "adds one)")
+    ap.add_argument("--stream", default=None, choices=("query", "content"),
+                    help="query: A3 group decoding; content: the content stream left to right with a KV cache, "
+                         "i.e. a plain causal LM (BOS only if the tokenizer adds one). Default: the model's own "
+                         "(content for an ar model, query otherwise)")
     args = ap.parse_args(argv)
     try:
-        tok = load_tok(args.tokenizer, args.ckpt)
         prompts = [p if args.no_escapes else unescape(p) for p in args.prompt]
-        content = args.stream == "content"
-        seqs = []
-        for p in prompts:
-            ids = list(tok.encode(p))
-            bos = not content or getattr(tok, "add_bos", True) or not ids
-            seqs.append(([tok.bos_id] if bos else []) + ids)
-        if content:
-            fixed = {"--order": args.order, "--group-size": args.group_size, "--threshold": args.threshold,
-                     "--prompt-group-size": args.prompt_group_size}
-            given = [k for k, v in fixed.items() if v is not None] + (["--mode"] if args.mode != "a3" else []) + (
-                ["--speculative"] if args.speculative else []) + (["--independent-rows"] if args.independent_rows else []) + (
-                ["--window"] if args.window is not None else []) + (["--num-samples"] if args.num_samples != 1 else [])
+        eng = _engine(args, rows=len(prompts) * max(args.num_samples, 1))
+        if args.stream == "content" or (args.stream is None and objectives.of(eng.cfg).decoder == "content"):
+            given = [k for k, v in _query_only(args).items() if v is not None]
             if given:
-                raise ValueError(f"--stream content decodes left to right one token per step; "
-                                 f"{', '.join(given)} does not apply")
-            opts = dict(temperature=args.temperature, seed=args.seed, use_cache=not args.no_cache,
-                        top_k=args.top_k, top_p=args.top_p, return_info=True, stream="content")
-        else:
-            opts = dict(_decode_options(args, group_size=1), num_samples=args.num_samples)
-        cfg, params = load_params(args.ckpt)
+                raise DecodeError(f"the content stream decodes left to right one token per step; {', '.join(given)} "
+                                  f"does not apply")
+        spec = _spec(args, stream=args.stream, stop_at_eos=not args.no_eos, eos_id=eng.tokenizer.eos_id)
         t0 = time.perf_counter()
-        new, res = generate(cfg, params, seqs, args.max_new_tokens, stop_at_eos=not args.no_eos,
-                            eos_token_id=tok.eos_id, **opts)
+        out = eng.generate(prompts, args.max_new_tokens, spec, _sampling(args))
         dt = time.perf_counter() - t0
     except (DecodeError, ValueError, FileNotFoundError, OSError) as e:
         return _fail("generate", e)
     color = _use_color(args.color) and not args.json
     results = []
     n = args.num_samples
-    for i, row in enumerate(new):  # rows i*n .. i*n+n-1: the samples of prompt i
-        p = prompts[i // n]
-        keep = [int(x) for x in row if int(x) not in (tok.pad_id, tok.eos_id)]
-        cont = tok.decode(keep)
-        results.append(dict(prompt=p, completion=cont) if n == 1 else dict(prompt=p, sample=i % n, completion=cont))
+    for c in out:  # prompt i's samples are i*n .. i*n+n-1
+        results.append(dict(prompt=c.prompt, completion=c.text) if n == 1 else
+                       dict(prompt=c.prompt, sample=c.sample, completion=c.text))
         if not args.json:
-            print(p + (f"{HILITE}{cont}{RESET}" if color else cont))
+            print(c.prompt + (f"{HILITE}{c.text}{RESET}" if color else c.text))
+    steps = out[0].steps if out else 0
     if args.json:
-        print(json.dumps(dict(results=results, steps=res.num_steps, seconds=round(dt, 4))))
+        print(json.dumps(dict(results=results, steps=steps, seconds=round(dt, 4))))
     else:
-        print(f"[{len(prompts)} x {args.max_new_tokens} tokens max in {res.num_steps} steps, {dt:.2f}s]",
-              file=sys.stderr)
+        print(f"[{len(prompts)} x {args.max_new_tokens} tokens max in {steps} steps, {dt:.2f}s]", file=sys.stderr)
     return 0

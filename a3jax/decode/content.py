@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from a3jax.config import ModelConfig
 from a3jax.decode import cache as cache_lib
 from a3jax.decode import sampling
-from a3jax.model import Rows, apply_model, choose_kernel, lm_logits, run_rows
+from a3jax.model import KVCache, Rows, apply_model, choose_kernel, lm_logits, run_rows
 
 
 def _prefill(cfg, params, tokens, prompt_len, width):
@@ -61,62 +63,71 @@ def _full_logits(cfg, params, tokens, filled, pos):
     return jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0]
 
 
+class ContentState(flax.struct.PyTreeNode):
+    s: jax.Array  # steps run
+    tokens: jax.Array  # [B, T]
+    filled: jax.Array  # [B, T]
+    logp: jax.Array  # [B, T]
+    step: jax.Array  # [B, T] the step that wrote each slot (-1 = none)
+    done: jax.Array  # [B]
+    cache: Optional[KVCache] = None
+    logits: Optional[jax.Array] = None  # cached path: [B, V] the next token's logits
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode(cfg: ModelConfig, use_cache: bool, width: int, params, tokens, prompt_len, limit, opts):
     """tokens [B, T] (prompts in place); prompt_len [B]; limit [B] = prompt_len + max_new_tokens.
-    Returns (tokens, logprobs [B, T], step [B, T], steps run)."""
+    Returns the final ContentState."""
     b, t = tokens.shape
     base_key = jax.random.PRNGKey(opts["seed"])
     rows = jnp.arange(b)
     filled = jnp.arange(t)[None] < prompt_len[:, None]
-    state = dict(s=jnp.int32(0), tokens=tokens, filled=filled, logp=jnp.zeros((b, t), jnp.float32),
-                 step=jnp.full((b, t), -1, jnp.int32), done=prompt_len >= limit)
-    if use_cache:
-        state["cache"], state["logits"] = _prefill(cfg, params, tokens, prompt_len, width)
+    cache, logits = _prefill(cfg, params, tokens, prompt_len, width) if use_cache else (None, None)
+    state = ContentState(s=jnp.int32(0), tokens=tokens, filled=filled, logp=jnp.zeros((b, t), jnp.float32),
+                         step=jnp.full((b, t), -1, jnp.int32), done=prompt_len >= limit, cache=cache, logits=logits)
 
     def cond(st):
-        return (st["s"] < opts["max_steps"]) & ~st["done"].all()
+        return (st.s < opts["max_steps"]) & ~st.done.all()
 
     def body(st):
-        s = st["s"]
+        s = st.s
         pos = prompt_len + s  # the slot this step fills, per row
-        if use_cache:
-            logits = st["logits"]
-        else:
-            logits = _full_logits(cfg, params, st["tokens"], st["filled"], pos - 1)
+        logits = st.logits if use_cache else _full_logits(cfg, params, st.tokens, st.filled, pos - 1)
         drawn = sampling.sample(jax.random.fold_in(base_key, s), logits[:, None], opts["temperature"],
                                 opts["top_k"], opts["top_p"])[:, 0]
         lp = sampling.token_logprobs(logits[:, None], drawn[:, None])[:, 0]
-        live = ~st["done"]
+        live = ~st.done
         slot = jnp.where(live, pos, t)  # out of range -> dropped
-        new = dict(st)
-        new["tokens"] = st["tokens"].at[rows, slot].set(drawn, mode="drop")
-        new["filled"] = st["filled"].at[rows, slot].set(True, mode="drop")
-        new["logp"] = st["logp"].at[rows, slot].set(lp, mode="drop")
-        new["step"] = st["step"].at[rows, slot].set(s, mode="drop")
-        new["done"] = st["done"] | (pos + 1 >= limit) | (opts["stop_at_eos"] & (drawn == opts["eos_id"]))
+        new = st.replace(
+            tokens=st.tokens.at[rows, slot].set(drawn, mode="drop"),
+            filled=st.filled.at[rows, slot].set(True, mode="drop"),
+            logp=st.logp.at[rows, slot].set(lp, mode="drop"),
+            step=st.step.at[rows, slot].set(s, mode="drop"),
+            done=st.done | (pos + 1 >= limit) | (opts["stop_at_eos"] & (drawn == opts["eos_id"])), s=s + 1)
         if use_cache:
             # the next step's logits come from this token's row (dead rows write a clamped slot; their
             # logits are never used)
-            new["logits"], new["cache"] = _cached_step(cfg, params, st["cache"], drawn, jnp.minimum(pos, t - 1))
-        new["s"] = s + 1
+            nxt, cache = _cached_step(cfg, params, st.cache, drawn, jnp.minimum(pos, t - 1))
+            new = new.replace(logits=nxt, cache=cache)
         return new
 
-    out = jax.lax.while_loop(cond, body, state)
-    return out["tokens"], out["logp"], out["step"], out["s"]
+    return jax.lax.while_loop(cond, body, state)
 
 
-def decode_content(cfg: ModelConfig, params, tokens: np.ndarray, prompt_len: np.ndarray, max_new_tokens: int, *,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   use_cache: bool = True, stop_at_eos: bool = True, eos_id: int = -1, max_steps=None):
-    """Runs the content-stream decoder on a prepared buffer (see `a3jax.decode.generate(stream="content")`).
-    Returns (tokens [B, T], logprobs [B, T], step [B, T], num_steps) as numpy."""
+def decode_content(cfg: ModelConfig, params, tokens: np.ndarray, prompt_len: np.ndarray, max_new_tokens: int,
+                   spec, sampling_params, eos_id: int, width: int):
+    """Runs the content-stream decoder on a prepared buffer (a3jax.decode.generate with the content
+    stream; spec/sampling_params checked there). width: prompt slots the prefill runs (>= the longest
+    prompt; a fixed bucket keeps one compiled program across prompt lengths). Returns (tokens [B, T],
+    logprobs [B, T], step [B, T], num_steps) as numpy."""
+    temperature, top_k, top_p, seed = (sampling_params.temperature, sampling_params.top_k, sampling_params.top_p,
+                                       sampling_params.seed)
+    use_cache, stop_at_eos, max_steps = spec.use_cache, bool(spec.stop_at_eos), spec.max_steps
     limit = np.minimum(prompt_len + int(max_new_tokens), tokens.shape[1])
     total = int(max_new_tokens) if max_steps is None else min(int(max_new_tokens), int(max_steps))
     opts = dict(max_steps=jnp.int32(total), temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
                 top_p=jnp.float32(top_p), seed=jnp.uint32(int(seed) & 0xFFFFFFFF),
                 stop_at_eos=jnp.bool_(stop_at_eos and eos_id >= 0), eos_id=jnp.int32(eos_id))
-    width = int(np.max(prompt_len))
-    toks, logp, step, n = _decode(cfg, bool(use_cache), width, params, jnp.asarray(tokens, jnp.int32),
-                                  jnp.asarray(prompt_len, jnp.int32), jnp.asarray(limit, jnp.int32), opts)
-    return np.asarray(toks), np.asarray(logp), np.asarray(step), int(n)
+    out = _decode(cfg, bool(use_cache), int(width), params, jnp.asarray(tokens, jnp.int32),
+                  jnp.asarray(prompt_len, jnp.int32), jnp.asarray(limit, jnp.int32), opts)
+    return np.asarray(out.tokens), np.asarray(out.logp), np.asarray(out.step), int(out.s)

@@ -18,6 +18,7 @@ measures. One compiled `lax.while_loop`, static shapes.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,14 @@ def _scores(order: str, logits, key, t: int):
     return orders_lib.criterion_scores(order, jnp.maximum(logits, -1e30), key)
 
 
+class MdlmState(NamedTuple):
+    s: jax.Array  # steps run
+    tokens: jax.Array  # [B, T] MASK at the blanks not committed yet
+    masked: jax.Array  # [B, T]
+    logp: jax.Array  # [B, T]
+    step: jax.Array  # [B, T] the step that committed each blank (-1 = none)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _sample_loop(cfg, order: str, params, tokens, blank, valid, steps, stop, temperature, top_k, top_p, seed):
     b, t = tokens.shape
@@ -52,24 +61,24 @@ def _sample_loop(cfg, order: str, params, tokens, blank, valid, steps, stop, tem
     segments = valid.astype(jnp.int32)
     n_blank = blank.sum(-1).astype(jnp.int32)
     base = jax.random.PRNGKey(seed)
-    state = dict(s=jnp.int32(0), tokens=jnp.where(blank, jnp.int32(cfg.mask_token_id), tokens), masked=blank,
-                 logp=jnp.zeros((b, t), jnp.float32), step=jnp.full((b, t), -1, jnp.int32))
+    state = MdlmState(s=jnp.int32(0), tokens=jnp.where(blank, jnp.int32(cfg.mask_token_id), tokens), masked=blank,
+                      logp=jnp.zeros((b, t), jnp.float32), step=jnp.full((b, t), -1, jnp.int32))
 
     def body(st):
-        s = st["s"]
+        s = st.s
         k_sample, k_order = jax.random.split(jax.random.fold_in(base, s))
-        logits = diffusion.denoiser_logits(cfg, params, st["tokens"], positions, segments)
+        logits = diffusion.denoiser_logits(cfg, params, st.tokens, positions, segments)
         drawn = sampling.sample(k_sample, logits, temperature, top_k, top_p)
         lp = sampling.token_logprobs(logits, drawn)
-        scores = jnp.where(st["masked"], _scores(order, logits, k_order, t), -jnp.inf)
+        scores = jnp.where(st.masked, _scores(order, logits, k_order, t), -jnp.inf)
         rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # 0 = best still-masked blank
-        k = reveal_counts(n_blank, steps, s) - (n_blank - st["masked"].sum(-1))
-        commit = st["masked"] & (rank < k[:, None])
-        return dict(s=s + 1, tokens=jnp.where(commit, drawn, st["tokens"]), masked=st["masked"] & ~commit,
-                    logp=jnp.where(commit, lp, st["logp"]), step=jnp.where(commit, s, st["step"]))
+        k = reveal_counts(n_blank, steps, s) - (n_blank - st.masked.sum(-1))
+        commit = st.masked & (rank < k[:, None])
+        return MdlmState(s=s + 1, tokens=jnp.where(commit, drawn, st.tokens), masked=st.masked & ~commit,
+                         logp=jnp.where(commit, lp, st.logp), step=jnp.where(commit, s, st.step))
 
-    out = jax.lax.while_loop(lambda st: st["s"] < stop, body, state)
-    return out["tokens"], out["logp"], out["step"]
+    out = jax.lax.while_loop(lambda st: st.s < stop, body, state)
+    return out.tokens, out.logp, out.step
 
 
 def sample(cfg, params, tokens, known, valid, steps: int, order: str = "confidence", temperature: float = 0.0,
@@ -77,7 +86,7 @@ def sample(cfg, params, tokens, known, valid, steps: int, order: str = "confiden
     """Fills the blanks (valid & ~known) of tokens [B, T] in `steps` denoiser calls. Returns numpy
     (tokens [B, T] int32, logprobs [B, T] of each filled token, step [B, T]: -1 where not filled).
     stop < steps runs only the schedule's first `stop` steps (benchmarks). Inputs are checked by the
-    caller (a3jax.decode.decoder)."""
+    caller (a3jax.decode.api)."""
     blank = np.asarray(valid, bool) & ~np.asarray(known, bool)
     toks, lp, step = _sample_loop(cfg, order, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(blank),
                                   jnp.asarray(valid, bool), jnp.int32(steps),

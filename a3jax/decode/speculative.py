@@ -27,7 +27,9 @@ is the target's argmax. Everything after host-side preparation is one jitted `la
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,7 @@ from a3jax.config import ModelConfig
 from a3jax.decode import cache as cache_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
+from a3jax.model import KVCache
 
 
 def token_order(sched: np.ndarray, pad_to: int) -> np.ndarray:
@@ -64,48 +67,62 @@ def _pick(x, j):
     return jnp.take_along_axis(x, j.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
 
 
+class SpecState(flax.struct.PyTreeNode):
+    s: jax.Array  # passes run
+    tokens: jax.Array  # [B, T]
+    group: jax.Array  # [B, T] uncached path: group ids of everything committed
+    logp: jax.Array  # [B, T]
+    step: jax.Array  # [B, T] the pass that committed each blank (-1 = none)
+    i: jax.Array  # [B] blanks committed so far (index into the order)
+    verify: jax.Array  # [B] drafts for pi_i .. pi_{i+k-1} wait for verification
+    draft: jax.Array  # [B, k]
+    q: jax.Array  # [B, k, V] the drafts' proposal distributions
+    done: jax.Array  # [B]
+    accepted: jax.Array  # [B]
+    cache: Optional[KVCache] = None
+
+
+class SpecOpts(NamedTuple):
+    """Traced options (changing them never recompiles)."""
+    max_steps: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    stop_at_eos: jax.Array
+    eos_id: jax.Array
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid, kgroups, known_pos,
-        known_groups, order, keys, opts):
+        known_groups, order, keys, opts: SpecOpts) -> SpecState:
     """The speculative decode loop. order [B, N] (-1 = none): each row's blanks in token order.
-    keys [B, 2]: each row's base key (sampling.base_keys).
-    opts (traced): max_steps, temperature, top_k, top_p, stop_at_eos, eos_id.
-    Returns (tokens [B, T], logp [B, T], step [B, T]: the pass that committed each blank (-1 =
-    none), passes run, accepted [B]: drafts accepted per row)."""
+    keys [B, 2]: each row's base key (sampling.base_keys). Returns the final state (tokens, logp,
+    step: the pass that committed each blank, s: passes run, accepted: drafts accepted per row)."""
     b, t = tokens.shape
     g0 = t
     big = jnp.int32(2 ** 30)
     rows = jnp.arange(b)[:, None]
     ar = jnp.arange(k)
     n_blank = (order >= 0).sum(axis=1)
-    temp, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
+    temp, top_k, top_p = opts.temperature, opts.top_k, opts.top_p
     greedy = temp <= 0
     vocab = cfg.vocab_size
 
-    state = dict(
-        s=jnp.int32(0),
-        tokens=tokens,
-        group=jnp.where(known, kgroups, big),  # uncached path: group ids of everything committed
-        logp=jnp.zeros((b, t), jnp.float32),
-        step=jnp.full((b, t), -1, jnp.int32),
-        i=jnp.zeros((b,), jnp.int32),  # blanks committed so far (index into the order)
-        verify=jnp.zeros((b,), bool),  # drafts for pi_i .. pi_{i+k-1} wait for verification
-        draft=jnp.zeros((b, k), jnp.int32),
-        q=jnp.zeros((b, k, vocab), jnp.float32),  # the drafts' proposal distributions
-        done=jnp.zeros((b,), bool),
-        accepted=jnp.zeros((b,), jnp.int32),
-    )
-    if use_cache:
-        state["cache"] = cache_lib.prefill(cfg, params, tokens, known_pos, known_groups)
+    state = SpecState(
+        s=jnp.int32(0), tokens=tokens, group=jnp.where(known, kgroups, big),
+        logp=jnp.zeros((b, t), jnp.float32), step=jnp.full((b, t), -1, jnp.int32),
+        i=jnp.zeros((b,), jnp.int32), verify=jnp.zeros((b,), bool), draft=jnp.zeros((b, k), jnp.int32),
+        q=jnp.zeros((b, k, vocab), jnp.float32), done=jnp.zeros((b,), bool), accepted=jnp.zeros((b,), jnp.int32),
+        cache=cache_lib.prefill(cfg, params, tokens, known_pos, known_groups) if use_cache else None)
 
     def finished(state):
-        return state["done"] | (state["i"] >= n_blank)
+        return state.done | (state.i >= n_blank)
 
     def cond(state):
-        return (state["s"] < opts["max_steps"]) & (~finished(state)).any()
+        return (state.s < opts.max_steps) & (~finished(state)).any()
 
     def body(state):
-        s, i, ver = state["s"], state["i"], state["verify"]
+        s, i, ver = state.s, state.i, state.verify
         act = ~finished(state)
         # draft block pi_i .. pi_{i+k-1} (verify rows) and the block whose drafts this pass makes
         d_idx = i[:, None] + ar
@@ -121,12 +138,11 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         q_pos = jnp.concatenate([d_pos, n_pos], axis=1)
         q_grp = jnp.concatenate([g0 + d_idx, jnp.broadcast_to(g0 + n0[:, None], (b, k))], axis=1)
         d_slot = jnp.where(d_ok, d_pos, t)
-        toks = state["tokens"].at[rows, d_slot].set(state["draft"], mode="drop")
+        toks = state.tokens.at[rows, d_slot].set(state.draft, mode="drop")
 
-        new = dict(state)
         if use_cache:
             def step(c_cols, q_cols):
-                return cache_lib.cached_step_logits(cfg, params, state["cache"], toks, c_pos[:, c_cols],
+                return cache_lib.cached_step_logits(cfg, params, state.cache, toks, c_pos[:, c_cols],
                                                     c_grp[:, c_cols], q_pos[:, q_cols], q_pos[:, q_cols] >= 0,
                                                     q_grp[:, q_cols])
 
@@ -136,7 +152,7 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
 
             logits, cache = jax.lax.cond((ver & act).any(), lambda: step(slice(None), slice(None)), draft_only)
         else:
-            groups = state["group"].at[rows, d_slot].set(g0 + d_idx, mode="drop")
+            groups = state.group.at[rows, d_slot].set(g0 + d_idx, mode="drop")
             groups = groups.at[rows, jnp.where(n_pos >= 0, n_pos, t)].set(
                 jnp.broadcast_to(g0 + n0[:, None], (b, k)), mode="drop")
             logits = cache_lib.full_step_logits(cfg, params, toks, groups, valid.astype(jnp.int32), q_pos)
@@ -147,9 +163,9 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
 
         # ---- verify: accept a prefix of the drafts, then one corrected token
         p = sampling.probs(v_logits, temp, top_k, top_p)  # [B, k, V]
-        x = state["draft"]
+        x = state.draft
         p_x = jnp.take_along_axis(p, x[..., None], axis=-1)[..., 0]
-        q_x = jnp.take_along_axis(state["q"], x[..., None], axis=-1)[..., 0]
+        q_x = jnp.take_along_axis(state.q, x[..., None], axis=-1)[..., 0]
         u = jax.vmap(lambda kk: jax.random.uniform(kk, (k,)))(k_u)
         ok_sampled = u * q_x < p_x  # u < p/q without dividing
         ok_greedy = jnp.argmax(v_logits, axis=-1) == x
@@ -157,7 +173,7 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         n_acc = jnp.cumprod(acc, axis=1).sum(axis=1).astype(jnp.int32)
         all_acc = n_acc == d_ok.sum(axis=1)
         j = jnp.minimum(n_acc, k - 1)
-        p_j, q_j = _pick(p, j), _pick(state["q"], j)
+        p_j, q_j = _pick(p, j), _pick(state.q, j)
         resid = jnp.maximum(p_j - q_j, 0.0)
         mass = resid.sum(-1, keepdims=True)
         resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p_j)  # empty: float noise only
@@ -168,27 +184,25 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         c_tok = jnp.where(corrected, fix[:, None], x)
         c_lp = sampling.token_logprobs(v_logits, c_tok)
         slot = jnp.where(commit, d_pos, t)
-        new["tokens"] = state["tokens"].at[rows, slot].set(c_tok, mode="drop")
-        new["group"] = state["group"].at[rows, slot].set(g0 + d_idx, mode="drop")
-        new["logp"] = state["logp"].at[rows, slot].set(c_lp, mode="drop")
-        new["step"] = state["step"].at[rows, slot].set(s, mode="drop")
+        new_tokens = state.tokens.at[rows, slot].set(c_tok, mode="drop")
+        new_step = state.step.at[rows, slot].set(s, mode="drop")
         if use_cache:  # drafts from the first rejected one on saw a rejected token: free their slots
-            new["cache"] = cache_lib.release(cache, jnp.where(d_ok & ~(ar[None] < n_acc[:, None]), d_pos, -1))
+            cache = cache_lib.release(cache, jnp.where(d_ok & ~(ar[None] < n_acc[:, None]), d_pos, -1))
+        else:
+            cache = state.cache
 
         # ---- the next drafts (draft rows; in verify rows only kept when every draft was accepted)
         q_new = sampling.probs(n_logits, temp, top_k, top_p)
         sampled = jax.vmap(lambda kk, lg: jax.random.categorical(kk, lg))(k_draft, jnp.log(q_new))
-        new["draft"] = jnp.where(greedy, jnp.argmax(n_logits, axis=-1), sampled).astype(jnp.int32)
-        new["q"] = q_new
         have_next = (n_pos >= 0).any(axis=1)
-        new["verify"] = act & have_next & (~ver | all_acc)
-        new["i"] = jnp.where(act & ver, i + n_acc + jnp.where(all_acc, 0, 1), i)
-        new["accepted"] = state["accepted"] + n_acc
         # a row ends at its first EOS once every blank before it is filled (orders.eos_finished)
-        fin = orders_lib.eos_finished(new["tokens"], known | (new["step"] >= 0), valid & ~known, opts["eos_id"])
-        new["done"] = state["done"] | (opts["stop_at_eos"] & fin)
-        new["s"] = s + 1
-        return new
+        fin = orders_lib.eos_finished(new_tokens, known | (new_step >= 0), valid & ~known, opts.eos_id)
+        return SpecState(
+            s=s + 1, tokens=new_tokens, group=state.group.at[rows, slot].set(g0 + d_idx, mode="drop"),
+            logp=state.logp.at[rows, slot].set(c_lp, mode="drop"), step=new_step,
+            i=jnp.where(act & ver, i + n_acc + jnp.where(all_acc, 0, 1), i),
+            verify=act & have_next & (~ver | all_acc),
+            draft=jnp.where(greedy, jnp.argmax(n_logits, axis=-1), sampled).astype(jnp.int32),
+            q=q_new, done=state.done | (opts.stop_at_eos & fin), accepted=state.accepted + n_acc, cache=cache)
 
-    out = jax.lax.while_loop(cond, body, state)
-    return out["tokens"], out["logp"], out["step"], out["s"], out["accepted"]
+    return jax.lax.while_loop(cond, body, state)

@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 
 from a3jax import fs
 from a3jax.checkpoint import load_params
-from a3jax.decode.cli import load_tok
+from a3jax.decode.text import load_tok
 from a3jax.eval.tasks import A3Evaluator
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from a3jax import fs
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
-from a3jax.decode import generate, infill
+from a3jax.decode import DecodeSpec, SamplingParams, generate, infill
 from a3jax.score import ScoreError, bucket, score_rows
 
 KINDS = ("multiple_choice", "infill", "qa", "perplexity")
@@ -187,11 +187,12 @@ class A3Evaluator:
                 if group_size != 1 or order != "left_to_right":
                     raise TaskError(f"the content stream generates left to right one token at a time: "
                                     f"order={order!r}, group_size={group_size} do not apply")
-                opts = dict(stream="content")
-            else:
-                opts = dict(order=order, group_size=group_size)
-            new = generate(self.cfg, self.params, seqs, int(max_new_tokens), temperature=temperature, seed=seed,
-                           eos_token_id=self.tok.eos_id, buffer_length=min(bucket(need), self.max_length), **opts)
+                spec = DecodeSpec(stream="content", eos_id=self.tok.eos_id)
+            else:  # the model's own stream: an ar model's content stream (order and group size must be plain)
+                spec = DecodeSpec(order=order, group_size=group_size, eos_id=self.tok.eos_id)
+            new = generate(self.cfg, self.params, seqs, int(max_new_tokens), spec,
+                           SamplingParams(temperature=temperature, seed=seed),
+                           buffer_length=min(bucket(need), self.max_length)).new
             for row in new[:len(chunk)]:
                 text = self.tok.decode([int(x) for x in row if int(x) not in (self.tok.pad_id, self.tok.eos_id)])
                 cut = len(text)
@@ -221,8 +222,8 @@ class A3Evaluator:
             if max(len(r[0]) for r in rows) > t:
                 raise TaskError(f"an infill example exceeds max_position_embeddings={self.max_length}")
             ids, known, valid = rows_lib.blank_rows(rows, t, self._pad(), place)
-            out = infill(self.cfg, self.params, ids, known, valid=valid, order=order, group_size=group_size,
-                         temperature=temperature, seed=seed)
+            out = infill(self.cfg, self.params, ids, known, DecodeSpec(order=order, group_size=group_size),
+                         SamplingParams(temperature=temperature, seed=seed), valid).tokens
             for i, (_, a, n) in enumerate(rows[:len(chunk)]):
                 outs.append(self.tok.decode([int(x) for x in out[i, a:a + n]]))
         return outs

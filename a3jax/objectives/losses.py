@@ -1,4 +1,4 @@
-"""The A3 training loss: cross-entropy of the query-stream logits at i against tokens[i].
+"""The losses the objectives (a3jax.objectives) are made of: cross-entropy of a stream's logits against its targets.
 
 The batch is an a3jax.layout.Layout (fields by name). Targets are the positions with loss_mask == 1
 and segment_ids != 0 (the pipeline already zeroes the mask on padding and on each segment's leading

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from a3jax.layout import Layout
 from a3jax.model import diffusion
-from a3jax.train import loss as loss_lib
+from a3jax.objectives import losses as loss_lib
 
 
 class ObjectiveError(ValueError):
