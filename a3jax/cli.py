@@ -14,6 +14,7 @@ from a3jax.distributed import DistributedError, initialize, tpu_chips_present
 COMMANDS = {
     "convert": ("a3jax.convert.cli", "cli_main", "convert weights: hf-to-a3, a3-to-hf, official-to-a3, a3-to-official"),
     "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
+    "export": ("a3jax.checkpoint.export", "cli_main", "a run's params -> a params checkpoint with its tokenizer: a3jax export RUN_DIR OUT"),
     "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
     "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
     "score": ("a3jax.score", "cli_main", "exact log-likelihood of texts under a grouping"),

@@ -8,10 +8,11 @@ import tempfile
 import time
 
 from a3jax import fs
-from a3jax.checkpoint import CheckpointError, load_params, save_params
+from a3jax.checkpoint import (CheckpointError, copy_tokenizer, copy_tokenizer_files, load_params, save_params,
+                              tokenizer_spec)
 from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
 from a3jax.convert.gguf_tokenizer import write_tokenizer
-from a3jax.convert.hf import ConversionError, copy_tokenizer_files, count_params, from_hf, human_bytes, to_hf
+from a3jax.convert.hf import ConversionError, count_params, from_hf, human_bytes, to_hf
 from a3jax.convert.official import from_official, resolve_checkpoint_dir, to_official
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LlamaForCausalLM.from_pretrained loads; an A3 model's query_embed goes to "
                                    "query_embed.safetensors beside it (an ar/mdlm model's was never trained: "
                                    "left out). block=llama models only.")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint or training run directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("a3-to-official", help="a3jax params checkpoint (block official) -> reference A3 code format",
                        description="a3jax params checkpoint with block: official -> the reference code's "
                                    "config.json + state dict (model.query_embed [1,1,hidden], HF LLaMA names).")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint")
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint or training run directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors", help="state dict file format")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help=dtype_help)
@@ -176,7 +177,7 @@ def _from_a3(args, official: bool) -> int:
         to_official(cfg, params, out, fmt=args.format, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     else:
         to_hf(cfg, params, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-    copy_tokenizer_files(args.ckpt, out)
+    copy_tokenizer(tokenizer_spec(args.ckpt), out)  # a run directory's is its training tokenizer
     if out != args.out:
         fs.upload_dir(out, args.out)
         shutil.rmtree(out)  # our own temporary directory

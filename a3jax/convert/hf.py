@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from a3jax import fs
+from a3jax.checkpoint.tokenizer import copy_tokenizer_files
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
@@ -32,8 +33,6 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names every offending key or file."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 QUERY_EMBED_FILE = "query_embed.safetensors"
 
 
@@ -630,17 +629,6 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
         with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
     return [os.path.join(out_dir, n) for n in names]
-
-
-def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
-    """The tokenizer files of src_dir that exist, copied to out_dir (either may be gs://)."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        p = fs.join(src_dir, name)
-        if fs.isfile(p):
-            fs.copy_file(p, fs.join(out_dir, name))
-            copied.append(name)
-    return copied
 
 
 def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,

@@ -22,10 +22,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from a3jax import fs
+from a3jax.checkpoint.tokenizer import copy_tokenizer_files
 from a3jax.config import ModelConfig
 from a3jax.convert.hf import (ConversionError, NoWeightsError, TensorReader, config_from_hf, config_to_hf,
-                              copy_tokenizer_files, find_weight_files, hf_tensors_of, load_params_lazy,
-                              no_weights_message, read_config_json, resolve_dtype, write_safetensors)
+                              find_weight_files, hf_tensors_of, load_params_lazy, no_weights_message,
+                              read_config_json, resolve_dtype, write_safetensors)
 from a3jax.model import numpy_dtype, query_embed_init
 
 
