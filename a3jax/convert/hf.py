@@ -518,13 +518,16 @@ def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
 def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **config_overrides):
     """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
     dtype: bf16 | fp32 | None (keep the checkpoint's). The query vector comes from
-    `query_embed.safetensors` when the directory was written by `to_hf`, else cfg.query_init
-    (default: the mean token embedding). A gs:// directory is copied to the host's cache first
+    `query_embed.safetensors` when the directory was written by `to_hf` (cfg.objective a3), else
+    cfg.query_init (default: the mean token embedding; cfg.objective ar: a plain LLaMA). A gs:// directory is copied to the host's cache first
     (a3jax.fs.local_copy: safetensors are memory-mapped from local files)."""
     if fs.is_gcs(hf_dir):
         hf_dir = fs.local_copy(hf_dir)
     hf, path = read_config_json(hf_dir)
-    cfg = config_from_hf(hf, path, **config_overrides)
+    # A plain LLaMA is a causal LM (objective ar: its content stream); `to_hf` of an A3 model writes the
+    # trained query vector beside it, and only then is the model read back as A3.
+    trained_query = os.path.exists(os.path.join(hf_dir, QUERY_EMBED_FILE))
+    cfg = config_from_hf(hf, path, **{"objective": "a3" if trained_query else "ar", **config_overrides})
     reader = TensorReader(hf_dir)
     cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=False, progress=progress)
     q = read_query_embed(hf_dir, cfg)

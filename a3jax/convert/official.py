@@ -112,6 +112,8 @@ def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = 
                               f"which starts it per query_init as the reference's from_pretrained does)") from e
     if not has_query:
         log(f"{model_dir}: a plain LLaMA (no model.query_embed): query vector from query_init={cfg.query_init!r}")
+        # a causal LM until adapted, unless the caller says otherwise
+        cfg = dataclasses.replace(cfg, objective=config_overrides.get("objective", "ar"))
         params["query_embed"] = np.asarray(query_embed_init(cfg, params["embed"])).astype(params["embed"].dtype)
     return cfg, params
 
