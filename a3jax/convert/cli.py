@@ -10,6 +10,7 @@ import time
 from a3jax import fs
 from a3jax.checkpoint import (CheckpointError, copy_tokenizer, copy_tokenizer_files, load_params, save_params,
                               tokenizer_spec)
+from a3jax.cli import SUBCOMMANDS
 from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
 from a3jax.convert.gguf_tokenizer import write_tokenizer
 from a3jax.convert.hf import ConversionError, count_params, from_hf, human_bytes, to_hf
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert weights between HF LLaMA / the reference A3 code and a3jax params checkpoints "
                     "(Orbax params + model.yaml). Reading is tensor by tensor, so peak host memory stays "
                     "close to one copy of the weights.")
-    sub = ap.add_subparsers(dest="command", metavar="{hf-to-a3,a3-to-hf,official-to-a3,a3-to-official,gguf-to-a3}")
+    helps = SUBCOMMANDS["convert"]  # the one-line helps `a3jax --help` shows too
+    sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(helps) + "}")
     sub.required = True
     dtype_help = "parameter dtype of the output (default: keep the source's)"
 
-    p = sub.add_parser("hf-to-a3", help="HF LLaMA directory -> a3jax params checkpoint",
+    p = sub.add_parser("hf-to-a3", help=helps["hf-to-a3"],
                        description="HF LLaMA directory (config.json + safetensors or pytorch_model*.bin, single "
                                    "or sharded) -> params-only Orbax checkpoint + model.yaml + tokenizer files.")
     p.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("gguf-to-a3", help="GGUF file (llama.cpp) -> a3jax params checkpoint + tokenizer",
+    p = sub.add_parser("gguf-to-a3", help=helps["gguf-to-a3"],
                        description="GGUF file of a LLaMA (general.architecture llama; any tensor type the gguf "
                                    "package dequantizes) -> params-only Orbax checkpoint + model.yaml + the "
                                    "tokenizer rebuilt from the file's metadata (tokenizer.json, "
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("a3-to-hf", help="a3jax params checkpoint -> HF LLaMA directory (+ query_embed.safetensors)",
+    p = sub.add_parser("a3-to-hf", help=helps["a3-to-hf"],
                        description="a3jax params checkpoint -> HF LLaMA directory that transformers' "
                                    "LlamaForCausalLM.from_pretrained loads; an A3 model's query_embed goes to "
                                    "query_embed.safetensors beside it (an ar/mdlm model's was never trained: "
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), metavar="SIZE",
                    help="split model.safetensors into shards of at most SIZE (default 5GB)")
 
-    p = sub.add_parser("official-to-a3", help="reference A3 code checkpoint -> a3jax params checkpoint (block official)",
+    p = sub.add_parser("official-to-a3", help=helps["official-to-a3"],
                        description="Reference PyTorch A3 checkpoint (HF-style config.json + state dict with "
                                    "model.query_embed [1,1,hidden]; model.safetensors, sharded safetensors, "
                                    "pytorch_model.bin or sharded .bin) -> a3jax params checkpoint with block: "
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("a3-to-official", help="a3jax params checkpoint (block official) -> reference A3 code format",
+    p = sub.add_parser("a3-to-official", help=helps["a3-to-official"],
                        description="a3jax params checkpoint with block: official -> the reference code's "
                                    "config.json + state dict (model.query_embed [1,1,hidden], HF LLaMA names).")
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="a3jax params checkpoint or training run directory")
