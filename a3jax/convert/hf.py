@@ -465,41 +465,6 @@ def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str
     return cfg, params
 
 
-def params_from_hf_tensors(cfg: ModelConfig, tensors: dict, where: str, dtype=None) -> dict:
-    """Builds the a3jax params tree from an in-memory dict of HF tensors (no query_embed);
-    every missing/unexpected/mis-shaped key is reported together."""
-    check_tensor_shapes(cfg, {k: tuple(np.shape(v)) for k, v in tensors.items()}, where)
-    shapes = param_shapes(cfg)
-    plan = key_plan(cfg)
-    params = {"layers": {n: [None] * cfg.num_layers for n in shapes["layers"]}}
-    for key, slot in plan.items():
-        w = np.asarray(tensors[key])
-        w = slot.to_a3(w if dtype is None else w.astype(dtype))
-        if slot.layer is None:
-            params[slot.path[0]] = np.ascontiguousarray(w)
-        else:
-            params["layers"][slot.path[1]][slot.layer] = w
-    params["layers"] = {n: np.stack(ws) for n, ws in params["layers"].items()}
-    return params
-
-
-def read_hf_tensors(hf_dir: str) -> dict:
-    """All tensors of a HF directory as numpy arrays (loads everything; prefer TensorReader)."""
-    reader = TensorReader(hf_dir)
-    try:
-        return {k: reader.read(k) for k in reader.file_of}
-    finally:
-        reader.close()
-
-
-def safetensors_files(hf_dir: str) -> list[str]:
-    try:
-        files, kind = find_weight_files(hf_dir)
-    except ConversionError:
-        return []
-    return files if kind == "safetensors" else []
-
-
 def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
     """query_embed from `query_embed.safetensors` (written by `to_hf`), or None when absent."""
     path = os.path.join(model_dir, QUERY_EMBED_FILE)

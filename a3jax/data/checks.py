@@ -12,8 +12,8 @@ import numpy as np
 from a3jax.layout import LAYOUT_KEYS
 
 
-class LayoutError(AssertionError):
-    pass
+class LayoutError(ValueError):
+    """A batch that breaks the row layout (a3jax.layout); the message names the row and the rule."""
 
 
 def check_batch(batch: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: bool = True) -> list:
