@@ -14,7 +14,7 @@ from a3jax.distributed import DistributedError, initialize, tpu_chips_present
 COMMANDS = {
     "convert": ("a3jax.convert.cli", "cli_main", "convert weights (a3jax convert SUBCOMMAND --help):"),
     "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
-    "export": ("a3jax.checkpoint.export", "cli_main", "a run's params -> a params checkpoint with its tokenizer: a3jax export RUN_DIR OUT"),
+    "export": ("a3jax.checkpoint.export", "cli_main", "a run's params -> a params checkpoint + tokenizer: export RUN_DIR OUT"),
     "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
     "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
     "score": ("a3jax.score", "cli_main", "exact log-likelihood of texts under a grouping"),
@@ -33,8 +33,8 @@ SUBCOMMANDS = {
         "gguf-to-a3": "GGUF file (llama.cpp) -> params checkpoint + tokenizer",
         "hf-to-a3": "HF LLaMA directory -> params checkpoint",
         "a3-to-hf": "params checkpoint or run -> HF LLaMA directory",
-        "official-to-a3": "reference A3 code checkpoint -> params checkpoint",
-        "a3-to-official": "params checkpoint -> reference A3 code format",
+        "reference-to-a3": "reference A3 code checkpoint -> params checkpoint",
+        "a3-to-reference": "params checkpoint -> reference A3 code format",
     },
 }
 

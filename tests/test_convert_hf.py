@@ -174,7 +174,7 @@ def test_cli_dtype_flag_and_help(tmp_path, capsys):
         cli_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("hf-to-a3", "a3-to-hf", "official-to-a3", "a3-to-official"):
+    for cmd in ("hf-to-a3", "a3-to-hf", "reference-to-a3", "a3-to-reference"):
         assert cmd in text
     with pytest.raises(SystemExit) as e:
         cli_main(["hf-to-a3", "--help"])

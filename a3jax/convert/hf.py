@@ -204,15 +204,15 @@ class Slot:
     to_a3: Callable[[np.ndarray], np.ndarray]
 
 
-def key_plan(cfg: ModelConfig, official: bool = False) -> dict[str, Slot]:
-    """Checkpoint key -> Slot, for HF LLaMA (official=False) or the reference A3 code's state dict."""
+def key_plan(cfg: ModelConfig, reference: bool = False) -> dict[str, Slot]:
+    """Checkpoint key -> Slot, for HF LLaMA (reference=False) or the reference A3 code's state dict."""
     V, E = cfg.vocab_size, cfg.hidden_size
     ident = lambda w: w  # noqa: E731
     plan = {"model.embed_tokens.weight": Slot(("embed",), None, (V, E), ident),
             "model.norm.weight": Slot(("final_norm",), None, (E,), ident)}
     if not cfg.tie_word_embeddings:
         plan["lm_head.weight"] = Slot(("lm_head",), None, (V, E), lambda w: w.T)
-    if official:
+    if reference:
         plan["model.query_embed"] = Slot(("query_embed",), None, (1, 1, E), lambda w: w.reshape(E))
     hf_shapes = hf_layer_shapes(cfg)
     for i in range(cfg.num_layers):
@@ -226,9 +226,9 @@ def _ignorable(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
 
-def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, official: bool = False) -> None:
+def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, reference: bool = False) -> None:
     """Every missing / unexpected / mis-shaped key, reported together in one ConversionError."""
-    plan = key_plan(cfg, official)
+    plan = key_plan(cfg, reference)
     problems = []
     for key, slot in plan.items():
         if key not in shapes:
@@ -413,12 +413,12 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
     return name
 
 
-def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, official: bool = False,
+def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, reference: bool = False,
                      progress: bool = False) -> tuple[ModelConfig, dict]:
     """Validates all keys/shapes first, then fills preallocated params tensor by tensor.
     dtype None keeps the checkpoint's (embedding) dtype. Returns (cfg with param_dtype, numpy params)."""
-    check_tensor_shapes(cfg, reader.shapes, reader.dir, official)
-    plan = key_plan(cfg, official)
+    check_tensor_shapes(cfg, reader.shapes, reader.dir, reference)
+    plan = key_plan(cfg, reference)
     src = reader.dtypes.get("model.embed_tokens.weight", "float32")
     src = _SRC_DTYPES.get(src)
     if src is None and dtype is None:
@@ -494,7 +494,7 @@ def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **
     trained_query = os.path.exists(os.path.join(hf_dir, QUERY_EMBED_FILE))
     cfg = config_from_hf(hf, path, **{"objective": "a3" if trained_query else "ar", **config_overrides})
     reader = TensorReader(hf_dir)
-    cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=False, progress=progress)
+    cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), reference=False, progress=progress)
     q = read_query_embed(hf_dir, cfg)
     params["query_embed"] = (query_embed_init(cfg, params["embed"]) if q is None
                              else q.astype(params["embed"].dtype))
@@ -508,9 +508,9 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_tensors_of(cfg: ModelConfig, params, official: bool = False) -> Iterable[tuple[str, Callable]]:
+def hf_tensors_of(cfg: ModelConfig, params, reference: bool = False) -> Iterable[tuple[str, Callable]]:
     """(key, thunk -> numpy tensor in HF layout) for every checkpoint tensor; thunks make one tensor at a time."""
-    plan = key_plan(cfg, official)
+    plan = key_plan(cfg, reference)
     E = cfg.hidden_size
     cache = {}
 
@@ -569,13 +569,13 @@ def stream_safetensors(path: str, entries, npdt, metadata=None) -> None:
     os.replace(tmp, path)
 
 
-def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = False,
+def write_safetensors(cfg: ModelConfig, params, out_dir: str, reference: bool = False,
                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, base: str = "model") -> list[str]:
     """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`,
     streaming one tensor at a time."""
     npdt = numpy_dtype(resolve_dtype(dtype) or cfg.param_dtype)
-    plan = key_plan(cfg, official)
-    items = hf_tensors_of(cfg, params, official)
+    plan = key_plan(cfg, reference)
+    items = hf_tensors_of(cfg, params, reference)
     nbytes = {k: int(np.prod(plan[k].shape)) * np.dtype(npdt).itemsize for k, _ in items}
     shards, cur, size = [], [], 0
     for k, _ in items:
@@ -604,10 +604,10 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
     """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
     `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors` when the
     params are an A3 model's (cfg.objective a3; an ar/mdlm model's query vector was never trained).
-    Only for block=llama (the official block is not a HF LLaMA: use to_official)."""
+    Only for block=llama (the reference block is not a HF LLaMA: use to_reference)."""
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
-                              f"export this model with to_official / `a3jax convert a3-to-official`")
+                              f"export this model with to_reference / `a3jax convert a3-to-reference`")
     dtype = resolve_dtype(dtype) or cfg.param_dtype
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     os.makedirs(out_dir, exist_ok=True)
