@@ -132,13 +132,17 @@ def test_ar_model_exports_no_query_vector_and_comes_back_with_its_embedding_mean
     src = tmp_path / "hf"
     make_hf_llama(src, seed=8)
     cfg, params = from_hf(str(src))
+    assert cfg.objective == "ar"  # a plain LLaMA: a causal LM until adapted
     params = dict(params, query_embed=np.full_like(params["query_embed"], 0.5))  # "trained" by A3
     out = tmp_path / "out"
-    to_hf(cfg, params, str(out))
-    np.testing.assert_array_equal(from_hf(str(out))[1]["query_embed"], params["query_embed"])
+    to_hf(dataclasses.replace(cfg, objective="a3"), params, str(out))
+    a3_cfg, a3_params = from_hf(str(out))
+    assert a3_cfg.objective == "a3"
+    np.testing.assert_array_equal(a3_params["query_embed"], params["query_embed"])
     to_hf(dataclasses.replace(cfg, objective="ar"), params, str(out))  # same dir: the stale file goes
     assert not os.path.exists(out / QUERY_EMBED_FILE)
-    _, back = from_hf(str(out))
+    back_cfg, back = from_hf(str(out))
+    assert back_cfg.objective == "ar"
     np.testing.assert_allclose(back["query_embed"], params["embed"].astype(np.float64).mean(axis=0), atol=1e-6)
 
 

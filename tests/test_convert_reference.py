@@ -257,6 +257,7 @@ def test_plain_llama_needs_from_llama(tmp_path):
     cfg, params = from_reference(str(src), from_llama=True, log=logs.append)
     hcfg, hparams = from_hf(str(src))
     assert cfg.block == "reference" and cfg.query_init == "normal" and "plain LLaMA" in logs[0]
+    assert cfg.objective == "ar"  # not adapted yet; a reference checkpoint (with its query vector) is a3
     tree_bit_exact({k: v for k, v in hparams.items() if k != "query_embed"},
                    {k: v for k, v in params.items() if k != "query_embed"})
     q = params["query_embed"].astype(np.float64)
