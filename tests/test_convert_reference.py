@@ -22,6 +22,7 @@ def test_reference_roundtrip_bit_exact(tmp_path, fmt, tie, dtype):
     _, _, sd = make_reference(src, fmt=fmt, tie=tie, dtype=dtype)
     cfg, params = from_reference(str(src))
     assert cfg.block == "reference" and cfg.param_dtype == dtype and cfg.tie_word_embeddings == tie
+    assert cfg.objective == "a3"  # the reference code trains A3 models
     qe = sd["model.query_embed"].float().numpy().reshape(-1)
     np.testing.assert_array_equal(params["query_embed"].astype(np.float32), qe)
     out = tmp_path / "out"
