@@ -23,7 +23,7 @@ import pytest
 
 import gcs_emulator
 from a3jax import fs
-from a3jax.checkpoint import RunCheckpoints, load_params
+from a3jax.checkpoint import RunCheckpoints, export_run, load_params
 from a3jax.config import DataConfig, MeshConfig, StageConfig
 from a3jax.data import ByteTokenizer, load_corpus, load_tokenizer, make_train_iterator
 from a3jax.data.prepare import prepare
@@ -155,6 +155,15 @@ def test_gcs_checkpoint_restores_onto_another_mesh_bit_exact(gs_run, reference):
     ck.close()
     assert state.params["layers"]["w_gate"].sharding.spec == ssh.params["layers"]["w_gate"].spec
     _assert_bitwise_equal(jax.device_get(state.params), _params(f"{reference.run_dir}/checkpoints/12/state"))
+
+
+def test_a_gcs_run_exports_and_reads_as_a_checkpoint(gs_run, reference):
+    run, _ = gs_run
+    want = _params(f"{reference.run_dir}/checkpoints/12/state")
+    out = export_run(run, f"{GS}/exports/final")  # gs:// to gs://
+    assert fs.isfile(f"{out}/model.yaml")
+    _assert_bitwise_equal(load_params(out, host=True)[1], want)
+    _assert_bitwise_equal(load_params(run, host=True)[1], want)  # the run directory itself as --ckpt
 
 
 def test_corrupt_latest_on_gcs_is_skipped_and_kept_in_place(gs_run, gs_corpus):
