@@ -321,7 +321,7 @@ def test_missing_bucket_and_object_are_named(gcs):
         load_corpus(f"{GS}/nothing.jsonl", ByteTokenizer())
     from a3jax.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match=f"{GS}/no-ckpt/model.yaml: not found"):
+    with pytest.raises(CheckpointError, match=f"{GS}/no-ckpt: not found"):
         load_params(f"{GS}/no-ckpt")
 
 
