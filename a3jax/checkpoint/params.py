@@ -70,7 +70,7 @@ def _run_config(run_dir: str, step) -> tuple[ModelConfig, int]:
         step = resolve_step(run_dir, step)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from e
-    where = f"{fs.join(_abs(run_dir), 'checkpoints', str(step), 'config')}"
+    where = fs.join(_abs(run_dir), "checkpoints", str(step), "config")
     try:
         return config_lib.build(Config, run_config_dict(run_dir, step), where).model, step
     except ConfigError as e:
