@@ -4,6 +4,8 @@ a model on the byte tokenizer has none. `--tokenizer auto` means the checkpoint'
 """
 from __future__ import annotations
 
+import os
+
 from a3jax import fs
 from a3jax.checkpoint.run import is_run_dir, resolve_step, run_config_dict
 
@@ -30,6 +32,8 @@ def copy_tokenizer(spec: str, out_dir: str) -> list[str]:
     directory holding one) copied into out_dir as tokenizer.json and the files beside it; byte: none."""
     if spec in BYTE_SPECS:
         return []
+    if not fs.is_gcs(spec):
+        spec = os.path.expanduser(spec)
     is_file = spec.endswith(".json")
     src_dir = fs.dirname(spec) if is_file else spec
     file = spec if is_file else fs.join(spec, "tokenizer.json")
