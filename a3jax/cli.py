@@ -12,8 +12,9 @@ from a3jax.distributed import DistributedError, initialize, tpu_chips_present
 
 # command -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS = {
-    "convert": ("a3jax.convert.cli", "cli_main", "convert weights: hf-to-a3, a3-to-hf, official-to-a3, a3-to-official"),
+    "convert": ("a3jax.convert.cli", "cli_main", "convert weights (a3jax convert SUBCOMMAND --help):"),
     "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
+    "export": ("a3jax.checkpoint.export", "cli_main", "a run's params -> a params checkpoint + tokenizer: export RUN_DIR OUT"),
     "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
     "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
     "score": ("a3jax.decode.score_cli", "score_main", "exact log-likelihood of texts under a grouping"),
@@ -26,6 +27,16 @@ COMMANDS = {
     "demo": ("a3jax.demo", "cli_main", "the main job on the embedded default (make demo)"),
 }
 
+# Subcommands listed under their command in `a3jax --help` (a test holds them equal to the parsers').
+SUBCOMMANDS = {
+    "convert": {
+        "gguf-to-a3": "GGUF file (llama.cpp) -> params checkpoint + tokenizer",
+        "hf-to-a3": "HF LLaMA directory -> params checkpoint",
+        "a3-to-hf": "params checkpoint or run -> HF LLaMA directory",
+        "reference-to-a3": "reference A3 code checkpoint -> params checkpoint",
+        "a3-to-reference": "params checkpoint -> reference A3 code format",
+    },
+}
 
 # Commands that run on devices join the multi-process job first (a3jax.distributed: TPU pod, SLURM,
 # A3JAX_* variables; a single process when none is set). `train` does it itself, after its config.
@@ -34,7 +45,9 @@ DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo"}
 
 def usage() -> str:
     lines = ["usage: a3jax <command> [args]  (a3jax <command> --help for details)", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    for name, (_, _, help_) in COMMANDS.items():
+        lines.append(f"  {name:<11} {help_}")
+        lines += [f"    {sub:<16} {sub_help}" for sub, sub_help in SUBCOMMANDS.get(name, {}).items()]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 A config file is a YAML mapping whose top-level keys are the sections of `Config`. A section may be
 given as a string naming another YAML file (e.g. `model: tiny` -> configs/model/tiny.yaml), or as a
-mapping whose `base` key names one (`model: {base: tiny, block: official}`: the file, then the keys
+mapping whose `base` key names one (`model: {base: tiny, block: reference}`: the file, then the keys
 over it), and a file may start from another with `base: other.yaml`. Every unknown key, wrong type or
 inconsistent value raises `ConfigError` naming the key and the file it came from.
 """
@@ -63,7 +63,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 RoPE high-frequency factor
     rope_original_max_position: int = 8192  # llama3 RoPE original context length
     # A3 specifics.
-    block: str = "llama"  # llama (exact pre-norm LLaMA) | official (reference code's post-norm block)
+    block: str = "llama"  # llama (exact pre-norm LLaMA) | reference (reference code's post-norm block)
     query_init: str = "embed_mean"  # embed_mean | normal | zeros
     # Implementation.
     attention: str = "auto"  # auto | dense | blockwise | pallas
@@ -78,7 +78,7 @@ class ModelConfig:
     pad_token_id: int = 258  # PAD id (-1 = none); filler for padding rows
     mask_token_id: int = -1  # MASK id of the mdlm objective (-1 = none; the byte tokenizer's is 259); never predicted
     objective: str = "a3"  # what the params are trained for (a3 | ar | mdlm): mirrors train.objective; model.yaml records it, decoders check it
-    prompt_group_size: int = 0  # context layout the model was trained on, decoding's default: 0 = the whole context in one group, n = left-to-right chunks of n (a3jax.data.grouping.prompt_group_size_for derives it from data.stages)
+    prompt_group_size: int = 0  # context layout the model was trained on, decoding's default: 0 = the whole context in one group, n = left-to-right chunks of n; training sets it from the last stage it trains when left at 0 (a3jax.data.grouping.prompt_group_size_for)
     init_from: str = ""  # params checkpoint (from `a3jax convert`; local or gs://) to start from; "" = random init
     init_std: float = 0.02  # std of the normal init of weight matrices and embeddings
 
@@ -104,7 +104,7 @@ class ModelConfig:
             bad("head_dim", f"RoPE needs an even head size, got {self.head_size}")
         choices = {
             "rope_type": ("default", "linear", "llama3"),
-            "block": ("llama", "official"),
+            "block": ("llama", "reference"),
             "query_init": ("embed_mean", "normal", "zeros"),
             "attention": ("auto", "dense", "blockwise", "pallas"),
             "dtype": ("float32", "bfloat16", "float16"),
@@ -477,7 +477,7 @@ def load_dict(path: str, _seen=()) -> dict:
         if isinstance(value, str) and section in SECTION_FILES:
             value = _read_yaml(_resolve(value, base_dir, section))
         elif isinstance(value, dict) and "base" in value and section in SECTION_FILES:
-            # `model: {base: llama3.2-1b, block: official}`: a section file, then keys over it
+            # `model: {base: llama3.2-1b, block: reference}`: a section file, then keys over it
             value = dict(value)
             name = value.pop("base")
             if not isinstance(name, str):

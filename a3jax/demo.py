@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from a3jax import fs
-from a3jax.checkpoint import RunCheckpoints, load_params, save_params
+from a3jax.checkpoint import RunCheckpoints, export_run, load_params
 from a3jax.config import MeshConfig, load_config
 from a3jax.data import SkipStats, load_tokenizer, make_eval_batches
 from a3jax.data.rows import blank_rows, placeholder_id, prompt_groups
@@ -94,11 +94,11 @@ def phase_plan(config_dir: str, overrides, out: str) -> dict:
 
     commands = dict(
         pretrain=f"a3jax train {q([pre_path] + pre_ov)}",
-        export_pretrain=f"a3jax demo --export {d['pretrain']} {d['pretrain_final']}",
+        export_pretrain=f"a3jax export {d['pretrain']} {d['pretrain_final']}",
         a3_to_hf=f"a3jax convert a3-to-hf --ckpt {d['pretrain_final']} --out {d['hf']}",
         hf_to_a3=f"a3jax convert hf-to-a3 --hf {d['hf']} --out {d['base']} --force",
         adapt=f"a3jax train {q([ad_path] + ad_ov)}",
-        export_final=f"a3jax demo --export {d['adapt']} {d['final']}",
+        export_final=f"a3jax export {d['adapt']} {d['final']}",
     )
     return dict(pretrain=load_config(pre_path, pre_ov), adapt=load_config(ad_path, ad_ov), dirs=d,
                 commands=commands)
@@ -120,14 +120,6 @@ def final_params(cfg):
     finally:
         ckpts.close()
     return state.params
-
-
-def export_run(run_dir: str, out: str) -> str:
-    """`a3jax demo --export RUN_DIR OUT`: the run's latest params as a params checkpoint (the format of
-    `a3jax convert` output, `--ckpt` and `model.init_from`)."""
-    cfg = load_config(fs.join(run_dir, "config.yaml"))
-    save_params(out, cfg.model, final_params(cfg), force=True)
-    return out
 
 
 def train_phase(name: str, cfg, command: str) -> tuple[dict, bool]:
@@ -577,12 +569,7 @@ def cli_main(argv=None) -> int:
     ap.add_argument("--out", default="runs/demo", help="where every phase writes (default runs/demo)")
     ap.add_argument("--infill-count", type=int, default=BENCH_COUNT)
     ap.add_argument("--show", type=int, default=8, help="infill examples printed")
-    ap.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT"),
-                    help="only export RUN_DIR's latest params as a params checkpoint OUT")
     args = ap.parse_intermixed_args(argv)
-    if args.export:
-        print(f"params of {args.export[0]} -> {export_run(*args.export)}")
-        return 0
     run(args.config_dir, args.overrides, args.out, args.infill_count, args.show)
     return 0
 

@@ -221,11 +221,3 @@ def is_main_process() -> bool:
         return True
     return jax.process_index() == 0
 
-
-def process_info() -> dict:
-    """{process_index, process_count, local_devices, devices, plan} (after initialize())."""
-    import jax  # deferred (see above)
-
-    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-            "plan": (_PLAN or plan_from_env()).describe()}

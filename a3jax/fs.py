@@ -20,6 +20,7 @@ bucket is named in the error. GCS has no rename; nothing here renames on gs://.
 from __future__ import annotations
 
 import glob as _pyglob
+import http.client
 import os
 import posixpath
 import shutil
@@ -98,6 +99,23 @@ def _tcp_reachable(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def _google_metadata_server(host_port: str, timeout: float) -> bool:
+    """Whether Google's metadata server answers at host_port. Other clouds (and some container
+    networks) answer on 169.254.169.254 too: only the Metadata-Flavor: Google reply counts, or the
+    Google auth library would go on to look the server up by name and retry for a minute."""
+    host, _, port = host_port.partition(":")
+    if not _tcp_reachable(host, int(port or 80), timeout):
+        return False
+    conn = http.client.HTTPConnection(host, int(port or 80), timeout=timeout)
+    try:
+        conn.request("GET", "/computeMetadata/v1/", headers={"Metadata-Flavor": "Google"})
+        return conn.getresponse().getheader("Metadata-Flavor") == "Google"
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def _emulator() -> Optional[str]:
     return os.environ.get("STORAGE_EMULATOR_HOST") or None
 
@@ -125,8 +143,7 @@ def check_credentials(path: str = GCS) -> None:
         return
     # GCE / TPU VM / GKE: the metadata server hands out the VM's service-account token.
     meta = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP") or "169.254.169.254"
-    host, _, port = meta.partition(":")
-    if _tcp_reachable(host, int(port or 80), 1.0):
+    if _google_metadata_server(meta, 2.0):
         return
     raise StorageError(
         f"{path}: no Google Cloud credentials on this machine. Set GOOGLE_APPLICATION_CREDENTIALS to a "

@@ -58,6 +58,16 @@ class Layout(NamedTuple):
 LAYOUT_KEYS: tuple[str, ...] = Layout._fields
 
 
+def token_range_error(tokens, vocab_size: int):
+    """The message naming a token id outside [0, vocab_size) (the largest too-large one, else the most
+    negative), or None when every id fits: each caller raises its own error type with it."""
+    t = np.asarray(tokens)
+    if not t.size or (t.min() >= 0 and t.max() < vocab_size):
+        return None
+    bad = int(t.max()) if t.max() >= vocab_size else int(t.min())
+    return f"token id {bad} is outside [0, vocab_size={vocab_size})"
+
+
 def with_defaults(tokens, positions=None, groups=None, segment_ids=None, loss_mask=None) -> Layout:
     """A Layout of jnp int32 arrays shaped like `tokens` ([B, T] or [T]), the missing fields filled
     with the defaults (module docstring). Works on traced values."""

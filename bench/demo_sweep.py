@@ -80,9 +80,8 @@ def _untrained_query_base(out: str) -> None:
     instead of from the trained embeddings' mean. Pre-made here, so the demo keeps these hf/ and base/."""
     import dataclasses
 
-    from a3jax.checkpoint import load_params, save_params
+    from a3jax.checkpoint import export_run, load_params, save_params
     from a3jax.convert.hf import from_hf, to_hf
-    from a3jax.demo import export_run
 
     if not os.path.exists(os.path.join(out, "pretrain", "final", "model.yaml")):
         export_run(os.path.join(out, "pretrain"), os.path.join(out, "pretrain", "final"))

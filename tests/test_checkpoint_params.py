@@ -96,7 +96,7 @@ def test_save_refuses_overwrite_and_mismatched_params(converted, tmp_path):
 
 
 def test_load_errors_name_the_path(tmp_path, converted):
-    with pytest.raises(CheckpointError, match="model.yaml: not found"):
+    with pytest.raises(CheckpointError, match="nowhere: not found"):
         load_params(str(tmp_path / "nowhere"))
     ck, cfg, _ = converted
     d = tmp_path / "mismatch"

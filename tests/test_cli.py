@@ -1,4 +1,5 @@
-"""The `a3jax` command table: every command resolves, and `a3jax bench` runs the bench/ scripts."""
+"""The `a3jax` command table: every command resolves, `a3jax --help` lists every command and
+subcommand on a line of its own, and `a3jax bench` runs the bench/ scripts."""
 import importlib
 import json
 import os
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-from a3jax.cli import COMMANDS
+from a3jax.cli import COMMANDS, SUBCOMMANDS
+from a3jax.convert.cli import build_parser as convert_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,6 +19,24 @@ def test_every_command_resolves_to_a_function(name):
     module, func, help_ = COMMANDS[name]
     assert callable(getattr(importlib.import_module(module), func)), f"a3jax {name}: {module}.{func}"
     assert help_
+
+
+def test_help_lists_every_command_and_subcommand_one_line_each():
+    r = subprocess.run([sys.executable, "-m", "a3jax", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in COMMANDS:
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, (name, r.stdout)
+    # convert's subcommands (its parser takes each help from SUBCOMMANDS), each on one line with its help
+    assert {"gguf-to-a3", "hf-to-a3", "a3-to-hf"} <= set(SUBCOMMANDS["convert"])
+    for sub in SUBCOMMANDS["convert"]:
+        with pytest.raises(SystemExit) as e:
+            convert_parser().parse_args([sub, "--help"])
+        assert e.value.code == 0, sub
+        matching = [line for line in lines if line.split()[:1] == [sub]]
+        assert len(matching) == 1 and len(matching[0].split()) > 3, (sub, r.stdout)
+    assert "gguf-to-a3" in r.stdout and "export" in r.stdout
 
 
 def _bench(*args, cwd=ROOT):

@@ -86,9 +86,9 @@ def test_section_file_overrides_merge():
 def test_section_mapping_with_base(tmp_path):
     (tmp_path / "model").mkdir()
     write(tmp_path / "model" / "small.yaml", "hidden_size: 48\nnum_heads: 4\nnum_kv_heads: 4\nnum_layers: 3\n")
-    f = write(tmp_path / "c.yaml", "model:\n  base: small\n  num_layers: 5\n  block: official\n")
+    f = write(tmp_path / "c.yaml", "model:\n  base: small\n  num_layers: 5\n  block: reference\n")
     cfg = load_config(f)
-    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.block) == (48, 5, "official")
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.block) == (48, 5, "reference")
     with pytest.raises(ConfigError, match=r"c2\.yaml: model\.base must name a model file, got 3"):
         load_config(write(tmp_path / "c2.yaml", "model:\n  base: 3\n"))
 

@@ -38,7 +38,7 @@ def tree_bit_exact(a, b, path=""):
     assert x.tobytes() == y.tobytes(), f"{path}: values differ"
 
 
-def make_official(path, *, fmt="safetensors", tie=False, dtype="float32", seed=1, vocab=96, hidden=64, layers=2,
+def make_reference(path, *, fmt="safetensors", tie=False, dtype="float32", seed=1, vocab=96, hidden=64, layers=2,
                   heads=4, kv_heads=2, inter=112):
     """A reference-code style checkpoint: HF LLaMA config.json + state dict with model.query_embed [1,1,E]
     (the reference model's state_dict names), written with torch/safetensors directly."""

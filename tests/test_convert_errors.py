@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from hf_models import make_hf_llama
-from test_convert_common import make_checkpoint, make_official, read_all
+from test_convert_common import make_checkpoint, make_reference, read_all
 
-from a3jax.convert import ConversionError, from_hf, from_official
+from a3jax.convert import ConversionError, from_hf, from_reference
 from a3jax.convert.cli import cli_main
 
 
@@ -143,15 +143,15 @@ def test_tied_config_with_different_lm_head_refused(tmp_path):
         from_hf(str(src))
 
 
-def test_official_missing_query_embed_and_bad_shape(tmp_path):
+def test_reference_missing_query_embed_and_bad_shape(tmp_path):
     src = tmp_path / "ref"
-    make_official(src, fmt="safetensors")
+    make_reference(src, fmt="safetensors")
     t = read_all(str(src))
     t["model.query_embed"] = np.zeros((1, 64), np.float32)
     _rewrite(src, t)
     with pytest.raises(ConversionError, match=r"model.query_embed: shape \(1, 64\) in the checkpoint, expected \(1, 1, 64\)"):
-        from_official(str(src))
+        from_reference(str(src))
     del t["model.query_embed"]
     _rewrite(src, t)
     with pytest.raises(ConversionError, match=r"missing model.query_embed \(expected shape \(1, 1, 64\)\)"):
-        from_official(str(src))
+        from_reference(str(src))

@@ -42,6 +42,7 @@ def test_f32_gguf_equals_from_hf_bit_exact(tmp_path, tie):
     cfg, params = from_gguf(path)
     ref_cfg, ref = from_hf(str(tmp_path / "m_hf"))
     assert cfg.tie_word_embeddings == tie and ("lm_head" in params) != tie
+    assert cfg.objective == "ar"  # a GGUF LLaMA is a causal LM until adapted
     assert cfg == ref_cfg.__class__(**{**ref_cfg.__dict__, "pad_token_id": -1})  # the file has no padding id
     flat = lambda t: {k: v for k, v in t.items() if k != "layers"} | {"layers." + k: v for k, v in t["layers"].items()}  # noqa: E731
     a, b = flat(params), flat(ref)

@@ -1,5 +1,6 @@
 """HF LLaMA <-> a3jax: bit-exact round trips over dtypes / tying / layouts, transformers parity of the
 exported directory, dtype casts, query_embed and tokenizer files, the CLI end to end."""
+import dataclasses
 import json
 import os
 
@@ -40,8 +41,10 @@ def test_roundtrip_hf_a3_hf_bit_exact(tmp_path, layout, tie, dtype):
     cfg, params = from_hf(str(src))
     assert cfg.param_dtype == dtype and cfg.tie_word_embeddings == tie and cfg.block == "llama"
     assert ("lm_head" in params) != tie
+    assert cfg.objective == "ar"  # a plain LLaMA
+    a3 = dataclasses.replace(cfg, objective="a3")  # as if adapted: its query vector travels with it
     out = tmp_path / "out"
-    to_hf(cfg, params, str(out))
+    to_hf(a3, params, str(out))
     original = read_all(str(src))
     exported = read_all(str(out))
     assert_bit_exact(original, exported)
@@ -49,7 +52,7 @@ def test_roundtrip_hf_a3_hf_bit_exact(tmp_path, layout, tie, dtype):
     assert os.path.exists(out / QUERY_EMBED_FILE)
     cfg2, params2 = from_hf(str(out))
     tree_bit_exact(params, params2)
-    assert cfg2 == cfg
+    assert cfg2 == a3
 
 
 def test_exported_dir_loads_in_transformers_same_logits_as_content_stream(tmp_path):
@@ -85,7 +88,7 @@ def test_config_json_readable_by_transformers4_style_keys(tmp_path):
     v4 = {k: v for k, v in hf.items() if k != "rope_parameters"}
     v5 = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
     assert config_from_hf(v4) == config_from_hf(v5) == config_from_hf(hf)
-    assert config_from_hf(hf, param_dtype=cfg.param_dtype) == cfg
+    assert config_from_hf(hf, param_dtype=cfg.param_dtype, objective="ar") == cfg
 
 
 def test_dtype_casts_match_torch(tmp_path):
@@ -127,18 +130,20 @@ def test_ar_model_exports_no_query_vector_and_comes_back_with_its_embedding_mean
     """An ar-trained model never trained query_embed (it holds its random-init value): a3-to-hf leaves
     it out (removing a stale file), so hf-to-a3 starts it from the trained embeddings' mean, as for a
     released LLaMA. An A3 model's trained vector is kept."""
-    import dataclasses
-
     src = tmp_path / "hf"
     make_hf_llama(src, seed=8)
     cfg, params = from_hf(str(src))
+    assert cfg.objective == "ar"  # a plain LLaMA: a causal LM until adapted
     params = dict(params, query_embed=np.full_like(params["query_embed"], 0.5))  # "trained" by A3
     out = tmp_path / "out"
-    to_hf(cfg, params, str(out))
-    np.testing.assert_array_equal(from_hf(str(out))[1]["query_embed"], params["query_embed"])
+    to_hf(dataclasses.replace(cfg, objective="a3"), params, str(out))
+    a3_cfg, a3_params = from_hf(str(out))
+    assert a3_cfg.objective == "a3"
+    np.testing.assert_array_equal(a3_params["query_embed"], params["query_embed"])
     to_hf(dataclasses.replace(cfg, objective="ar"), params, str(out))  # same dir: the stale file goes
     assert not os.path.exists(out / QUERY_EMBED_FILE)
-    _, back = from_hf(str(out))
+    back_cfg, back = from_hf(str(out))
+    assert back_cfg.objective == "ar"
     np.testing.assert_allclose(back["query_embed"], params["embed"].astype(np.float64).mean(axis=0), atol=1e-6)
 
 
@@ -174,7 +179,7 @@ def test_cli_dtype_flag_and_help(tmp_path, capsys):
         cli_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("hf-to-a3", "a3-to-hf", "official-to-a3", "a3-to-official"):
+    for cmd in ("hf-to-a3", "a3-to-hf", "reference-to-a3", "a3-to-reference"):
         assert cmd in text
     with pytest.raises(SystemExit) as e:
         cli_main(["hf-to-a3", "--help"])

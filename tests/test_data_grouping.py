@@ -212,7 +212,9 @@ def test_check_batch_catches_violations():
         check_batch(bad, TOK.vocab_size, TOK.pad_id, TOK.bos_id)
     bad = {k: v.copy() for k, v in b.items()}
     bad["tokens"][0, 2] = 999
-    with pytest.raises(LayoutError, match="token ids"):
+    with pytest.raises(LayoutError, match=r"token id 999 is outside \[0, vocab_size=260\)"):
+        check_batch(bad, TOK.vocab_size, TOK.pad_id, TOK.bos_id)
+    with pytest.raises(ValueError):  # bad input, not a failed assertion
         check_batch(bad, TOK.vocab_size, TOK.pad_id, TOK.bos_id)
     bad = {k: v.copy() for k, v in b.items()}
     bad["segment_ids"][0, 8] = 1  # a token of document 2 labelled as document 1

@@ -5,11 +5,14 @@ from gs:// JSONL, Parquet and ArrayRecord; `convert hf-to-a3` from and to gs://;
 launch/local.sh run whose gs:// checkpoint restores on 1 process; bad input fails fast and names it."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -20,7 +23,7 @@ import pytest
 
 import gcs_emulator
 from a3jax import fs
-from a3jax.checkpoint import RunCheckpoints, load_params
+from a3jax.checkpoint import RunCheckpoints, export_run, load_params
 from a3jax.config import DataConfig, MeshConfig, StageConfig
 from a3jax.data import ByteTokenizer, load_corpus, load_tokenizer, make_train_iterator
 from a3jax.data.prepare import prepare
@@ -151,6 +154,15 @@ def test_gcs_checkpoint_restores_onto_another_mesh_bit_exact(gs_run, reference):
     ck.close()
     assert state.params["layers"]["w_gate"].sharding.spec == ssh.params["layers"]["w_gate"].spec
     _assert_bitwise_equal(jax.device_get(state.params), _params(f"{reference.run_dir}/checkpoints/12/state"))
+
+
+def test_a_gcs_run_exports_and_reads_as_a_checkpoint(gs_run, reference):
+    run, _ = gs_run
+    want = _params(f"{reference.run_dir}/checkpoints/12/state")
+    out = export_run(run, f"{GS}/exports/final")  # gs:// to gs://
+    assert fs.isfile(f"{out}/model.yaml")
+    _assert_bitwise_equal(load_params(out, host=True)[1], want)
+    _assert_bitwise_equal(load_params(run, host=True)[1], want)  # the run directory itself as --ckpt
 
 
 def test_corrupt_latest_on_gcs_is_skipped_and_kept_in_place(gs_run, gs_corpus):
@@ -308,7 +320,7 @@ def test_missing_bucket_and_object_are_named(gcs):
         load_corpus(f"{GS}/nothing.jsonl", ByteTokenizer())
     from a3jax.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match=f"{GS}/no-ckpt/model.yaml: not found"):
+    with pytest.raises(CheckpointError, match=f"{GS}/no-ckpt: not found"):
         load_params(f"{GS}/no-ckpt")
 
 
@@ -318,15 +330,76 @@ def _train_cli(env, run_dir, timeout=120):
                            "--no-progress"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_no_credentials_no_emulator_fails_fast_saying_what_to_set(tmp_path):
-    env = {"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCE_METADATA_HOST": "127.0.0.1:9",
-           "GOOGLE_APPLICATION_CREDENTIALS": ""}
-    r = _train_cli(env, "gs://some-bucket/run")  # a hang would hit the timeout and fail the test
+class _MetadataServer:
+    """A loopback HTTP server in the place of the metadata address: Google's (it answers with
+    Metadata-Flavor: Google) or another cloud's (it answers too, without that header)."""
+
+    def __init__(self, google: bool):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                if google:
+                    self.send_header("Metadata-Flavor", "Google")
+                self.end_headers()
+                self.wfile.write(b"instance/\n")
+
+            def log_message(self, *args):
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.srv.server_port}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _no_credentials_env(tmp_path, metadata_host):
+    # Nothing here can reach the internet: every credential source is absent or on loopback.
+    return {"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCE_METADATA_HOST": metadata_host,
+            "GOOGLE_APPLICATION_CREDENTIALS": ""}
+
+
+def _assert_one_line_saying_what_to_set(r, seconds):
     assert r.returncode != 0
+    assert seconds < 10, f"took {seconds:.1f} s"
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr[-3000:]
     for what in ("no Google Cloud credentials", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
                  "TENSORSTORE_GCS_HTTP_URL", "gs://some-bucket/run"):
-        assert what in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+        assert what in lines[0], lines[0]
+
+
+def test_no_credentials_no_emulator_fails_fast_saying_what_to_set(tmp_path):
+    t0 = time.monotonic()
+    r = _train_cli(_no_credentials_env(tmp_path, "127.0.0.1:9"), "gs://some-bucket/run", timeout=60)
+    _assert_one_line_saying_what_to_set(r, time.monotonic() - t0)
+
+
+def test_another_clouds_metadata_server_is_not_a_credential(tmp_path):
+    # It answers on the metadata address, but a token request to it would fail only after the auth
+    # library looked Google's server up by name and retried for a minute.
+    other = _MetadataServer(google=False)
+    try:
+        t0 = time.monotonic()
+        r = _train_cli(_no_credentials_env(tmp_path, other.host), "gs://some-bucket/run", timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        other.close()
+    _assert_one_line_saying_what_to_set(r, seconds)
+
+
+def test_googles_metadata_server_is_a_credential(tmp_path, monkeypatch):
+    google = _MetadataServer(google=True)
+    try:
+        for k, v in _no_credentials_env(tmp_path, google.host).items():
+            monkeypatch.setenv(k, v)
+        for k in gcs_emulator.ENV_KEYS:
+            monkeypatch.delenv(k, raising=False)
+        fs.check_credentials("gs://some-bucket/run")  # no StorageError
+    finally:
+        google.close()
 
 
 def test_emulator_variable_without_a_server_or_without_its_twin(monkeypatch):

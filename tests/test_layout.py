@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from a3jax.data import layout_row
 from a3jax.data.rows import (blank_rows, context_target_groups, pad_rows, placeholder_id, prompt_groups,
                              strategy_groups, text_row, window_index)
 from a3jax.data.tokenizers import ByteTokenizer
-from a3jax.layout import LAYOUT_KEYS, Layout, LayoutKeyError, with_defaults
+from a3jax.layout import LAYOUT_KEYS, Layout, LayoutKeyError, token_range_error, with_defaults
 from a3jax.objectives.losses import stream_targets, target_count
 
 
@@ -136,3 +137,12 @@ def test_pad_rows():
     assert _eq(lay.groups, [[0, 1, 1, 0], [0, 0, 0, 0]])
     assert _eq(lay.segment_ids, [[1, 1, 1, 0], [0, 0, 0, 0]])
     assert _eq(lay.loss_mask, [[0, 1, 1, 0], [0, 0, 0, 0]])
+
+
+@given(st.lists(st.integers(-5, 20), min_size=0, max_size=12), st.integers(1, 16))
+def test_token_range_error_names_an_offending_id_or_none(ids, vocab):
+    msg = token_range_error(np.asarray(ids, np.int32), vocab)
+    outside = [i for i in ids if not 0 <= i < vocab]
+    assert (msg is None) == (not outside)
+    if outside:
+        assert f"[0, vocab_size={vocab})" in msg and int(msg.split()[2]) in outside

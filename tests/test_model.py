@@ -224,9 +224,9 @@ def test_bf16_close_to_fp32(params):
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
 
 
-def test_official_block_differs_and_llama_block_is_default(params):
+def test_reference_block_differs_and_llama_block_is_default(params):
     tokens = np.random.default_rng(8).integers(0, SMALL.vocab_size, (1, 12))
-    off = dataclasses.replace(SMALL, block="official")
+    off = dataclasses.replace(SMALL, block="reference")
     a = np.asarray(forward(SMALL, params, tokens, stream="content"))
     b = np.asarray(forward(off, params, tokens, stream="content"))
     assert SMALL.block == "llama" and np.abs(a - b).max() > 1e-3

@@ -1,4 +1,4 @@
-"""configs/recipe/official.yaml, the reference code's training recipe: the config, its optimizer and
+"""configs/recipe/reference.yaml, the reference code's training recipe: the config, its optimizer and
 schedule against torch's AdamW driven as HF Trainer drives it (one Trainer per curriculum stage), and
 the batch-shared grouping (data.grouping_scope: batch) it trains with."""
 import dataclasses
@@ -18,7 +18,7 @@ from a3jax.model import param_shapes, param_shardings
 from a3jax.sharding import make_mesh, rules_of
 from a3jax.train.state import make_optimizer, state_shardings
 
-RECIPE = "configs/recipe/official.yaml"
+RECIPE = "configs/recipe/reference.yaml"
 PEAK, WARM, STAGE = 2e-5, 50, 800
 
 
@@ -29,7 +29,7 @@ def recipe():
 
 def test_recipe_config(recipe):
     m, d, o = recipe.model, recipe.data, recipe.train.optimizer
-    assert (m.block, m.query_init, m.dtype, m.param_dtype) == ("official", "normal", "bfloat16", "float32")
+    assert (m.block, m.query_init, m.dtype, m.param_dtype) == ("reference", "normal", "bfloat16", "float32")
     assert m.hidden_size == 2048 and m.num_layers == 16  # the llama3.2-1b section file, then the keys over it
     assert d.anchor_bos is False and d.grouping_scope == "batch" and d.seq_len == 2048
     assert [(s.strategy, s.steps) for s in d.stages] == [("ar", 800), ("blocks:2", 800), ("blocks:4", 800),

@@ -77,9 +77,12 @@ def test_conversion_metadata_and_every_tensor_equals_transformers(ckpt, hf_model
     # the published 134,515,008 weights plus a3jax's query vector
     n = sum(int(np.prod(np.shape(x))) for x in __import__("jax").tree.leaves(params))
     assert n == 134_515_008 + cfg.hidden_size
-    # named config = the converted one (what model=smollm2-135m model.init_from=CKPT relies on)
+    # named config = the converted one (what model=smollm2-135m model.init_from=CKPT relies on), except
+    # the objective: the converted LLaMA is a causal LM (ar), the named config trains it to A3
+    assert cfg.objective == "ar"
     named = load_config(None, ["model=smollm2-135m"]).model
-    assert dataclasses.replace(named, scan_layers=True) == dataclasses.replace(cfg, scan_layers=True)
+    assert dataclasses.replace(named, scan_layers=True) == dataclasses.replace(cfg, scan_layers=True,
+                                                                               objective=named.objective)
     # every tensor, in HF layout (q/k rows un-permuted), equals transformers' dequantized tensor exactly
     theirs = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     ours = dict(hf_tensors_of(cfg, jax_to_np(params)))

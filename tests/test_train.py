@@ -25,7 +25,7 @@ from a3jax.train.plot import cli_main as plot_main
 from a3jax.train.state import create_state, decay_mask, make_optimizer, make_schedule, state_shardings
 from a3jax.layout import LAYOUT_KEYS
 from a3jax.train.step import make_train_step
-from a3jax.train.final import copy_tokenizer
+from a3jax.checkpoint import copy_tokenizer
 from a3jax.train.hooks import Hook, Hooks
 from a3jax.train.trainer import CheckpointPolicy, batch_stage, cut_stages, train
 from train_helpers import compile_cache, corpus, read_jsonl, tiny_config  # noqa: F401 (fixtures by name)

@@ -1,10 +1,15 @@
-"""Params-only checkpoints (what `a3jax convert` writes and `model.init_from` reads).
+"""Params-only checkpoints (what `a3jax convert` and `a3jax export` write, `model.init_from` and
+`--ckpt` read).
 
 Layout of a params checkpoint directory CKPT:
 
     CKPT/params/        Orbax (StandardCheckpointHandler) pytree of the a3jax params
     CKPT/model.yaml     the a3jax ModelConfig (a3jax.config.save_yaml / load_model_config)
-    CKPT/tokenizer.json ...  tokenizer files copied from the source model, when it had them
+    CKPT/tokenizer.json ...  the model's tokenizer files (a3jax.checkpoint.tokenizer), when it has one
+
+Wherever a params checkpoint is read, a training run's directory works too: `load_params(RUN_DIR)`
+and `load_model_config(RUN_DIR)` read its latest complete checkpoint (the params alone, with the model
+config it was saved with).
 
 `load_params` restores straight onto a mesh: the targets are jax.ShapeDtypeStruct leaves carrying the
 NamedShardings of a3jax.model.param_shardings, so every host reads only its own shards and no full
@@ -21,7 +26,8 @@ import orbax.checkpoint as ocp
 
 from a3jax import config as config_lib
 from a3jax import fs
-from a3jax.config import ConfigError, ModelConfig
+from a3jax.checkpoint.run import is_run_dir, resolve_step, restore_run_params, run_config_dict
+from a3jax.config import Config, ConfigError, ModelConfig
 from a3jax.model import dtype_of, numpy_dtype, param_shapes, param_shardings
 from a3jax.sharding import rules_of
 
@@ -46,11 +52,39 @@ def is_params_checkpoint(ckpt_dir: str) -> bool:
     return fs.isdir(fs.join(d, PARAMS_ITEM)) and fs.isfile(fs.join(d, MODEL_YAML))
 
 
+def _not_a_checkpoint(ckpt_dir: str) -> CheckpointError:
+    d = _abs(ckpt_dir)
+    if not fs.exists(d):
+        return CheckpointError(f"{ckpt_dir}: not found")
+    if not fs.isdir(d):
+        return CheckpointError(f"{ckpt_dir}: a file, not a checkpoint directory")
+    names = sorted(fs.basename(p) for p in fs.listdir(d))
+    found = ", ".join(names[:12]) + (f", ... ({len(names)} entries)" if len(names) > 12 else "") if names else "nothing"
+    return CheckpointError(
+        f"{ckpt_dir}: neither a params checkpoint ({PARAMS_ITEM}/ + {MODEL_YAML}: `a3jax convert`, "
+        f"`a3jax export`) nor a training run (checkpoints/: `a3jax train`); it holds {found}")
+
+
+def _run_config(run_dir: str, step) -> tuple[ModelConfig, int]:
+    try:
+        step = resolve_step(run_dir, step)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    where = fs.join(_abs(run_dir), "checkpoints", str(step), "config")
+    try:
+        return config_lib.build(Config, run_config_dict(run_dir, step), where).model, step
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def load_model_config(ckpt_dir: str) -> ModelConfig:
-    """The ModelConfig saved beside the params (CKPT/model.yaml)."""
+    """The ModelConfig saved beside the params (CKPT/model.yaml), or the one a run directory's latest
+    complete checkpoint was written with."""
     path = fs.join(_abs(ckpt_dir), MODEL_YAML)
     if not fs.isfile(path):
-        raise CheckpointError(f"{path}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
+        if is_run_dir(ckpt_dir):
+            return _run_config(ckpt_dir, None)[0]
+        raise _not_a_checkpoint(ckpt_dir)
     try:
         return config_lib.parse_model_config(fs.read_text(path), path)
     except ConfigError as e:
@@ -139,15 +173,22 @@ def _host_targets(cfg: ModelConfig):
     return jax.tree.map(lambda s: np.zeros(s, dt), param_shapes(cfg), is_leaf=_is_shape)
 
 
-def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None, host: bool = False):
-    """(cfg, params) from a params checkpoint, restored onto `mesh` with the logical `rules`
-    (default: MeshConfig's) or onto one device when mesh is None; host=True gives numpy arrays instead
-    (one host copy, e.g. for exporting). dtype casts while restoring (the returned cfg's param_dtype follows)."""
+def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = None, host: bool = False,
+                step: Optional[int] = None):
+    """(cfg, params) from a params checkpoint or a run directory, restored onto `mesh` with the logical
+    `rules` (default: MeshConfig's) or onto one device when mesh is None; host=True gives numpy arrays
+    instead (one host copy, e.g. for exporting). dtype casts while restoring (the returned cfg's
+    param_dtype follows). step: a run directory's checkpoint to read (default: its latest complete one)."""
     d = _abs(ckpt_dir)
+    if not is_params_checkpoint(d) and is_run_dir(d):
+        return _load_run_params(d, mesh, rules, dtype, host, step)
+    if step is not None:
+        raise CheckpointError(f"{ckpt_dir}: step={step} applies to a run directory; this is a params checkpoint")
     cfg = load_model_config(d)
     item = fs.join(d, PARAMS_ITEM)
     if not fs.isdir(item):
-        raise CheckpointError(f"{item}: not found (is {ckpt_dir} a params checkpoint written by `a3jax convert`?)")
+        raise CheckpointError(f"{item}: not found ({ckpt_dir} has {MODEL_YAML} but no {PARAMS_ITEM}/: "
+                              f"an incomplete params checkpoint)")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype)
     targets = param_targets(cfg, mesh, rules) if not host else _host_targets(cfg)
@@ -157,4 +198,18 @@ def load_params(ckpt_dir: str, mesh=None, rules=None, dtype: Optional[str] = Non
         params = ckptr.restore(item, args=ocp.args.StandardRestore(targets))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{item}: cannot restore params for the config in {MODEL_YAML} ({e})") from e
+    return cfg, params
+
+
+def _load_run_params(run_dir: str, mesh, rules, dtype, host: bool, step):
+    cfg, step = _run_config(run_dir, step)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    # the run holds fp32 master weights; the targets' dtype (the model's param_dtype) casts on restore
+    targets = param_targets(cfg, mesh, rules) if not host else _host_targets(cfg)
+    try:
+        params = restore_run_params(run_dir, step, targets)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        where = fs.join(run_dir, "checkpoints", str(step), "state")
+        raise CheckpointError(f"{where}: cannot restore the params of the run's model config ({e})") from e
     return cfg, params

@@ -218,3 +218,55 @@ def check_compatible(saved: dict, cfg, step: int, where: str) -> None:
     if diffs:
         raise ConfigError(f"{where}/{step} was written by a run with a different model or objective ("
                           + "; ".join(diffs) + "). Use a new run_dir, or model.init_from for new runs.")
+
+
+# ----------------------------------------------------------------------------- reading a run's params
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's directory: it has RUN_DIR/checkpoints/ (a3jax train writes it)."""
+    return fs.isdir(fs.join(fs.normalize(path), "checkpoints"))
+
+
+def run_steps(run_dir: str) -> list[int]:
+    """The run's complete checkpoints (a save cut short has no committed step), less those set aside
+    as bad. Reads only: nothing in the run is created, cleaned up or deleted."""
+    d = fs.normalize(run_dir)
+    ledger = fs.join(d, "checkpoints_bad.json")
+    bad = {int(k) for k in json.loads(fs.read_text(ledger)).get("steps", {})} if fs.exists(ledger) else set()
+    return sorted(int(s) for s in ocp.utils.checkpoint_steps(fs.join(d, "checkpoints")) if int(s) not in bad)
+
+
+def resolve_step(run_dir: str, step=None) -> int:
+    """`step` when the run has it complete, else (step None) its latest complete checkpoint."""
+    steps = run_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}: a run directory without a complete checkpoint under "
+                                f"{fs.join(run_dir, 'checkpoints')} (train it first, or wait for its first save)")
+    if step is None:
+        return steps[-1]
+    if int(step) not in steps:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint at step {step} (complete: {steps})")
+    return int(step)
+
+
+def run_config_dict(run_dir: str, step: int) -> dict:
+    """The Config (as a dict) that checkpoint `step` was written with."""
+    item = fs.join(fs.normalize(run_dir), "checkpoints", str(int(step)), "config")
+    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item, args=ocp.args.JsonRestore()))
+
+
+def restore_run_params(run_dir: str, step: int, targets):
+    """The params of checkpoint `step` alone (no optimizer moments), restored into `targets`: a tree of
+    jax.ShapeDtypeStruct (their shardings say where the arrays go; a dtype casts) or numpy arrays
+    (host copies)."""
+    def restore_arg(t):
+        if isinstance(t, jax.ShapeDtypeStruct):
+            return ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
+        return ocp.RestoreArgs(restore_type=type(t), dtype=t.dtype)
+
+    args = ocp.args.PyTreeRestore(item={"params": targets},
+                                  restore_args={"params": jax.tree.map(restore_arg, targets)},
+                                  partial_restore=True)
+    item = fs.join(fs.normalize(run_dir), "checkpoints", str(int(step)), "state")
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(item, args=args)["params"]

@@ -193,6 +193,7 @@ def config_from_gguf(g: GGUFFile, **overrides) -> ModelConfig:
         tie_word_embeddings="output.weight" not in g.tensors,
         rope_theta=float(g.get(a + "rope.freq_base", 10000.0)), **rope,
         bos_token_id=tok("bos_token_id"), eos_token_id=tok("eos_token_id"), pad_token_id=tok("padding_token_id"),
+        objective="ar",  # a GGUF LLaMA is a causal LM: its query stream is untrained until adapted
     )
     # float32 metadata: 1e-5 is stored as 9.99999974e-06; keep the decimal a user would write
     kwargs["rms_norm_eps"] = float(f"{kwargs['rms_norm_eps']:.6g}")

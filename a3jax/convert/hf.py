@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from a3jax import fs, objectives
+from a3jax.checkpoint.tokenizer import copy_tokenizer_files
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model import numpy_dtype, param_shapes, query_embed_init
 
@@ -32,8 +33,6 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names every offending key or file."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 QUERY_EMBED_FILE = "query_embed.safetensors"
 
 
@@ -205,15 +204,15 @@ class Slot:
     to_a3: Callable[[np.ndarray], np.ndarray]
 
 
-def key_plan(cfg: ModelConfig, official: bool = False) -> dict[str, Slot]:
-    """Checkpoint key -> Slot, for HF LLaMA (official=False) or the reference A3 code's state dict."""
+def key_plan(cfg: ModelConfig, reference: bool = False) -> dict[str, Slot]:
+    """Checkpoint key -> Slot, for HF LLaMA (reference=False) or the reference A3 code's state dict."""
     V, E = cfg.vocab_size, cfg.hidden_size
     ident = lambda w: w  # noqa: E731
     plan = {"model.embed_tokens.weight": Slot(("embed",), None, (V, E), ident),
             "model.norm.weight": Slot(("final_norm",), None, (E,), ident)}
     if not cfg.tie_word_embeddings:
         plan["lm_head.weight"] = Slot(("lm_head",), None, (V, E), lambda w: w.T)
-    if official:
+    if reference:
         plan["model.query_embed"] = Slot(("query_embed",), None, (1, 1, E), lambda w: w.reshape(E))
     hf_shapes = hf_layer_shapes(cfg)
     for i in range(cfg.num_layers):
@@ -227,9 +226,9 @@ def _ignorable(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
 
-def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, official: bool = False) -> None:
+def check_tensor_shapes(cfg: ModelConfig, shapes: dict, where: str, reference: bool = False) -> None:
     """Every missing / unexpected / mis-shaped key, reported together in one ConversionError."""
-    plan = key_plan(cfg, official)
+    plan = key_plan(cfg, reference)
     problems = []
     for key, slot in plan.items():
         if key not in shapes:
@@ -414,12 +413,12 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[str]:
     return name
 
 
-def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, official: bool = False,
+def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str] = None, reference: bool = False,
                      progress: bool = False) -> tuple[ModelConfig, dict]:
     """Validates all keys/shapes first, then fills preallocated params tensor by tensor.
     dtype None keeps the checkpoint's (embedding) dtype. Returns (cfg with param_dtype, numpy params)."""
-    check_tensor_shapes(cfg, reader.shapes, reader.dir, official)
-    plan = key_plan(cfg, official)
+    check_tensor_shapes(cfg, reader.shapes, reader.dir, reference)
+    plan = key_plan(cfg, reference)
     src = reader.dtypes.get("model.embed_tokens.weight", "float32")
     src = _SRC_DTYPES.get(src)
     if src is None and dtype is None:
@@ -466,41 +465,6 @@ def load_params_lazy(cfg: ModelConfig, reader: TensorReader, dtype: Optional[str
     return cfg, params
 
 
-def params_from_hf_tensors(cfg: ModelConfig, tensors: dict, where: str, dtype=None) -> dict:
-    """Builds the a3jax params tree from an in-memory dict of HF tensors (no query_embed);
-    every missing/unexpected/mis-shaped key is reported together."""
-    check_tensor_shapes(cfg, {k: tuple(np.shape(v)) for k, v in tensors.items()}, where)
-    shapes = param_shapes(cfg)
-    plan = key_plan(cfg)
-    params = {"layers": {n: [None] * cfg.num_layers for n in shapes["layers"]}}
-    for key, slot in plan.items():
-        w = np.asarray(tensors[key])
-        w = slot.to_a3(w if dtype is None else w.astype(dtype))
-        if slot.layer is None:
-            params[slot.path[0]] = np.ascontiguousarray(w)
-        else:
-            params["layers"][slot.path[1]][slot.layer] = w
-    params["layers"] = {n: np.stack(ws) for n, ws in params["layers"].items()}
-    return params
-
-
-def read_hf_tensors(hf_dir: str) -> dict:
-    """All tensors of a HF directory as numpy arrays (loads everything; prefer TensorReader)."""
-    reader = TensorReader(hf_dir)
-    try:
-        return {k: reader.read(k) for k in reader.file_of}
-    finally:
-        reader.close()
-
-
-def safetensors_files(hf_dir: str) -> list[str]:
-    try:
-        files, kind = find_weight_files(hf_dir)
-    except ConversionError:
-        return []
-    return files if kind == "safetensors" else []
-
-
 def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
     """query_embed from `query_embed.safetensors` (written by `to_hf`), or None when absent."""
     path = os.path.join(model_dir, QUERY_EMBED_FILE)
@@ -519,15 +483,18 @@ def read_query_embed(model_dir: str, cfg: ModelConfig) -> Optional[np.ndarray]:
 def from_hf(hf_dir: str, dtype: Optional[str] = None, progress: bool = False, **config_overrides):
     """(cfg, params) from a HF LLaMA directory; params are numpy arrays ready for `forward`.
     dtype: bf16 | fp32 | None (keep the checkpoint's). The query vector comes from
-    `query_embed.safetensors` when the directory was written by `to_hf`, else cfg.query_init
-    (default: the mean token embedding). A gs:// directory is copied to the host's cache first
+    `query_embed.safetensors` when the directory was written by `to_hf` (cfg.objective a3), else
+    cfg.query_init (default: the mean token embedding; cfg.objective ar: a plain LLaMA). A gs:// directory is copied to the host's cache first
     (a3jax.fs.local_copy: safetensors are memory-mapped from local files)."""
     if fs.is_gcs(hf_dir):
         hf_dir = fs.local_copy(hf_dir)
     hf, path = read_config_json(hf_dir)
-    cfg = config_from_hf(hf, path, **config_overrides)
+    # A plain LLaMA is a causal LM (objective ar: its content stream); `to_hf` of an A3 model writes the
+    # trained query vector beside it, and only then is the model read back as A3.
+    trained_query = os.path.exists(os.path.join(hf_dir, QUERY_EMBED_FILE))
+    cfg = config_from_hf(hf, path, **{"objective": "a3" if trained_query else "ar", **config_overrides})
     reader = TensorReader(hf_dir)
-    cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=False, progress=progress)
+    cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), reference=False, progress=progress)
     q = read_query_embed(hf_dir, cfg)
     params["query_embed"] = (query_embed_init(cfg, params["embed"]) if q is None
                              else q.astype(params["embed"].dtype))
@@ -541,9 +508,9 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def hf_tensors_of(cfg: ModelConfig, params, official: bool = False) -> Iterable[tuple[str, Callable]]:
+def hf_tensors_of(cfg: ModelConfig, params, reference: bool = False) -> Iterable[tuple[str, Callable]]:
     """(key, thunk -> numpy tensor in HF layout) for every checkpoint tensor; thunks make one tensor at a time."""
-    plan = key_plan(cfg, official)
+    plan = key_plan(cfg, reference)
     E = cfg.hidden_size
     cache = {}
 
@@ -602,13 +569,13 @@ def stream_safetensors(path: str, entries, npdt, metadata=None) -> None:
     os.replace(tmp, path)
 
 
-def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = False,
+def write_safetensors(cfg: ModelConfig, params, out_dir: str, reference: bool = False,
                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, base: str = "model") -> list[str]:
     """Writes `<base>.safetensors` or `<base>-0000i-of-0000n.safetensors` + `<base>.safetensors.index.json`,
     streaming one tensor at a time."""
     npdt = numpy_dtype(resolve_dtype(dtype) or cfg.param_dtype)
-    plan = key_plan(cfg, official)
-    items = hf_tensors_of(cfg, params, official)
+    plan = key_plan(cfg, reference)
+    items = hf_tensors_of(cfg, params, reference)
     nbytes = {k: int(np.prod(plan[k].shape)) * np.dtype(npdt).itemsize for k, _ in items}
     shards, cur, size = [], [], 0
     for k, _ in items:
@@ -632,26 +599,15 @@ def write_safetensors(cfg: ModelConfig, params, out_dir: str, official: bool = F
     return [os.path.join(out_dir, n) for n in names]
 
 
-def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
-    """The tokenizer files of src_dir that exist, copied to out_dir (either may be gs://)."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        p = fs.join(src_dir, name)
-        if fs.isfile(p):
-            fs.copy_file(p, fs.join(out_dir, name))
-            copied.append(name)
-    return copied
-
-
 def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
           max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None) -> str:
     """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
     `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors` when the
     params' objective trains the query stream (a3; a3jax.objectives: otherwise it was never trained).
-    Only for block=llama (the official block is not a HF LLaMA: use to_official)."""
+    Only for block=llama (the reference block is not a HF LLaMA: use to_reference).
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
-                              f"export this model with to_official / `a3jax convert a3-to-official`")
+                              f"export this model with to_reference / `a3jax convert a3-to-reference`")
     dtype = resolve_dtype(dtype) or cfg.param_dtype
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from a3jax.layout import LAYOUT_KEYS
+from a3jax.layout import LAYOUT_KEYS, token_range_error
 
 
-class LayoutError(AssertionError):
-    pass
+class LayoutError(ValueError):
+    """A batch that breaks the row layout (a3jax.layout); the message names the row and the rule."""
 
 
 def check_batch(batch: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: bool = True) -> list:
@@ -36,8 +36,8 @@ def check_row(row: dict, vocab_size: int, pad_id: int, bos_id: int, anchor_bos: 
     def fail(msg):
         raise LayoutError(f"{where}: {msg}")
 
-    if np.any(tok < 0) or np.any(tok >= vocab_size):
-        fail(f"token ids outside [0, {vocab_size}): {tok[(tok < 0) | (tok >= vocab_size)][:5]}")
+    if msg := token_range_error(tok, vocab_size):
+        fail(msg)
     if np.any(np.diff(grp) < 0):
         fail("groups are not non-decreasing")
     real = seg != 0

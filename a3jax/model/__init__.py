@@ -41,11 +41,8 @@ def validate_inputs(cfg: ModelConfig, tokens, positions=None, groups=None, segme
     for name, arr in (("positions", positions), ("groups", groups), ("segment_ids", segment_ids)):
         if arr is not None and tuple(np.shape(arr)) != tshape:
             raise InputError(f"{name} has shape {tuple(np.shape(arr))} but tokens has shape {tshape}")
-    if _is_concrete(tokens):
-        t = np.asarray(tokens)
-        if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
-            bad = int(t.max()) if t.max() >= cfg.vocab_size else int(t.min())
-            raise InputError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    if _is_concrete(tokens) and (msg := layout_lib.token_range_error(tokens, cfg.vocab_size)):
+        raise InputError(msg)
     if positions is not None and _is_concrete(positions):
         p = np.asarray(positions)
         if p.size and (p.min() < 0 or p.max() >= cfg.max_position_embeddings):

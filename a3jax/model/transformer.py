@@ -41,10 +41,6 @@ class KVCache(NamedTuple):
     segments: jax.Array
 
 
-def _constrain(x, names):
-    return constrain(x, names)
-
-
 def _layer(cfg: ModelConfig, p, x, xc, q_vec, tq: int, rows, rope, rope_c, c_rows: Rows,
            cache_kv=None, cache_ids=None, update_content=True):
     """One two-stream block over the rows that get updated, as one stack (one matmul per weight).
@@ -83,9 +79,9 @@ def _layer(cfg: ModelConfig, p, x, xc, q_vec, tq: int, rows, rope, rope_c, c_row
         q = linear(h, wq)
     k = linear(hc, p["wk"].astype(dt))
     v = linear(hc, p["wv"].astype(dt))
-    q = _constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
-    k = _constrain(apply_rope(k, *rope_c), ("batch", "length", "act_kv_heads", None))
-    v = _constrain(v, ("batch", "length", "act_kv_heads", None))
+    q = constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
+    k = constrain(apply_rope(k, *rope_c), ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, ("batch", "length", "act_kv_heads", None))
     keys_k, keys_v, keys_g, keys_s = k, v, c_rows.groups, c_rows.segments
     if cache_kv is not None:
         keys_k = jnp.concatenate([cache_kv[0].astype(dt), k], axis=1)
@@ -102,7 +98,7 @@ def _layer(cfg: ModelConfig, p, x, xc, q_vec, tq: int, rows, rope, rope_c, c_row
     else:  # reference code: v = post_norm(h + attn(in_norm(h))); h' = v + mlp(v)
         x = rms_norm(x + a, p["mlp_norm"], eps)
         x = x + swiglu_mlp(x, p["w_gate"], p["w_up"], p["w_down"])
-    x = _constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"))
     return x, (k, v)
 
 
@@ -124,7 +120,7 @@ def run_rows(cfg: ModelConfig, params, c_tokens, c_rows: Rows, q_rows: Optional[
     RoPE tables of that stack are built once here, not per layer."""
     dt = dtype_of(cfg.dtype)
     xc = params["embed"].astype(dt)[c_tokens]
-    xc = _constrain(xc, ("batch", "length", "act_embed"))
+    xc = constrain(xc, ("batch", "length", "act_embed"))
     tc = xc.shape[1]
     rope_c = rope_cos_sin(cfg, c_rows.positions)
     ids_c = (masks.stream_groups(c_rows.groups, masks.CONTENT), c_rows.segments)
@@ -206,7 +202,7 @@ def lm_logits(cfg: ModelConfig, params, h):
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = linear(h, w.astype(dt), preferred_element_type=jnp.float32)
-    return _constrain(logits, ("batch", "length", "act_vocab"))
+    return constrain(logits, ("batch", "length", "act_vocab"))
 
 
 def apply_model(cfg: ModelConfig, params, tokens, positions, groups, segment_ids, stream: str = "query"):

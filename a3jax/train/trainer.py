@@ -24,6 +24,8 @@ last good checkpoint, and saves nothing more.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import signal
 import threading
@@ -38,6 +40,7 @@ from a3jax.checkpoint import ARCH_FIELDS, RunCheckpoints, check_compatible, load
 from a3jax.config import Config, ConfigError, to_dict, yaml_text
 from a3jax.data import make_eval_batches, make_train_iterator, to_global_batch
 from a3jax.data.checks import mean_group_size
+from a3jax.data.grouping import prompt_group_size_for
 from a3jax.layout import Layout
 from a3jax.model import init_params_sharded, param_count, param_shapes, param_shardings, query_embed_init
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of
@@ -212,6 +215,11 @@ def train(cfg: Config, *, progress_bar: Optional[bool] = None, tensorboard: bool
     interrupted (signal number or 0), resumed_from (step or None), run_dir.
     """
     cfg.validate("train config")
+    if not cfg.model.prompt_group_size:
+        # the context layout this run's training shows the model, recorded with the params so that
+        # decoding defaults to it (model.yaml of final/, exports and checkpoints)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, prompt_group_size=prompt_group_size_for(cfg)))
     main = jax.process_index() == 0
     run_dir = fs.normalize(cfg.run_dir)  # local or gs://; for gs:// credentials are checked here
     if main:

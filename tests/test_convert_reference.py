@@ -1,5 +1,5 @@
-"""Reference-A3-code checkpoints <-> a3jax: bit-exact round trips (.safetensors and .bin), block official,
-and the a3jax forward with block official against an independent numpy re-implementation of the
+"""Reference-A3-code checkpoints <-> a3jax: bit-exact round trips (.safetensors and .bin), block reference,
+and the a3jax forward with block reference against an independent numpy re-implementation of the
 reference code's two-stream decoder layer."""
 import dataclasses
 import os
@@ -7,54 +7,55 @@ import os
 import numpy as np
 import pytest
 
-from test_convert_common import assert_bit_exact, make_checkpoint, make_official, read_all, tree_bit_exact
+from test_convert_common import assert_bit_exact, make_checkpoint, make_reference, read_all, tree_bit_exact
 
 from a3jax.checkpoint import load_model_config
-from a3jax.convert import ConversionError, from_hf, from_official, to_hf, to_official
+from a3jax.convert import ConversionError, from_hf, from_reference, to_hf, to_reference
 from a3jax.convert.cli import cli_main
 from a3jax.model import forward
 
 
 @pytest.mark.parametrize("fmt,tie,dtype", [("safetensors", False, "float32"), ("bin", False, "bfloat16"),
                                            ("safetensors", True, "bfloat16"), ("bin", True, "float32")])
-def test_official_roundtrip_bit_exact(tmp_path, fmt, tie, dtype):
+def test_reference_roundtrip_bit_exact(tmp_path, fmt, tie, dtype):
     src = tmp_path / "ref"
-    _, _, sd = make_official(src, fmt=fmt, tie=tie, dtype=dtype)
-    cfg, params = from_official(str(src))
-    assert cfg.block == "official" and cfg.param_dtype == dtype and cfg.tie_word_embeddings == tie
+    _, _, sd = make_reference(src, fmt=fmt, tie=tie, dtype=dtype)
+    cfg, params = from_reference(str(src))
+    assert cfg.block == "reference" and cfg.param_dtype == dtype and cfg.tie_word_embeddings == tie
+    assert cfg.objective == "a3"  # the reference code trains A3 models
     qe = sd["model.query_embed"].float().numpy().reshape(-1)
     np.testing.assert_array_equal(params["query_embed"].astype(np.float32), qe)
     out = tmp_path / "out"
-    to_official(cfg, params, str(out), fmt=fmt)
+    to_reference(cfg, params, str(out), fmt=fmt)
     assert os.path.exists(out / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors"))
     assert_bit_exact(read_all(str(src)), read_all(str(out)))
-    cfg2, params2 = from_official(str(out))
+    cfg2, params2 = from_reference(str(out))
     assert cfg2 == cfg
 
 
-def test_official_cli_roundtrip_across_formats(tmp_path, capsys):
+def test_reference_cli_roundtrip_across_formats(tmp_path, capsys):
     src = tmp_path / "ref"
-    make_official(src, fmt="bin", dtype="bfloat16")
+    make_reference(src, fmt="bin", dtype="bfloat16")
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    assert cli_main(["official-to-a3", "--official", str(src), "--out", str(ckpt), "--no-progress"]) == 0
-    assert "block=official" in capsys.readouterr().out
-    assert load_model_config(str(ckpt)).block == "official"
-    assert cli_main(["a3-to-official", "--ckpt", str(ckpt), "--out", str(out), "--format", "safetensors"]) == 0
+    assert cli_main(["reference-to-a3", "--reference", str(src), "--out", str(ckpt), "--no-progress"]) == 0
+    assert "block=reference" in capsys.readouterr().out
+    assert load_model_config(str(ckpt)).block == "reference"
+    assert cli_main(["a3-to-reference", "--ckpt", str(ckpt), "--out", str(out), "--format", "safetensors"]) == 0
     assert os.path.exists(out / "model.safetensors") and not os.path.exists(out / "pytorch_model.bin")
     assert_bit_exact(read_all(str(src)), read_all(str(out)))
-    # a3-to-hf refuses an official-block model (HF LLaMA would compute another function).
+    # a3-to-hf refuses an reference-block model (HF LLaMA would compute another function).
     assert cli_main(["a3-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 1
-    assert "a3-to-official" in capsys.readouterr().err
+    assert "a3-to-reference" in capsys.readouterr().err
 
 
 def test_block_mismatch_refused(tmp_path):
     src = tmp_path / "ref"
-    make_official(src)
-    cfg, params = from_official(str(src))
-    with pytest.raises(ConversionError, match="to_official"):
+    make_reference(src)
+    cfg, params = from_reference(str(src))
+    with pytest.raises(ConversionError, match="to_reference"):
         to_hf(cfg, params, str(tmp_path / "hf"))
     with pytest.raises(ConversionError, match="to_hf"):
-        to_official(dataclasses.replace(cfg, block="llama"), params, str(tmp_path / "o"))
+        to_reference(dataclasses.replace(cfg, block="llama"), params, str(tmp_path / "o"))
     # The HF reader does not silently drop the reference code's query vector.
     with pytest.raises(ConversionError, match=r"unexpected model\.query_embed with shape \(1, 1, 64\)"):
         from_hf(str(src))
@@ -116,10 +117,10 @@ def reference_forward(sd, hf, tokens, groups, stream):
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_block_official_matches_numpy_reference(tmp_path, tie):
+def test_block_reference_matches_numpy_reference(tmp_path, tie):
     src = tmp_path / "ref"
-    _, hf, sd = make_official(src, fmt="safetensors", tie=tie, seed=11)
-    cfg, params = from_official(str(src))
+    _, hf, sd = make_reference(src, fmt="safetensors", tie=tie, seed=11)
+    cfg, params = from_reference(str(src))
     rng = np.random.default_rng(0)
     T = 12
     tokens = rng.integers(0, hf["vocab_size"], size=T)
@@ -142,10 +143,10 @@ DECOYS = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One reference checkpoint (single model.safetensors) and what from_official reads from it."""
+    """One reference checkpoint (single model.safetensors) and what from_reference reads from it."""
     src = tmp_path_factory.mktemp("ref") / "ref"
-    _, hf, sd = make_official(src, fmt="safetensors", seed=5)
-    cfg, params = from_official(str(src))
+    _, hf, sd = make_reference(src, fmt="safetensors", seed=5)
+    cfg, params = from_reference(str(src))
     return src, sd, cfg, params
 
 
@@ -188,7 +189,7 @@ def test_trainer_checkpoint_folder_every_layout(tmp_path, reference, layout):
     src, sd, cfg, params = reference
     d = tmp_path / "run" / "checkpoint-800"
     write_trainer_checkpoint(d, src, sd, layout)
-    cfg2, params2 = from_official(str(d))
+    cfg2, params2 = from_reference(str(d))
     assert cfg2 == cfg
     tree_bit_exact(params, params2)
 
@@ -198,12 +199,12 @@ def test_trainer_state_alone_is_a_clear_error(tmp_path, reference, capsys):
     d = tmp_path / "checkpoint-50"
     write_trainer_checkpoint(d, src, sd, layout=None)
     with pytest.raises(ConversionError) as e:
-        from_official(str(d))
+        from_reference(str(d))
     msg = str(e.value)
     assert msg.startswith(f"{d}: no weights found")
     assert all(n in msg for n in DECOYS + ("config.json",)) and "training state" in msg
     # the CLI says the same and writes nothing
-    assert cli_main(["official-to-a3", "--official", str(d), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 1
+    assert cli_main(["reference-to-a3", "--reference", str(d), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "no weights found" in err and "optimizer.pt" in err and not os.path.exists(tmp_path / "ckpt" / "params")
 
@@ -218,11 +219,11 @@ def test_trainer_output_folder_picks_highest_checkpoint(tmp_path, reference, cap
     write_trainer_checkpoint(run / "checkpoint-100", src, sd, "sharded-safetensors")
     (run / "tokenizer_config.json").write_text("{}")  # the final save's tokenizer, at the top only
     logs = []
-    _, got = from_official(str(run), log=logs.append)
+    _, got = from_reference(str(run), log=logs.append)
     tree_bit_exact(params, got)
     assert len(logs) == 1 and "checkpoint-100" in logs[0] and "checkpoint-9" in logs[0]
     ckpt = tmp_path / "ckpt"
-    assert cli_main(["official-to-a3", "--official", str(run), "--out", str(ckpt), "--no-progress"]) == 0
+    assert cli_main(["reference-to-a3", "--reference", str(run), "--out", str(ckpt), "--no-progress"]) == 0
     out = capsys.readouterr()
     assert "using checkpoint-100" in out.err and "tokenizer_config.json" in out.out
     assert os.path.exists(ckpt / "tokenizer_config.json")
@@ -232,7 +233,7 @@ def test_trainer_output_folder_picks_highest_checkpoint(tmp_path, reference, cap
         older[k] = v + 1
     write_trainer_checkpoint(run, src, older, "safetensors", decoys=False)
     logs = []
-    _, top = from_official(str(run), log=logs.append)
+    _, top = from_reference(str(run), log=logs.append)
     np.testing.assert_array_equal(top["final_norm"], np.asarray(older["model.norm.weight"]))
     assert len(logs) == 1 and "top" in logs[0]
 
@@ -243,7 +244,7 @@ def test_newest_checkpoint_without_weights_is_refused(tmp_path, reference):
     write_trainer_checkpoint(run / "checkpoint-50", src, sd, "safetensors")
     write_trainer_checkpoint(run / "checkpoint-100", src, sd, layout=None)  # a save cut short
     with pytest.raises(ConversionError) as e:
-        from_official(str(run))
+        from_reference(str(run))
     msg = str(e.value)
     assert str(run / "checkpoint-100") in msg and "optimizer.pt" in msg and str(run / "checkpoint-50") in msg
 
@@ -252,11 +253,12 @@ def test_plain_llama_needs_from_llama(tmp_path):
     src = tmp_path / "llama"
     make_checkpoint(src, "single-safetensors", seed=3)
     with pytest.raises(ConversionError, match=r"(?s)missing model\.query_embed.*--from-llama"):
-        from_official(str(src))
+        from_reference(str(src))
     logs = []
-    cfg, params = from_official(str(src), from_llama=True, log=logs.append)
+    cfg, params = from_reference(str(src), from_llama=True, log=logs.append)
     hcfg, hparams = from_hf(str(src))
-    assert cfg.block == "official" and cfg.query_init == "normal" and "plain LLaMA" in logs[0]
+    assert cfg.block == "reference" and cfg.query_init == "normal" and "plain LLaMA" in logs[0]
+    assert cfg.objective == "ar"  # not adapted yet; a reference checkpoint (with its query vector) is a3
     tree_bit_exact({k: v for k, v in hparams.items() if k != "query_embed"},
                    {k: v for k, v in params.items() if k != "query_embed"})
     q = params["query_embed"].astype(np.float64)

@@ -7,7 +7,7 @@ script saves with HF Trainer: `checkpoint-N/` folders every save_steps (weights 
 scheduler.pt, rng_state.pth, training_args.bin), and the final weights at the top of the output folder.
 
 Its decoder layer is v = post_attention_layernorm(h + attn(input_layernorm(h))); h' = v + mlp(v),
-which is a3jax's `block: official` with attn_norm = input_layernorm and mlp_norm =
+which is a3jax's `block: reference` with attn_norm = input_layernorm and mlp_norm =
 post_attention_layernorm, so the conversion is the same rename + transpose as for HF LLaMA.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from a3jax import fs
+from a3jax.checkpoint.tokenizer import copy_tokenizer_files
 from a3jax.config import ModelConfig
 from a3jax.convert.hf import (ConversionError, NoWeightsError, TensorReader, config_from_hf, config_to_hf,
-                              copy_tokenizer_files, find_weight_files, hf_tensors_of, load_params_lazy,
-                              no_weights_message, read_config_json, resolve_dtype, write_safetensors)
+                              find_weight_files, hf_tensors_of, load_params_lazy, no_weights_message,
+                              read_config_json, resolve_dtype, write_safetensors)
 from a3jax.model import numpy_dtype, query_embed_init
 
 
@@ -84,25 +85,25 @@ def resolve_checkpoint_dir(path: str, log: Callable[[str], None] = _log_stderr) 
     return newest
 
 
-def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = False, from_llama: bool = False,
+def from_reference(model_dir: str, dtype: Optional[str] = None, progress: bool = False, from_llama: bool = False,
                   log: Callable[[str], None] = _log_stderr, **config_overrides):
-    """(cfg, params) from a reference-code checkpoint directory (local or gs://); cfg.block == "official".
+    """(cfg, params) from a reference-code checkpoint directory (local or gs://); cfg.block == "reference".
 
     `model_dir` may be a HF Trainer output directory or one of its `checkpoint-N` folders
     (resolve_checkpoint_dir). With `from_llama`, a plain HF LLaMA directory (no `model.query_embed`) is
-    read the way the reference's `from_pretrained` reads one: the LLaMA weights in the official block and
+    read the way the reference's `from_pretrained` reads one: the LLaMA weights in the reference block and
     the query vector per cfg.query_init (default `normal`: N(0, 1), as its torch.randn). Without it a
     missing query vector is an error (a reference checkpoint always has one)."""
     if fs.is_gcs(model_dir):
         model_dir = fs.local_copy(model_dir)  # the readers need local files
     model_dir = resolve_checkpoint_dir(model_dir, log)
     hf, path = read_config_json(model_dir)
-    overrides = {"block": "official", "query_init": "normal", **config_overrides}
+    overrides = {"block": "reference", "query_init": "normal", **config_overrides}
     cfg = config_from_hf(hf, path, **overrides)
     reader = TensorReader(model_dir)
     has_query = "model.query_embed" in reader.shapes
     try:
-        cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), official=has_query or not from_llama,
+        cfg, params = load_params_lazy(cfg, reader, resolve_dtype(dtype), reference=has_query or not from_llama,
                                        progress=progress)
     except ConversionError as e:
         if has_query:
@@ -111,6 +112,8 @@ def from_official(model_dir: str, dtype: Optional[str] = None, progress: bool = 
                               f"which starts it per query_init as the reference's from_pretrained does)") from e
     if not has_query:
         log(f"{model_dir}: a plain LLaMA (no model.query_embed): query vector from query_init={cfg.query_init!r}")
+        # a causal LM until adapted, unless the caller says otherwise
+        cfg = dataclasses.replace(cfg, objective=config_overrides.get("objective", "ar"))
         params["query_embed"] = np.asarray(query_embed_init(cfg, params["embed"])).astype(params["embed"].dtype)
     return cfg, params
 
@@ -123,12 +126,12 @@ def _numpy_to_torch(w: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(w))
 
 
-def to_official(cfg: ModelConfig, params, out_dir: str, fmt: str = "safetensors", dtype: Optional[str] = None,
+def to_reference(cfg: ModelConfig, params, out_dir: str, fmt: str = "safetensors", dtype: Optional[str] = None,
                 max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None) -> str:
     """Writes the reference code's format: config.json + model.safetensors (or shards + index), or
-    pytorch_model.bin with fmt="bin". Only for block=official (the reference code runs that block)."""
-    if cfg.block != "official":
-        raise ConversionError(f"block={cfg.block!r}: the reference A3 code runs the `official` post-norm block, so "
+    pytorch_model.bin with fmt="bin". Only for block=reference (the reference code runs that block)."""
+    if cfg.block != "reference":
+        raise ConversionError(f"block={cfg.block!r}: the reference A3 code runs the `reference` post-norm block, so "
                               f"this model would compute different logits there; export it with to_hf / "
                               f"`a3jax convert a3-to-hf` instead")
     if fmt not in ("safetensors", "bin"):
@@ -139,14 +142,14 @@ def to_official(cfg: ModelConfig, params, out_dir: str, fmt: str = "safetensors"
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
     if fmt == "safetensors":
-        write_safetensors(cfg, params, out_dir, official=True, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        write_safetensors(cfg, params, out_dir, reference=True, max_shard_bytes=max_shard_bytes, dtype=dtype)
     else:
         try:
             import torch  # deferred: torch is only needed for .bin checkpoints
         except ImportError as e:
             raise ConversionError("writing .bin checkpoints needs torch; use fmt='safetensors'") from e
         npdt = numpy_dtype(dtype)
-        sd = {k: _numpy_to_torch(t().astype(npdt, copy=False)) for k, t in hf_tensors_of(cfg, params, official=True)}
+        sd = {k: _numpy_to_torch(t().astype(npdt, copy=False)) for k, t in hf_tensors_of(cfg, params, reference=True)}
         torch.save(sd, os.path.join(out_dir, "pytorch_model.bin"))
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, out_dir)
