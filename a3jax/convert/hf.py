@@ -604,7 +604,7 @@ def to_hf(cfg: ModelConfig, params, out_dir: str, dtype: Optional[str] = None,
     """Writes a HF LLaMA directory (config.json + model.safetensors or shards + index) that
     `transformers.LlamaForCausalLM.from_pretrained` loads, plus `query_embed.safetensors` when the
     params' objective trains the query stream (a3; a3jax.objectives: otherwise it was never trained).
-    Only for block=llama (the reference block is not a HF LLaMA: use to_reference).
+    Only for block=llama (the reference block is not a HF LLaMA: use to_reference)."""
     if cfg.block != "llama":
         raise ConversionError(f"block={cfg.block!r}: a HF LLaMA computes the pre-norm `llama` block; "
                               f"export this model with to_reference / `a3jax convert a3-to-reference`")

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from a3jax import fs
+from a3jax.checkpoint import tokenizer_spec
 from a3jax.data.rows import placeholder_id
 from a3jax.data.tokenizers import load_tokenizer
 
@@ -13,10 +13,9 @@ MASK_RE = re.compile(r"\[MASK:(\d+)\]")
 
 
 def load_tok(spec: str, ckpt: str):
-    """spec 'auto': the checkpoint's tokenizer.json when it has one, else the byte tokenizer."""
-    if spec == "auto":
-        spec = ckpt if fs.isfile(fs.join(ckpt, "tokenizer.json")) else "byte"
-    return load_tokenizer(spec)
+    """spec 'auto': the checkpoint's own (a3jax.checkpoint.tokenizer_spec: its tokenizer files, a run
+    directory's training tokenizer, else the byte tokenizer)."""
+    return load_tokenizer(tokenizer_spec(ckpt) if spec == "auto" else spec)
 
 
 def prompt_ids(tok, text: str, content: bool) -> list:
