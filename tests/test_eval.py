@@ -118,6 +118,7 @@ def test_eval_cli_all_kinds(ckpt, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.needs_torch
 def test_lm_eval_adapter_end_to_end(ev, tmp_path, monkeypatch):
     """lm-eval's simple_evaluate runs our model on a local multiple-choice task, offline, and gets
     the same accuracy as our own multiple-choice runner."""

@@ -246,6 +246,7 @@ def test_tokenizer_directory_on_gcs(gcs, tmp_path):
 # ----------------------------------------------------------------------------- conversion
 
 
+@pytest.mark.needs_torch
 def test_convert_hf_to_a3_from_and_to_gcs(gcs, tmp_path):
     from a3jax.convert import from_hf
     from a3jax.convert.cli import cli_main

@@ -37,6 +37,7 @@ def params():
 
 # ----------------------------------------------------------------------------- 1. HF parity
 
+@pytest.mark.needs_torch
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(tie=True),

@@ -165,6 +165,7 @@ def test_nelbo_matches_exact_enumeration_of_orders():
 # ----------------------------------------------------------------------------- AR == HF LLaMA
 
 
+@pytest.mark.needs_torch
 def test_ar_objective_equals_hf_causal_lm_loss(tmp_path):
     import torch  # deferred: optional
 

@@ -67,6 +67,7 @@ def _hf_logits(model, ids):
         return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
 
 
+@pytest.mark.needs_torch
 def test_conversion_metadata_and_every_tensor_equals_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -94,6 +95,7 @@ def jax_to_np(tree):
     return __import__("jax").tree.map(np.asarray, tree)
 
 
+@pytest.mark.needs_torch
 def test_content_stream_logits_match_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
     tok = load_tokenizer(out)
@@ -118,6 +120,7 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@pytest.mark.needs_torch
 def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
     out, cfg, _ = ckpt
     tok = load_tokenizer(out)
@@ -137,6 +140,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
                                                                   vocab["1"]]
 
 
+@pytest.mark.needs_torch
 def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_model):
     import torch  # deferred: tests only
 
@@ -154,6 +158,7 @@ def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_mod
     assert tok.decode(cached[0]).startswith(" Paris")
 
 
+@pytest.mark.needs_torch
 def test_content_stream_evaluation_equals_transformers_log_likelihood(ckpt, hf_model):
     import torch  # deferred: tests only
 

@@ -13,6 +13,8 @@ from a3jax.train import train
 from hf_models import make_hf_llama
 from train_helpers import tiny_config, write_corpus
 
+pytestmark = pytest.mark.needs_torch  # starts from a HF LLaMA made with transformers
+
 
 def test_training_starts_from_converted_hf_weights(tmp_path):
     # A HF LLaMA over the byte vocabulary (260), converted and saved as a params checkpoint.
