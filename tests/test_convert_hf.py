@@ -27,6 +27,7 @@ def _files(d):
     return sorted(os.listdir(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -168,6 +168,7 @@ def _load_state(path) -> list:
     return jax.tree_util.tree_flatten_with_path(ck.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))[0]
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_match_one_process(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG)

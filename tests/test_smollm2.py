@@ -67,6 +67,7 @@ def _hf_logits(model, ids):
         return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.needs_torch
 def test_conversion_metadata_and_every_tensor_equals_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
@@ -95,6 +96,7 @@ def jax_to_np(tree):
     return __import__("jax").tree.map(np.asarray, tree)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_torch
 def test_content_stream_logits_match_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
@@ -120,6 +122,7 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.needs_torch
 def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
     out, cfg, _ = ckpt
@@ -140,6 +143,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
                                                                   vocab["1"]]
 
 
+@pytest.mark.slow
 @pytest.mark.needs_torch
 def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_model):
     import torch  # deferred: tests only
@@ -158,6 +162,7 @@ def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_mod
     assert tok.decode(cached[0]).startswith(" Paris")
 
 
+@pytest.mark.slow
 @pytest.mark.needs_torch
 def test_content_stream_evaluation_equals_transformers_log_likelihood(ckpt, hf_model):
     import torch  # deferred: tests only
@@ -182,6 +187,7 @@ def test_content_stream_evaluation_equals_transformers_log_likelihood(ckpt, hf_m
     assert ev.rolling_loglikelihood([text])[0] == pytest.approx(float(want), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a3_training_starts_from_the_converted_model(ckpt, tmp_path):
     """A3 smoke test (real adaptation needs an accelerator): `a3jax train` with model.init_from on one
     device, loss finite and lower after 3 steps on one fixed batch; then log_likelihood under AR groups
