@@ -1,5 +1,6 @@
 """The visibility rule: its two forms agree, and the block skipping never hides a visible key."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
