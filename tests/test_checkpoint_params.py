@@ -17,6 +17,8 @@ from a3jax.convert import from_hf
 from a3jax.model import forward, param_shardings
 from a3jax.sharding import activate, make_mesh, rules_of
 
+pytestmark = pytest.mark.needs_torch  # its fixture is a converted HF LLaMA made with transformers
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):

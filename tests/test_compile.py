@@ -90,6 +90,7 @@ def _compile(tmp_path, *args):
     return r, rep
 
 
+@pytest.mark.slow
 def test_compile_tiny_for_v5e_2x2(tmp_path):
     r, rep = _compile(tmp_path, "--topology", "v5e:2x2", "--group-size", "2", *POD_STYLE)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -153,6 +154,7 @@ def test_compile_errors_name_the_problem(tmp_path, capsys):
         assert rc == 1 and msg in err and rep is None, (args, err)
 
 
+@pytest.mark.slow
 def test_compile_pallas_attention_for_v5p_beside_blockwise(tmp_path, capsys):
     """The real train step and the cached decode step with the fused Pallas kernel (Mosaic, on this
     host) for a v5p slice, next to the same programs with blockwise attention."""

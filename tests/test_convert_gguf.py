@@ -22,6 +22,8 @@ from a3jax.decode.cli import generate_main
 from a3jax.eval.cli import cli_main as eval_main
 from a3jax.model import forward
 
+pytestmark = pytest.mark.needs_torch  # the GGUF files are written from transformers models
+
 V = len(spm_vocab()[0])
 QTYPES = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1",
           "blk.0.ffn_down.weight": "Q5_0", "blk.1.ffn_up.weight": "Q5_1", "blk.1.attn_v.weight": "F16",

@@ -17,6 +17,8 @@ from a3jax.convert.cli import cli_main
 from a3jax.convert.hf import QUERY_EMBED_FILE, config_from_hf, config_to_hf
 from a3jax.model import forward, init_params
 
+pytestmark = pytest.mark.needs_torch  # round trips through transformers' LLaMA
+
 LAYOUTS = ["single-safetensors", "sharded-safetensors", "single-bin", "sharded-bin"]
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -26,6 +28,7 @@ def _files(d):
     return sorted(os.listdir(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

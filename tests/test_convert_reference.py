@@ -14,6 +14,8 @@ from a3jax.convert import ConversionError, from_hf, from_reference, to_hf, to_re
 from a3jax.convert.cli import cli_main
 from a3jax.model import forward
 
+pytestmark = pytest.mark.needs_torch  # the reference checkpoints are written with torch
+
 
 @pytest.mark.parametrize("fmt,tie,dtype", [("safetensors", False, "float32"), ("bin", False, "bfloat16"),
                                            ("safetensors", True, "bfloat16"), ("bin", True, "float32")])

@@ -38,6 +38,7 @@ def _check_same(a, b, tokens, known):
     assert (a.step[~known] >= 0).all() and (a.step[known] == -1).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", FIXED + DYNAMIC)
 def test_cached_equals_uncached(order):
     cfg, params = tiny()
@@ -52,6 +53,7 @@ def test_cached_equals_uncached(order):
         assert np.bincount(a.step[r][a.step[r] >= 0]).max() <= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0.2, 0.999])
 def test_cached_equals_uncached_threshold(threshold):
     cfg, params = tiny()

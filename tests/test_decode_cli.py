@@ -22,6 +22,7 @@ def ckpt(tmp_path_factory):
 TEXT = r"def add(a, b):\n    [MASK:6]\n"
 
 
+@pytest.mark.slow
 def test_infill_cli_keeps_context_and_fills_blank(ckpt, capsys):
     assert main(["infill", "--ckpt", ckpt, "--text", TEXT, "--color", "never", "--order", "confidence",
                  "--group-size", "2"]) == 0
@@ -82,6 +83,7 @@ def test_unescape_and_parse():
     assert render(tok, np.array([256, 104, 105, 97, 98, 33]), spans, ("<", ">")) == "<hi>ab<!>"
 
 
+@pytest.mark.slow
 def test_speculative_cli(ckpt, capsys):
     """--speculative K is the API's speculative=K: greedy gives the token-by-token completion."""
     args = ["generate", "--ckpt", ckpt, "--prompt", "Hello", "--max-new-tokens", "6", "--json", "--no-eos"]
@@ -96,6 +98,7 @@ def test_speculative_cli(ckpt, capsys):
     assert "fixed order" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_window_num_samples_and_mode_cli(ckpt, capsys):
     """--window, --num-samples and --mode reference are the API's window=, num_samples=, mode=."""
     from a3jax.decode import DecodeSpec, SamplingParams, generate

@@ -22,6 +22,7 @@ def _greedy_by_forward(cfg, params, prompt, n):
     return seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_greedy_equals_stepwise_argmax_cached_and_uncached_ragged():
     cfg, params = tiny()
     res = generate(cfg, params, PROMPTS, 8, DecodeSpec(stop_at_eos=False, stream="content"))

@@ -121,6 +121,7 @@ def test_generate_eos_matches_the_brute_force_reference_loop():
     assert res.step[0].max() > 1  # ending at the EOS would stop row 0 at step 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw,seed", [(dict(order="confidence", group_size=2), 0), (dict(order="random", group_size=2), 4),
                                      (dict(order="random", speculative=2), 4)])
 def test_eos_rule_for_fixed_dynamic_and_speculative(kw, seed):
@@ -164,6 +165,7 @@ def test_eos_rule_for_fixed_dynamic_and_speculative(kw, seed):
 # ----------------------------------------------------------------------------- phases and windows
 
 
+@pytest.mark.slow
 def test_every_order_window_and_phase_split_cached_equals_uncached():
     """Identical greedy tokens and steps: cached, uncached and one phase (every blank's query row at
     every step) against the default phases, for every dynamic criterion; a window; threshold commits
@@ -273,6 +275,7 @@ def test_mode_and_option_errors():
 # ----------------------------------------------------------------------------- seeds and samples
 
 
+@pytest.mark.slow
 def test_row_with_seed_s_equals_the_row_alone_with_seed_s():
     cfg, params = tiny()
     tokens, known = _rows()
@@ -292,6 +295,7 @@ CFG4 = ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layer
 SAMPLES = 4000
 
 
+@pytest.mark.slow
 def test_num_samples_are_independent_draws_of_the_model():
     """num_samples=4000 of one prompt in one batch, token by token left to right: the histogram of the
     3-blank completions matches their exact probabilities (all 64 scored), and pairs of neighbouring

@@ -105,6 +105,7 @@ def _sample(params, order, seed, spec, temperature=0.0, top_k=0):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("order_name", ["left_to_right", "user"])
 @pytest.mark.parametrize("filtering", [dict(temperature=1.0), dict(temperature=0.8, top_k=2)])
@@ -132,6 +133,7 @@ def test_group_wise_decoding_fails_the_same_test():
     assert p < 1e-6, f"group-wise decoding passed the exactness test (p = {p:.2e})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["left_to_right", "random", "user"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_greedy_speculative_equals_greedy_token_by_token(order, k):
@@ -163,6 +165,7 @@ def test_cached_equals_uncached(sampling):
     assert a.num_steps == b.num_steps
 
 
+@pytest.mark.slow
 def test_generate_speculative_and_eos():
     cfg, params = tiny()
     prompts = [[60, 1, 2, 3], [60, 7], [60, 9, 9]]
@@ -178,6 +181,7 @@ def test_generate_speculative_and_eos():
     assert (out[0, 3:] == cfg.pad_token_id).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [dict(speculative=2), dict(group_size=2)])
 def test_independent_rows_and_batch_invariance(spec):
     """Both decoders: one key for every row by default (equal rows give equal samples); independent_rows gives row r the key fold_in(PRNGKey(seed), r); per-row seeds."""

@@ -25,6 +25,7 @@ def demo_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_demo_phases_pretrain_ar_export_hf_adapt_a3(demo_run):
     from a3jax.checkpoint import load_params
     from a3jax.config import load_config
@@ -55,6 +56,7 @@ def test_demo_phases_pretrain_ar_export_hf_adapt_a3(demo_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_report_schema_and_invariants(demo_run):
     out, report = demo_run
     assert json.load(open(os.path.join(out, "demo_report.json")))["seconds"] == pytest.approx(report["seconds"])
@@ -95,6 +97,7 @@ def test_infill_benchmark_is_fixed_and_its_blanks_need_the_right_context():
             assert text[a - 1] == "(" and text[b] == ")", it
 
 
+@pytest.mark.slow
 def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
     """The span NLL (scorer) and the benchmark's fills (decoder) see the context grouped the same way:
     the decoder's teacher-forced log-probs of the true spans, left to right, sum to the scorer's."""
@@ -126,6 +129,7 @@ def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
     assert abs(lp[None] - lp[demo.CONTEXT_GROUP_SIZE]) > 1e-4  # the grouping is not a no-op
 
 
+@pytest.mark.slow
 def test_demo_rerun_resumes_every_phase_and_rewrites_the_report(demo_run, capsys):
     from a3jax.demo import run
 

@@ -168,20 +168,21 @@ def _load_state(path) -> list:
     return jax.tree_util.tree_flatten_with_path(ck.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))[0]
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_match_one_process(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG)
     ref_dir, mp_dir = tmp_path / "ref", tmp_path / "mp"
     local = [os.path.join(ROOT, "launch", "local.sh"), "--devices", "2"]
-    # The resumed job reuses the first job's compiled programs (a shared persistent cache).
-    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # No shared persistent compilation cache here: with jax 0.12 a 2-process CPU job that loads its
+    # programs from that cache hangs in its first cross-process collective.
     # The single-process 4-device reference runs alongside the first multi-process job.
     ref = subprocess.Popen([sys.executable, "-m", "a3jax", "train", str(cfg), f"run_dir={ref_dir}", "--no-progress"],
                            env=_clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = subprocess.run(local + ["--log-dir", str(tmp_path / "logs1"), "2", str(cfg), f"run_dir={mp_dir}",
                                     "--no-progress", "--stop-at-step", "2"],
-                           env=_clean_env(**cache), cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     ref_out = ref.communicate(timeout=400)[0]
     assert ref.returncode == 0, ref_out[-3000:]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -200,7 +201,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     # Restart both processes: they resume from step 2 and finish.
     second = subprocess.run(local + ["--log-dir", str(tmp_path / "logs2"), "2", str(cfg), f"run_dir={mp_dir}",
                                      "--no-progress"],
-                            env=_clean_env(**cache), cwd=ROOT, capture_output=True, text=True, timeout=400)
+                            env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     log0 = (tmp_path / "logs2" / "process_0.log").read_text()
     assert "resumed from checkpoint 2" in log0 and "done: step 4" in log0

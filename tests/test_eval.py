@@ -102,6 +102,7 @@ def test_task_file_errors(tmp_path):
     assert {k: len(v) for k, v in kinds.items()} == {"multiple_choice": 5, "infill": 2, "qa": 1, "perplexity": 2}
 
 
+@pytest.mark.slow
 def test_eval_cli_all_kinds(ckpt, tmp_path, capsys):
     task = _write(tmp_path / "mixed.jsonl", MC + OTHER)
     out_json = str(tmp_path / "res.json")
@@ -118,6 +119,8 @@ def test_eval_cli_all_kinds(ckpt, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_lm_eval_adapter_end_to_end(ev, tmp_path, monkeypatch):
     """lm-eval's simple_evaluate runs our model on a local multiple-choice task, offline, and gets
     the same accuracy as our own multiple-choice runner."""

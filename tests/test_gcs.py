@@ -132,6 +132,7 @@ def gs_run(gcs, gs_corpus, reference, compile_cache, tmp_path_factory):
     return run, saved
 
 
+@pytest.mark.slow
 def test_kill9_sigterm_resume_on_gcs_equals_uninterrupted_local_run(gs_run, reference):
     run, _ = gs_run
     _assert_bitwise_equal(_params(f"{run}/checkpoints/12/state"), _params(f"{reference.run_dir}/checkpoints/12/state"))
@@ -142,6 +143,7 @@ def test_kill9_sigterm_resume_on_gcs_equals_uninterrupted_local_run(gs_run, refe
     assert events and fs.size(events[-1]) > 0  # the TensorBoard events went to gs:// too
 
 
+@pytest.mark.slow
 def test_gcs_checkpoint_restores_onto_another_mesh_bit_exact(gs_run, reference):
     run, _ = gs_run
     mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
@@ -156,6 +158,7 @@ def test_gcs_checkpoint_restores_onto_another_mesh_bit_exact(gs_run, reference):
     _assert_bitwise_equal(jax.device_get(state.params), _params(f"{reference.run_dir}/checkpoints/12/state"))
 
 
+@pytest.mark.slow
 def test_a_gcs_run_exports_and_reads_as_a_checkpoint(gs_run, reference):
     run, _ = gs_run
     want = _params(f"{reference.run_dir}/checkpoints/12/state")
@@ -165,6 +168,7 @@ def test_a_gcs_run_exports_and_reads_as_a_checkpoint(gs_run, reference):
     _assert_bitwise_equal(load_params(run, host=True)[1], want)  # the run directory itself as --ckpt
 
 
+@pytest.mark.slow
 def test_corrupt_latest_on_gcs_is_skipped_and_kept_in_place(gs_run, gs_corpus):
     run, saved = gs_run
     bad = [f for f in fs.find(f"{run}/checkpoints/12/state") if "/d/" in f or f.endswith("manifest.ocdbt")]
@@ -257,6 +261,7 @@ def test_tokenizer_directory_on_gcs(gcs, tmp_path):
 # ----------------------------------------------------------------------------- conversion
 
 
+@pytest.mark.needs_torch
 def test_convert_hf_to_a3_from_and_to_gcs(gcs, tmp_path):
     from a3jax.convert import from_hf
     from a3jax.convert.cli import cli_main
@@ -279,6 +284,7 @@ def test_convert_hf_to_a3_from_and_to_gcs(gcs, tmp_path):
 # ----------------------------------------------------------------------------- 2 processes
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_gcs_checkpoint_that_restores_on_one(gcs, gs_corpus, reference, tmp_path):
     """launch/local.sh: 2 processes x 4 devices (the reference's 8-device mesh) write checkpoint 6 to
     gs://; this one process restores it and matches the 1-process reference's checkpoint 6."""

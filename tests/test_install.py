@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,6 +25,7 @@ def _run(cmd, **kw):
     return r
 
 
+@pytest.mark.slow
 def test_wheel_in_a_fresh_venv_finds_its_configs(tmp_path):
     # Built from a copy, so the build's egg-info and build/ never land in the checkout.
     src = tmp_path / "src"

@@ -1,5 +1,6 @@
 """The visibility rule: its two forms agree, and the block skipping never hides a visible key."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,7 @@ def test_query_stream_is_content_rule_on_lowered_groups(x):
                                   masks.content_mask(g, s))
 
 
+@pytest.mark.slow
 @given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans())
 def test_block_ranges_cover_every_visible_pair(qx, kx, bq, bk, sort):
     qg, qs = qx
@@ -58,6 +60,7 @@ def test_rule_rejects_unknown_stream():
         masks.stream_groups(np.zeros(3), "both")
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)  # jnp on many shapes: each example compiles a few ops
 @given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans(), st.booleans())
 def test_block_visibility_full_prefix_is_fully_visible(qx, kx, bq, bk, sort, one_segment):

@@ -37,6 +37,8 @@ def params():
 
 # ----------------------------------------------------------------------------- 1. HF parity
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(tie=True),
@@ -70,6 +72,7 @@ def layouts(draw, max_t=24):
     return tokens, positions, groups, segs, rng
 
 
+@pytest.mark.slow
 @given(layouts())
 @settings(max_examples=20)
 def test_query_logits_ignore_invisible_tokens(params, layout):
@@ -95,6 +98,7 @@ def test_query_logits_ignore_invisible_tokens(params, layout):
         assert np.abs(out2[i] - base[i]).max() > 1e-6
 
 
+@pytest.mark.slow
 @given(layouts())
 @settings(max_examples=15)
 def test_content_logits_ignore_later_groups(params, layout):
@@ -111,6 +115,7 @@ def test_content_logits_ignore_later_groups(params, layout):
         np.testing.assert_allclose(out[i], base[i], atol=1e-5)
 
 
+@pytest.mark.slow
 @given(layouts())
 @settings(max_examples=15)
 def test_permuting_rows_permutes_logits(params, layout):
@@ -162,6 +167,7 @@ def _sorted_layout(rng, b, t, nseg=2, group_size=3):
     return tokens, positions, groups, segs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", ["query", "content"])
 def test_dense_equals_blockwise_forward_and_grad(params, stream):
     rng = np.random.default_rng(5)
@@ -195,6 +201,7 @@ def test_block_ranges_skip_hidden_blocks_on_sorted_layout():
     np.testing.assert_array_equal(np.asarray(hi), np.arange(1, t // blk + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
                                      dict(scan_layers=True, remat="dots_no_batch")])
 def test_scan_and_remat_match_unrolled(params, variant):
@@ -234,6 +241,7 @@ def test_reference_block_differs_and_llama_block_is_default(params):
 
 # ----------------------------------------------------------------------------- sharding
 
+@pytest.mark.slow
 def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
     assert jax.device_count() == 8
     cfg = dataclasses.replace(SMALL, num_kv_heads=4, hidden_size=64, intermediate_size=128)
@@ -383,6 +391,7 @@ def _per_layer_reference(cfg, p, tokens, positions, groups, segs):
     return jnp.einsum("bte,ev->btv", h, p["lm_head"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [dict(), dict(num_layers=1), dict(num_layers=3, scan_layers=True),
                                      dict(num_layers=3, attention="blockwise"), dict(remat="full")])
 def test_fused_rows_equal_per_layer_reference_forward_and_grad(variant):

@@ -259,6 +259,7 @@ def exact_nelbo(tokens, n_ctx):
     return total / len(orders)
 
 
+@pytest.mark.slow
 def test_nelbo_matches_exact_enumeration_of_orders():
     tokens = np.array([[BOS, 3, 17, 5, 9, 22, 11], [BOS, 7, 7, 7, 1, 2, 3]])
     target = np.zeros(tokens.shape, bool)
@@ -275,6 +276,7 @@ def test_nelbo_matches_exact_enumeration_of_orders():
 # ----------------------------------------------------------------------------- AR == HF LLaMA
 
 
+@pytest.mark.needs_torch
 def test_ar_objective_equals_hf_causal_lm_loss(tmp_path):
     import torch  # deferred: optional
 
@@ -303,6 +305,7 @@ def test_ar_objective_equals_hf_causal_lm_loss(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints and refusals
 
 
+@pytest.mark.slow
 def test_checkpoint_records_objective_and_decoders_refuse_a_mismatch(tmp_path, corpus, capsys):  # noqa: F811
     run = tmp_path / "run"
     ov = tiny_overrides(str(run), corpus, **{"train.objective": "mdlm", "model.mask_token_id": 259,

@@ -111,6 +111,7 @@ def _run(kind, case, dtype, seed, ids, ref_dtype=None):
     return [np.asarray(x, np.float32) for x in out]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @settings(max_examples=8)
 @given(data=st.data())

@@ -104,6 +104,8 @@ def run_optax(opt_cfg, params, grads, stages):
     return jax.tree.map(np.asarray, out)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_recipe_optimizer_matches_torch_adamw_one_trainer_per_stage(recipe):
     # The recipe's optimizer over two short stages (warmup 4 of 10 steps each, so the test is fast)
     # with a larger lr (so the weight decay on query_embed is far above float32 noise); b1, b2, eps,

@@ -67,6 +67,8 @@ def _hf_logits(model, ids):
         return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_conversion_metadata_and_every_tensor_equals_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -97,6 +99,8 @@ def jax_to_np(tree):
     return __import__("jax").tree.map(np.asarray, tree)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_content_stream_logits_match_transformers(ckpt, hf_model):
     out, cfg, params = ckpt
     tok = load_tokenizer(out)
@@ -121,6 +125,8 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
     out, cfg, _ = ckpt
     tok = load_tokenizer(out)
@@ -140,6 +146,8 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, hf_tok):
                                                                   vocab["1"]]
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_model):
     import torch  # deferred: tests only
 
@@ -157,6 +165,8 @@ def test_greedy_generation_matches_transformers_cached_and_uncached(ckpt, hf_mod
     assert tok.decode(cached[0]).startswith(" Paris")
 
 
+@pytest.mark.slow
+@pytest.mark.needs_torch
 def test_content_stream_evaluation_equals_transformers_log_likelihood(ckpt, hf_model):
     import torch  # deferred: tests only
 
@@ -180,6 +190,7 @@ def test_content_stream_evaluation_equals_transformers_log_likelihood(ckpt, hf_m
     assert ev.rolling_loglikelihood([text])[0] == pytest.approx(float(want), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a3_training_starts_from_the_converted_model(ckpt, tmp_path):
     """A3 smoke test (real adaptation needs an accelerator): `a3jax train` with model.init_from on one
     device, loss finite and lower after 3 steps on one fixed batch; then log_likelihood under AR groups

@@ -247,6 +247,7 @@ def _run(cfg, mesh, rules, opt, ssh, bsh, step, params, batches):
     return jax.device_get(state), out
 
 
+@pytest.mark.slow
 def test_2x4_mesh_equals_single_device(corpus, host_data):
     """Two steps on one device vs on a 2x4 (fsdp x tensor) mesh of fake devices. SGD(lr=1) so the params
     move by exactly -grad: the comparison is on gradients (Adam would turn fp32 reduction-order noise
@@ -267,6 +268,7 @@ def test_2x4_mesh_equals_single_device(corpus, host_data):
     assert np.abs(s1.params["embed"] - params["embed"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_big_batch(corpus, host_data):
     mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=1)
     devs = jax.devices()[:2]
@@ -290,6 +292,7 @@ def test_grad_accumulation_equals_big_batch(corpus, host_data):
 # ----------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_curriculum_logged(corpus, tmp_path, capsys):
     cfg = tiny_config(tmp_path / "run", corpus, **{
         "data.stages": "[{ar: 16}, {blocks:2: 6}, {random:4: 8}]", "train.log_every": 1,

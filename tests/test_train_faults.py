@@ -63,6 +63,7 @@ def _logged_steps(run_dir):
         return []
 
 
+@pytest.mark.slow
 def test_kill9_and_sigterm_then_resume_equals_uninterrupted(reference, corpus, compile_cache, tmp_path):
     run = tmp_path / "run"
     ck = lambda s: os.path.isdir(os.path.join(run, "checkpoints", str(s)))
@@ -94,6 +95,7 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(reference, corpus, c
     assert exact_view(read_jsonl(run)) == exact_view(read_jsonl(reference.run_dir))
 
 
+@pytest.mark.slow
 def test_restore_other_mesh_and_corrupt_latest_falls_back(reference, corpus, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference.run_dir, run)
@@ -140,6 +142,7 @@ def _nan_config(run_dir, corpus, **extra):
         "mesh.fsdp": 1, "mesh.data": -1, **extra})
 
 
+@pytest.mark.slow
 def test_nonfinite_stops_with_step_and_last_checkpoint(corpus, tmp_path):
     cfg = _nan_config(tmp_path / "run", corpus)
     with pytest.raises(NonFiniteLossError) as e:

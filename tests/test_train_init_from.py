@@ -13,7 +13,10 @@ from a3jax.train import train
 from hf_models import make_hf_llama
 from train_helpers import tiny_config, write_corpus
 
+pytestmark = pytest.mark.needs_torch  # starts from a HF LLaMA made with transformers
 
+
+@pytest.mark.slow
 def test_training_starts_from_converted_hf_weights(tmp_path):
     # A HF LLaMA over the byte vocabulary (260), converted and saved as a params checkpoint.
     make_hf_llama(tmp_path / "hf", vocab=260, hidden=32, layers=2, heads=4, kv_heads=2, inter=64)
