@@ -110,7 +110,7 @@ def time_step(mcfg, seq, batch, objective, steps, mesh, rules):
 
 
 def loop_overhead(size, seq, batch, steps, objective, data_parallel, isolated_step_s):
-    """Runs `steps` steps of the real loop (`a3jax train` on configs/demo.yaml's data, one stage of
+    """Runs `steps` steps of the real loop (`a3jax train` on configs/tiny-curriculum.yaml's data, one stage of
     random:4 or ar) under jax.profiler and reads the trace: the share of the steady-state loop's wall
     time in which no compiled train step was executing is the overhead outside the step."""
     import collections
@@ -128,7 +128,7 @@ def loop_overhead(size, seq, batch, steps, objective, data_parallel, isolated_st
     ov += DEMO_OVERRIDES if size == "demo" else []
     if data_parallel:
         ov += ["mesh.data=-1", "mesh.fsdp=1"]
-    cfg = load_config(os.path.join(here, "..", "configs", "demo.yaml"), ov)
+    cfg = load_config(os.path.join(here, "..", "configs", "tiny-curriculum.yaml"), ov)
     trace_dir = os.path.join(run_dir, "trace")
     with jax.profiler.trace(trace_dir):
         res = train(cfg, progress_bar=False, tensorboard=False)

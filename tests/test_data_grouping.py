@@ -245,7 +245,7 @@ def test_paper_curriculum_file():
     assert [(s.strategy, s.steps) for s in stages] == [
         ("ar", 800), ("blocks:2", 800), ("blocks:4", 800), ("random:4", 800), ("random:8", 800)]
     assert stage_for_step(stages, 800 * 3) == (3, "random:4")
-    demo = load_curriculum("curriculum/demo")
+    demo = load_curriculum("curriculum/short")
     assert sum(s.steps for s in demo) < 400 and demo[-1].strategy == "random:8"
 
 
