@@ -27,16 +27,12 @@ COMMANDS = {
     "demo": ("a3jax.demo", "cli_main", "the main job on the embedded default (make demo)"),
 }
 
-# Subcommands listed under their command in `a3jax --help` (a test holds them equal to the parsers').
-SUBCOMMANDS = {
-    "convert": {
-        "gguf-to-a3": "GGUF file (llama.cpp) -> params checkpoint + tokenizer",
-        "hf-to-a3": "HF LLaMA directory -> params checkpoint",
-        "a3-to-hf": "params checkpoint or run -> HF LLaMA directory",
-        "reference-to-a3": "reference A3 code checkpoint -> params checkpoint",
-        "a3-to-reference": "params checkpoint -> reference A3 code format",
-    },
-}
+def subcommands() -> dict:
+    """Subcommands listed under their command in `a3jax --help`: each command's parser owns its table
+    (a test holds them equal). Imported only when the help is printed."""
+    from a3jax.convert.cli import SUBCOMMANDS as convert_subcommands
+    return {"convert": convert_subcommands}
+
 
 # Commands that run on devices join the multi-process job first (a3jax.distributed: TPU pod, SLURM,
 # A3JAX_* variables; a single process when none is set). `train` does it itself, after its config.
@@ -45,9 +41,10 @@ DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo"}
 
 def usage() -> str:
     lines = ["usage: a3jax <command> [args]  (a3jax <command> --help for details)", "", "commands:"]
+    subs = subcommands()
     for name, (_, _, help_) in COMMANDS.items():
         lines.append(f"  {name:<11} {help_}")
-        lines += [f"    {sub:<16} {sub_help}" for sub, sub_help in SUBCOMMANDS.get(name, {}).items()]
+        lines += [f"    {sub:<16} {sub_help}" for sub, sub_help in subs.get(name, {}).items()]
     return "\n".join(lines)
 
 

@@ -287,8 +287,7 @@ def prefix_fill(cfg, params, tok, items):
     """What a plain LM can do: greedy continuation of the prefix, as many tokens as the blank has."""
     rows = _rows(tok, items)
     prompts = [ids[:s] for ids, s, _ in rows]
-    spec = DecodeSpec(stop_at_eos=False, prompt_group_size=0)  # one context group, as these numbers always had
-    new = generate(cfg, params, prompts, max(n for _, _, n in rows), spec).new
+    new = generate(cfg, params, prompts, max(n for _, _, n in rows), DecodeSpec(stop_at_eos=False)).new
     return [tok.decode(new[r, :n].tolist()) for r, (_, _, n) in enumerate(rows)]
 
 

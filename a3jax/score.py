@@ -29,7 +29,7 @@ import numpy as np
 from a3jax import objectives
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
-from a3jax.model import InputError, apply_model, default_layout, diffusion, validate_inputs
+from a3jax.model import InputError, apply_model, default_layout, diffusion, token_logprobs, validate_inputs
 
 MDLM_SAMPLES = 32  # Monte-Carlo maskings per row when score_rows scores an mdlm model
 
@@ -46,8 +46,7 @@ def _logp_and_greedy(cfg, params, tokens, positions, groups, segment_ids):
     if objectives.of(cfg).scorer == "content":
         return _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids)
     logits = apply_model(cfg, params, tokens, positions, groups, segment_ids, "query")
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    tok_lp = token_logprobs(logits, tokens)
     return tok_lp, jnp.argmax(logits, axis=-1) == tokens
 
 
@@ -123,9 +122,8 @@ def _content_logp_and_greedy(cfg, params, tokens, positions, segment_ids):
     """As _logp_and_greedy, from the causal content stream (groups = positions): position i is
     predicted by the logits at i - 1; position 0 gets 0 (it is never a target)."""
     logits = apply_model(cfg, params, tokens, positions, positions, segment_ids, "content")[:, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
     nxt = tokens[:, 1:]
-    tok_lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    tok_lp = token_logprobs(logits, nxt)
     greedy = jnp.argmax(logits, axis=-1) == nxt
     pad = lambda x, v: jnp.concatenate([jnp.full((x.shape[0], 1), v, x.dtype), x], axis=1)  # noqa: E731
     return pad(tok_lp, 0.0), pad(greedy, True)

@@ -1,6 +1,7 @@
 """A training run as a checkpoint: `a3jax export RUN_DIR OUT` writes a params checkpoint with the
 run's tokenizer beside it (so `--tokenizer auto` decodes with it), and every reader of a params
 checkpoint takes the run directory itself (its latest complete checkpoint)."""
+import dataclasses
 import filecmp
 import json
 import os
@@ -53,7 +54,8 @@ def test_export_writes_params_and_the_runs_tokenizer(word_run, tmp_path, capsys)
     assert str(out) in capsys.readouterr().out
     assert {"params", "model.yaml", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
     assert filecmp.cmp(d / "tok" / "tokenizer.json", out / "tokenizer.json", shallow=False)
-    assert load_model_config(str(out)) == cfg.model
+    # the run's model config, plus the context layout its training used (its last stage, ar: left to right)
+    assert load_model_config(str(out)) == dataclasses.replace(cfg.model, prompt_group_size=1)
     # the latest checkpoint's params, as the run stored them (fp32 master weights)
     _, from_run = load_params(str(d / "run"), host=True)
     _, exported = load_params(str(out), host=True)
@@ -93,10 +95,11 @@ def test_auto_tokenizer_of_an_export_is_the_runs(word_run, tmp_path, capsys):
 def test_a_run_directory_is_a_checkpoint(word_run, tmp_path):
     d, cfg = word_run
     run = str(d / "run")
-    assert load_model_config(run) == cfg.model
+    trained = dataclasses.replace(cfg.model, prompt_group_size=1)  # the layout the run recorded
+    assert load_model_config(run) == trained
     assert tokenizer_spec(run) == str(d / "tok")
     cfg_r, params = load_params(run)
-    assert cfg_r == cfg.model and all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    assert cfg_r == trained and all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
     # `a3jax convert a3-to-hf --ckpt RUN_DIR`: the run's latest params, with its tokenizer files
     assert a3jax_main(["convert", "a3-to-hf", "--ckpt", run, "--out", str(tmp_path / "hf")]) == 0
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from a3jax.cli import COMMANDS, SUBCOMMANDS
+from a3jax.cli import COMMANDS, subcommands
+
+SUBCOMMANDS = subcommands()
 from a3jax.convert.cli import build_parser as convert_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,13 +10,22 @@ import time
 from a3jax import fs
 from a3jax.checkpoint import (CheckpointError, copy_tokenizer, copy_tokenizer_files, load_params, save_params,
                               tokenizer_spec)
-from a3jax.cli import SUBCOMMANDS
 from a3jax.convert.gguf_io import GGUFFile, from_gguf, tensor_types
 from a3jax.convert.gguf_tokenizer import write_tokenizer
 from a3jax.convert.hf import ConversionError, count_params, from_hf, human_bytes, to_hf
 from a3jax.convert.reference import from_reference, resolve_checkpoint_dir, to_reference
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+# One line each, shown by `a3jax convert --help` and under convert in `a3jax --help`.
+SUBCOMMANDS = {
+    "gguf-to-a3": "GGUF file (llama.cpp) -> params checkpoint + tokenizer",
+    "hf-to-a3": "HF LLaMA directory -> params checkpoint",
+    "a3-to-hf": "params checkpoint or run -> HF LLaMA directory",
+    "reference-to-a3": "reference A3 code checkpoint -> params checkpoint",
+    "a3-to-reference": "params checkpoint -> reference A3 code format",
+}
 
 
 def parse_size(text: str) -> int:
@@ -34,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert weights between HF LLaMA / the reference A3 code and a3jax params checkpoints "
                     "(Orbax params + model.yaml). Reading is tensor by tensor, so peak host memory stays "
                     "close to one copy of the weights.")
-    helps = SUBCOMMANDS["convert"]  # the one-line helps `a3jax --help` shows too
+    helps = SUBCOMMANDS  # the one-line helps `a3jax --help` shows too
     sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(helps) + "}")
     sub.required = True
     dtype_help = "parameter dtype of the output (default: keep the source's)"

@@ -30,6 +30,7 @@ from a3jax.config import ModelConfig
 from a3jax.decode import cache as cache_lib
 from a3jax.decode import sampling
 from a3jax.model import KVCache, Rows, apply_model, choose_kernel, lm_logits, run_rows
+from a3jax.model import token_logprobs
 
 
 def _prefill(cfg, params, tokens, prompt_len, width):
@@ -95,7 +96,7 @@ def _decode(cfg: ModelConfig, use_cache: bool, width: int, params, tokens, promp
         logits = st.logits if use_cache else _full_logits(cfg, params, st.tokens, st.filled, pos - 1)
         drawn = sampling.sample(jax.random.fold_in(base_key, s), logits[:, None], opts["temperature"],
                                 opts["top_k"], opts["top_p"])[:, 0]
-        lp = sampling.token_logprobs(logits[:, None], drawn[:, None])[:, 0]
+        lp = token_logprobs(logits[:, None], drawn[:, None])[:, 0]
         live = ~st.done
         slot = jnp.where(live, pos, t)  # out of range -> dropped
         new = st.replace(

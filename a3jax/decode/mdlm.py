@@ -27,6 +27,7 @@ import numpy as np
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 from a3jax.model import diffusion
+from a3jax.model import token_logprobs
 
 MDLM_ORDERS = ("random", "confidence", "entropy", "margin", "left_to_right")
 
@@ -69,7 +70,7 @@ def _sample_loop(cfg, order: str, params, tokens, blank, valid, steps, stop, tem
         k_sample, k_order = jax.random.split(jax.random.fold_in(base, s))
         logits = diffusion.denoiser_logits(cfg, params, st.tokens, positions, segments)
         drawn = sampling.sample(k_sample, logits, temperature, top_k, top_p)
-        lp = sampling.token_logprobs(logits, drawn)
+        lp = token_logprobs(logits, drawn)
         scores = jnp.where(st.masked, _scores(order, logits, k_order, t), -jnp.inf)
         rank = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # 0 = best still-masked blank
         k = reveal_counts(n_blank, steps, s) - (n_blank - st.masked.sum(-1))

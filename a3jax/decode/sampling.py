@@ -103,9 +103,3 @@ def sample(key, logits, temperature=0.0, top_k=0, top_p=1.0):
         return jax.vmap(one_row)(scaled).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)
-
-
-def token_logprobs(logits, ids):
-    """log p(ids) under the model's own distribution (temperature 1, unfiltered): [B, Q]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from a3jax.layout import token_range_error
 from a3jax.decode import orders as orders_lib
 from a3jax.decode.mdlm import MDLM_ORDERS
 
@@ -49,9 +50,9 @@ def bucket_up(n: int) -> int:
 
 def check_tokens(cfg, tokens: np.ndarray) -> None:
     """Every id in [0, vocab_size)."""
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-        bad = int(tokens.max()) if tokens.max() >= cfg.vocab_size else int(tokens.min())
-        raise DecodeError(f"token id {bad} is outside [0, vocab_size={cfg.vocab_size})")
+    err = token_range_error(tokens, cfg.vocab_size)
+    if err:
+        raise DecodeError(err)
 
 
 def _is_int(x) -> bool:

@@ -39,6 +39,7 @@ from a3jax.decode import cache as cache_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 from a3jax.model import KVCache
+from a3jax.model import token_logprobs
 
 
 def token_order(sched: np.ndarray, pad_to: int) -> np.ndarray:
@@ -182,7 +183,7 @@ def run(cfg: ModelConfig, k: int, use_cache: bool, params, tokens, known, valid,
         corrected = (ar[None] == n_acc[:, None]) & ~all_acc[:, None] & d_ok
         commit = (d_ok & (ar[None] < n_acc[:, None])) | corrected
         c_tok = jnp.where(corrected, fix[:, None], x)
-        c_lp = sampling.token_logprobs(v_logits, c_tok)
+        c_lp = token_logprobs(v_logits, c_tok)
         slot = jnp.where(commit, d_pos, t)
         new_tokens = state.tokens.at[rows, slot].set(c_tok, mode="drop")
         new_step = state.step.at[rows, slot].set(s, mode="drop")

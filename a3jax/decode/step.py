@@ -17,6 +17,7 @@ from a3jax.decode import cache as cache_lib
 from a3jax.decode import orders as orders_lib
 from a3jax.decode import sampling
 from a3jax.model import KVCache
+from a3jax.model import token_logprobs
 
 BIG = 2 ** 30  # group id of a position not committed yet: later than every step
 
@@ -83,7 +84,7 @@ def draw(logits, q_pos, state: LoopState, keys, opts: LoopOpts):
     forced = jnp.take_along_axis(state.tokens, jnp.maximum(q_pos, 0), axis=1)
     drawn = jax.lax.cond(opts.teacher_forcing, lambda: forced, lambda: sampling.draw_at(
         sampling.position_keys(k_sample, q_pos), dist, opts.temperature))
-    return dist, drawn, sampling.token_logprobs(logits, drawn), k_order
+    return dist, drawn, token_logprobs(logits, drawn), k_order
 
 
 def commit(state: LoopState, cache, ok, c_pos, c_tok, c_lp, blank, opts: LoopOpts) -> LoopState:

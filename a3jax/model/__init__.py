@@ -12,7 +12,7 @@ from a3jax import layout as layout_lib
 from a3jax import sharding
 from a3jax.config import ModelConfig
 from a3jax.model.attention import choose_kernel
-from a3jax.model.layers import dtype_of, numpy_dtype
+from a3jax.model.layers import dtype_of, numpy_dtype, token_logprobs
 from a3jax.model.params import (ParamSpec, decay_mask, numpy_init, param_axes, param_count, param_shapes,
                                 param_specs, query_embed_init)
 from a3jax.model.transformer import A3Transformer, KVCache, Rows, apply_model, lm_logits, run_rows
@@ -21,7 +21,7 @@ from a3jax.model import diffusion
 __all__ = ["A3Transformer", "forward", "init_params", "validate_inputs", "default_layout", "InputError",
            "KVCache", "Rows", "apply_model", "lm_logits", "run_rows",
            "ParamSpec", "param_specs", "param_shapes", "param_axes", "param_count", "decay_mask", "query_embed_init",
-           "numpy_init", "dtype_of", "numpy_dtype", "choose_kernel",
+           "numpy_init", "dtype_of", "numpy_dtype", "token_logprobs", "choose_kernel",
            "param_shardings", "shard_params", "init_params_sharded", "diffusion"]
 
 

@@ -85,3 +85,10 @@ def swiglu_mlp(x, w_gate, w_up, w_down):
     g = linear(x, w_gate.astype(dt))
     u = linear(x, w_up.astype(dt))
     return linear(jax.nn.silu(g) * u, w_down.astype(dt))
+
+
+def token_logprobs(logits, ids):
+    """log p(ids) of logits [..., V] at ids [...] (fp32 log-softmax): the one token log-prob gather that
+    scoring and decoding share."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]

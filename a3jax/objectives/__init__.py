@@ -21,10 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-import jax.numpy as jnp
 
 from a3jax.layout import Layout
-from a3jax.model import diffusion
 from a3jax.objectives import losses as loss_lib
 
 
