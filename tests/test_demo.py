@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["train.eval_every=4", "train.log_every=1", "checkpoint.every=4", "data.max_documents=60",
         "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=4",
-        "model.num_kv_heads=2", "pretrain:data.stages=[{ar: 4}]", 'adapt:data.stages=[{ar: 2}, {"random:4": 3}]']
+        "model.num_kv_heads=2", "pretrain:data.stages=[{ar: 4}]",
+        'adapt:data.stages=[{ar: 2}, {"random:4": 2}, {"infill:0.25:8:1:random:repeat": 1}]']
 EVAL = dict(infill_count=3, show=1, eval_batches=1, group_sizes=(1,), gen_prompts=2, gen_tokens=5,
             parallel_settings=("group:1",))  # the other settings: the same code path, more compiles
 
@@ -120,13 +121,35 @@ def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
     for r, (ids, _, _) in enumerate(rows):  # teacher forcing commits the true tokens at the blanks
         tokens[r, :len(ids)] = ids
     lp = {}
-    for chunk in (demo.CONTEXT_GROUP_SIZE, None):
+    for chunk in (demo.CONTEXT_GROUP_SIZE, 0):  # 0: the whole context in one group
         res = infill(cfg, params, tokens, known, DecodeSpec(order="left_to_right", group_size=1,
                                                             prompt_group_size=chunk, teacher_forcing=True), valid=valid)
         lp[chunk] = -float(res.logprobs[~known & valid].sum()) / got["bytes"]
     assert got["bytes"] == sum(n for _, _, n in rows)
     assert got["a3_both_sides"] == pytest.approx(lp[demo.CONTEXT_GROUP_SIZE], rel=1e-4)
-    assert abs(lp[None] - lp[demo.CONTEXT_GROUP_SIZE]) > 1e-4  # the grouping is not a no-op
+    assert abs(lp[0] - lp[demo.CONTEXT_GROUP_SIZE]) > 1e-4  # the grouping is not a no-op
+
+
+@pytest.mark.slow
+def test_final_records_its_context_layout_and_generate_defaults_to_it(demo_run, capsys):
+    """The adaptation ends in an infilling stage, whose context is left to right one token per group:
+    final/ records that layout and `a3jax generate` (the README's command) decodes with it by default."""
+    from a3jax.checkpoint import load_model_config
+    from a3jax.cli import main
+    from a3jax.decode import DecodeSpec, Engine
+
+    out, _ = demo_run
+    final = os.path.join(out, "final")
+    assert load_model_config(final).prompt_group_size == 1
+    assert load_model_config(os.path.join(out, "pretrain", "final")).prompt_group_size == 0  # ar: no layout
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", final, "--prompt", "def fib(n):", "--max-new-tokens", "12",
+                 "--color", "never"]) == 0
+    printed = capsys.readouterr().out
+    eng = Engine.load(final)
+    want = eng.generate(["def fib(n):"], 12, DecodeSpec(prompt_group_size=1))[0].text
+    other = eng.generate(["def fib(n):"], 12, DecodeSpec(prompt_group_size=0))[0].text
+    assert want in printed, (want, other, printed)
 
 
 @pytest.mark.slow
