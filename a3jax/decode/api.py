@@ -23,7 +23,7 @@ from a3jax.config import ModelConfig
 from a3jax.decode import dynamic, fixed, layout, mdlm, orders as orders_lib, sampling
 from a3jax.decode import content as content_lib
 from a3jax.decode import speculative as speculative_lib
-from a3jax.decode.spec import DecodeError, DecodeResult, DecodeSpec, SamplingParams, bucket_up, check_for, check_tokens
+from a3jax.decode.spec import DecodeError, DecodeResult, DecodeSpec, SamplingParams, bucket_up, check_for, check_tokens, pad_token, stop_token
 from a3jax.decode.step import LoopOpts
 from a3jax import objectives
 from a3jax.objectives import ObjectiveError
@@ -99,7 +99,7 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, spec: Optio
     sp = sampling_params or SamplingParams()
     decoder = resolve_decoder(cfg, spec, sp, "generation")
     buf = layout.prompt_buffer(cfg, prompts, max_new_tokens, prompt_lengths, buffer_length)
-    eos = cfg.eos_token_id if spec.eos_id is None else int(spec.eos_id)
+    eos = stop_token(cfg, spec)
     stop = (spec.stop_at_eos is not False) and eos >= 0
     if decoder == "content":
         check_tokens(cfg, buf.tokens)
@@ -127,7 +127,7 @@ def _run(cfg, params, tokens, known, valid, spec: DecodeSpec, sp: SamplingParams
     p = layout.prepare(cfg, tokens, known, valid, spec.order, 1 if spec.speculative else group_size,
                        _prompt_group_size(cfg, spec), seeds, sp.num_samples, fixed_shapes)
     keys = sampling.base_keys(seeds, sample_index)
-    eos = (cfg.eos_token_id if spec.eos_id is None else int(spec.eos_id)) if eos is None else eos
+    eos = stop_token(cfg, spec) if eos is None else eos
     stop = stop and eos >= 0
     arrays = [jnp.asarray(a) for a in (p.tokens, p.known, p.valid, p.kgroups, p.known_pos, p.known_groups)]
     n = int(p.blank.sum(axis=1).max())
@@ -167,7 +167,7 @@ def _run(cfg, params, tokens, known, valid, spec: DecodeSpec, sp: SamplingParams
         res = DecodeResult(np.asarray(out.tokens), np.asarray(out.logp), np.asarray(out.step), int(out.s))
     if not stop:
         return res
-    return layout.end_at_eos(res, p.blank, eos, cfg.pad_token_id if cfg.pad_token_id >= 0 else 0)
+    return layout.end_at_eos(res, p.blank, eos, pad_token(cfg))
 
 
 def _run_mdlm(cfg, params, tokens, known, valid, spec: DecodeSpec, sp: SamplingParams, group_size: int):

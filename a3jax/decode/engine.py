@@ -22,7 +22,7 @@ import numpy as np
 from a3jax.checkpoint import load_params
 from a3jax.config import ModelConfig
 from a3jax.decode import api, text as text_lib
-from a3jax.decode.spec import DecodeError, DecodeSpec, SamplingParams
+from a3jax.decode.spec import DecodeError, DecodeSpec, SamplingParams, pad_token, stop_token
 from a3jax.score import score_texts
 
 
@@ -86,8 +86,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, tokenizer: str = "auto", **kw) -> "Engine":
-        """From a params checkpoint directory; tokenizer 'auto' = the checkpoint's own (its
-        tokenizer.json), else the byte tokenizer; or 'byte' / a path."""
+        """From a params checkpoint or a run directory; tokenizer 'auto' = the checkpoint's own
+        (a3jax.checkpoint.tokenizer_spec), or 'byte' / a path."""
         cfg, params = load_params(path)
         return cls(cfg, params, text_lib.load_tok(tokenizer, path), **kw)
 
@@ -136,7 +136,7 @@ class Engine:
         out = []
         for a, b in self._chunks(len(seqs), self.slots // n):
             rows = seqs[a:b] + [filler] * (self.slots // n - (b - a))
-            seed = sp.seed if not sp.per_row_seeds else sp.seed[a:b] + (0,) * (len(rows) - (b - a))
+            seed = _chunk_seeds(sp, a, b, len(rows))
             t = self.bucket(max(len(s) for s in rows) + max_new_tokens)
             res = api.generate(self.cfg, self.params, rows, max_new_tokens, spec,
                                dataclasses.replace(sp, seed=seed), buffer_length=t)
@@ -171,7 +171,7 @@ class Engine:
             ids = np.asarray(texts).reshape((-1, np.shape(texts)[-1]))
             kn = np.asarray(known, bool).reshape(ids.shape)
             rows, spans = list(zip(ids, kn)), [None] * len(ids)
-        pad = self.cfg.pad_token_id if self.cfg.pad_token_id >= 0 else 0
+        pad = pad_token(self.cfg)
         filler = (np.array([max(self.cfg.bos_token_id, 0), pad]), np.array([True, False]))
         out = []
         per = self.slots // sp.num_samples
@@ -183,7 +183,7 @@ class Engine:
             valid = np.zeros((len(chunk), t), bool)
             for j, (ids, k) in enumerate(chunk):
                 tokens[j, :len(ids)], kn[j, :len(ids)], valid[j, :len(ids)] = ids, k, True
-            seed = sp.seed if not sp.per_row_seeds else sp.seed[a:b] + (0,) * (len(chunk) - (b - a))
+            seed = _chunk_seeds(sp, a, b, len(chunk))
             res = api.infill(self.cfg, self.params, tokens, kn, spec, dataclasses.replace(sp, seed=seed), valid)
             for r in range((b - a) * sp.num_samples):
                 i = a + r // sp.num_samples
@@ -209,10 +209,16 @@ class Engine:
                 for t, r in zip(texts, rows)]
 
 
+def _chunk_seeds(sp: SamplingParams, a: int, b: int, rows: int):
+    """The seeds of a chunk of `rows` rows holding requests a..b: the one seed, or those rows' own
+    seeds with 0 for the filler rows."""
+    return sp.seed if not sp.per_row_seeds else sp.seed[a:b] + (0,) * (rows - (b - a))
+
+
 def _stop(new: np.ndarray, cfg: ModelConfig, spec: DecodeSpec) -> int:
     """How many of a row's new tokens are its continuation: up to and including the EOS that stopped
     it, else all."""
-    eos = cfg.eos_token_id if spec.eos_id is None else spec.eos_id
+    eos = stop_token(cfg, spec)
     hit = np.flatnonzero(new == eos)
     if spec.stop_at_eos is not False and eos >= 0 and len(hit):
         return int(hit[0]) + 1

@@ -15,7 +15,7 @@ import numpy as np
 from a3jax.config import ModelConfig
 from a3jax.data import rows as rows_lib
 from a3jax.decode import orders as orders_lib
-from a3jax.decode.spec import DecodeError, DecodeResult, bucket_up, check_tokens
+from a3jax.decode.spec import DecodeError, DecodeResult, bucket_up, check_tokens, pad_token
 
 
 class Prepared(NamedTuple):
@@ -172,7 +172,7 @@ def prompt_buffer(cfg: ModelConfig, prompts, max_new_tokens: int, prompt_lengths
     if t > cfg.max_position_embeddings:
         raise DecodeError(f"prompt length {int(lens.max())} + max_new_tokens {max_new_tokens} = {t} exceeds "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
-    pad = cfg.pad_token_id if cfg.pad_token_id >= 0 else 0
+    pad = pad_token(cfg)
     tokens = np.full((len(seqs), t), pad, np.int64)
     known = np.zeros((len(seqs), t), bool)
     for r, s in enumerate(seqs):

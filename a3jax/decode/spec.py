@@ -55,6 +55,16 @@ def check_tokens(cfg, tokens: np.ndarray) -> None:
         raise DecodeError(err)
 
 
+def stop_token(cfg, spec: "DecodeSpec") -> int:
+    """The token that ends a row: spec.eos_id, else the model's EOS (-1 = none)."""
+    return cfg.eos_token_id if spec.eos_id is None else int(spec.eos_id)
+
+
+def pad_token(cfg) -> int:
+    """The id written at padding and after a stopping EOS: the model's pad token, else 0."""
+    return cfg.pad_token_id if cfg.pad_token_id >= 0 else 0
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
