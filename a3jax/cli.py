@@ -14,6 +14,7 @@ from a3jax.distributed import DistributedError, initialize, tpu_chips_present
 COMMANDS = {
     "convert": ("a3jax.convert.cli", "cli_main", "convert weights (a3jax convert SUBCOMMAND --help):"),
     "train": ("a3jax.train.cli", "cli_main", "train with the curriculum: a3jax train CONFIG.yaml key=value ..."),
+    "rl": ("a3jax.posttrain.cli", "cli_main", "GRPO post-training with exact log-probs: a3jax rl CONFIG.yaml key=value ..."),
     "export": ("a3jax.checkpoint.export", "cli_main", "a run's params -> a params checkpoint + tokenizer: export RUN_DIR OUT"),
     "generate": ("a3jax.decode.cli", "generate_main", "continue a prompt with KV-cached group decoding"),
     "infill": ("a3jax.decode.cli", "infill_main", "fill [MASK:n] blanks in a text"),
@@ -36,7 +37,7 @@ def subcommands() -> dict:
 
 # Commands that run on devices join the multi-process job first (a3jax.distributed: TPU pod, SLURM,
 # A3JAX_* variables; a single process when none is set). `train` does it itself, after its config.
-DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo"}
+DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo", "rl"}
 
 
 def usage() -> str:
