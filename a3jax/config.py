@@ -133,6 +133,7 @@ class StageConfig:
 class DataConfig:
     source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir (local or gs://)
     text_field: str = "text"  # JSONL/Parquet field holding the text
+    format: str = "text"  # text: documents (pretraining) | sft: JSONL prompt/response or chat messages, loss on the response only (docs/post-training.md)
     tokenizer: str = "byte"  # byte | path (local or gs://) to a tokenizer.json or a model directory
     seq_len: int = 256  # tokens per packed row
     shuffle_seed: int = 0  # seed of the document order
@@ -174,6 +175,7 @@ class MeshConfig:
 
 
 GROUPING_SCOPES = ("example", "batch")
+DATA_FORMATS = ("text", "sft")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -280,6 +282,8 @@ class Config:
         for i, st in enumerate(self.data.stages):
             if st.steps <= 0:
                 raise ConfigError(f"{where}: data.stages[{i}].steps must be positive, got {st.steps}")
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"{where}: data.format {self.data.format!r} is not one of {DATA_FORMATS}")
         if self.data.grouping_scope not in GROUPING_SCOPES:
             raise ConfigError(f"{where}: data.grouping_scope {self.data.grouping_scope!r} is not one of "
                               f"{GROUPING_SCOPES}")

@@ -64,21 +64,18 @@ def test_grpo_gradient_at_ratio_one_is_reinforce(params):
     est = policy.estimator_for(CFG)
     hp = grpo.Hyper(clip_eps=0.0, kl_beta=0.0)
     old = grpo.make_logprobs(CFG, est, hp)(params, batch, jax.random.PRNGKey(0), policy.sampled(1.0))
-    g = jax.grad(lambda p: grpo.grpo_loss(CFG, est, p, batch, adv, old, old, jax.random.PRNGKey(0),
-                                          policy.sampled(1.0), hp)[0])(params)
+    g = jax.jit(jax.grad(lambda p: grpo.grpo_loss(CFG, est, p, batch, adv, old, old, jax.random.PRNGKey(0),
+                                          policy.sampled(1.0), hp)[0]))(params)
 
-    # REINFORCE from per-sample gradients of log P(o_i), taken from the model directly
-    def seq_logp(p, i):
-        logits = apply_model(CFG, p, batch["tokens"][i:i + 1], batch["positions"][i:i + 1],
-                             batch["groups"][i:i + 1], batch["segment_ids"][i:i + 1], "query")
-        return jnp.sum(jnp.where(batch["target"][i:i + 1], token_logprobs(logits, batch["tokens"][i:i + 1]), 0.0))
+    # REINFORCE from per-sample gradients of log P(o_i), taken from the model directly (one vmapped grad)
+    def seq_logp(p, tok, pos, grp, seg, tgt):
+        logits = apply_model(CFG, p, tok[None], pos[None], grp[None], seg[None], "query")
+        return jnp.sum(jnp.where(tgt[None], token_logprobs(logits, tok[None]), 0.0))
 
-    n = len(adv)
-    want = jax.tree.map(jnp.zeros_like, params)
-    for i in range(n):
-        gi = jax.grad(seq_logp)(params, i)
-        w = -float(adv[i]) / float(roll.target[i].sum()) / n
-        want = jax.tree.map(lambda a, b: a + w * b, want, gi)
+    per_sample = jax.jit(jax.vmap(jax.grad(seq_logp), in_axes=(None, 0, 0, 0, 0, 0)))(
+        params, batch["tokens"], batch["positions"], batch["groups"], batch["segment_ids"], batch["target"])
+    w = -np.asarray(adv) / roll.target.sum(1) / len(adv)
+    want = jax.tree.map(lambda x: jnp.tensordot(jnp.asarray(w, x.dtype), x, axes=1), per_sample)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 

@@ -460,6 +460,12 @@ def prompt_group_size_for(config) -> int:
     if objectives.of(config).decoder != "a3":
         return 0  # the content stream (ar) or the denoiser (mdlm) has no query-stream layout
     _, strategy = stage_for_step(config.data.stages, max(config.total_steps - 1, 0))
+    return context_chunk(strategy)
+
+
+def context_chunk(strategy: str) -> int:
+    """The context layout a grouping strategy puts a document's beginning in: 1 (one token per group,
+    left to right) for `ar` and every `infill:...`, k for `blocks:k`, else 0 (one group)."""
     name, _, args = strategy.partition(":")
     if name in ("ar", "infill"):
         return 1

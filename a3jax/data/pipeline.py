@@ -43,6 +43,7 @@ from a3jax.sharding import batch_sharding
 from .grouping import (batch_rng, example_rng, group_document, parse_strategy, stage_for_step,
                        strategy_needs_tokens, validate_stages)
 from .packing import PackedRows, layout_row, plan_packing
+from .sft import SFTRows, layout_sft_row
 from .sources import load_corpus
 from .tokenizers import load_tokenizer
 
@@ -89,16 +90,23 @@ class ExampleLayout:
         shared = None
         if self.grouping_scope == "batch":
             shared = self._batch_groups(step, strategy, len(row["tokens"]))
-        out = layout_row(row, strategy, example_rng(self.grouping_seed, index), self.anchor_bos,
-                         self.bos_id, slot_groups=shared)
+        if "response" in row:  # an SFT row (a3jax.data.sft): the context, then the response grouped
+            out = layout_sft_row(row, strategy, example_rng(self.grouping_seed, index))
+        else:
+            out = layout_row(row, strategy, example_rng(self.grouping_seed, index), self.anchor_bos,
+                             self.bos_id, slot_groups=shared)
         out["stage"] = np.int32(stage)
         out["example_index"] = np.int32(index)
         return out
 
 
 def build_rows(data_cfg, split: str | None = None, tokenizer=None) -> PackedRows:
-    """Loads the corpus of `split` (default data_cfg.split) and packs it into random-access rows."""
+    """Loads the corpus of `split` (default data_cfg.split) and packs it into random-access rows
+    (data.format sft: SFT examples, a3jax.data.sft.SFTRows)."""
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer)
+    if getattr(data_cfg, "format", "text") == "sft":
+        return SFTRows(data_cfg.source, tokenizer, data_cfg.seq_len, split or data_cfg.split,
+                       data_cfg.heldout_fraction, data_cfg.shuffle_seed, data_cfg.max_documents)
     corpus = load_corpus(data_cfg.source, tokenizer, split or data_cfg.split, data_cfg.heldout_fraction,
                          data_cfg.max_documents, data_cfg.text_field)
     order = np.random.default_rng([int(data_cfg.shuffle_seed) & 0xFFFFFFFF, 1]).permutation(len(corpus))
