@@ -186,3 +186,38 @@ def test_crash_mid_run_then_resume_equals_the_uninterrupted_run(ckpt, tmp_path):
     line = json.loads((tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()[0])
     assert set(line) == {"step", "prompt", "completion", "reward", "logprob", "decoding"}
     assert line["decoding"]["order"] == "random" and line["decoding"]["estimator"] == "exact"
+
+
+# ----------------------------------------------------------------------------- the mdlm arm
+
+
+MDLM = dataclasses.replace(CFG, objective="mdlm", mask_token_id=259)
+
+
+@pytest.mark.slow  # its own decoder and update compiles (about 13 s on 2 cores)
+def test_mdlm_arm_one_step_estimate_and_loop(tmp_path):
+    params = numpy_init(MDLM, 1)
+    est = policy.estimator_for(MDLM)
+    assert est.name == "one_step" and not est.exact
+    roll = rollout.generate_group(MDLM, params, PROMPTS[:2], 2, 6, DecodeSpec(order="random", group_size=2), 1.0, 0,
+                                  1.0, seed=0, buffer_length=16)
+    assert roll.target.sum(1).min() >= 1 and len(set(map(tuple, roll.completions))) > 1
+    batch = {k: jnp.asarray(v) for k, v in roll.batch().items()}
+    fn = grpo.make_logprobs(MDLM, est, grpo.Hyper(mask_prob=0.0))
+    lp = np.asarray(fn(params, batch, jax.random.PRNGKey(0), policy.sampled(1.0)))
+    # mask_prob 0: the completion fully masked, the prompt intact, one bidirectional pass
+    xt = np.where(roll.target, 259, roll.tokens)
+    logits = apply_model(MDLM, params, jnp.asarray(xt), batch["positions"], jnp.zeros_like(batch["groups"]),
+                         batch["segment_ids"], "content")
+    logits = logits.at[..., 259].set(-jnp.inf)
+    want = np.where(roll.target, np.asarray(token_logprobs(logits, batch["tokens"])), 0.0)
+    np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
+    masked = grpo.make_logprobs(MDLM, est, grpo.Hyper(mask_prob=0.5))
+    a, b = (np.asarray(masked(params, batch, jax.random.PRNGKey(k), policy.sampled(1.0))) for k in (1, 2))
+    assert not np.allclose(a, b), "prompt masking draws from the key"
+    save_params(str(tmp_path / "mdlm"), MDLM, params)
+    cfg = rl_config.load(None, _overrides(str(tmp_path / "mdlm"), tmp_path, steps=1))
+    recs = loop.run(cfg, log=lambda *_: None)
+    assert len(recs) == 1 and np.isfinite(recs[0]["loss"])
+    line = json.loads((tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()[0])
+    assert line["decoding"]["estimator"] == "one_step"

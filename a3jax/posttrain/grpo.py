@@ -85,7 +85,7 @@ def make_update(cfg, est: Estimator, optimizer, hp: Hyper):
     def update(state, batch, adv, old_lp, ref_lp, key, samp):
         (loss, aux), grads = jax.value_and_grad(
             lambda p: grpo_loss(cfg, est, p, batch, adv, old_lp, ref_lp, key, samp, hp), has_aux=True)(state.params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
