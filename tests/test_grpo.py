@@ -121,6 +121,14 @@ def test_bad_configs_name_the_key(ckpt, tmp_path, kw, key):
         rl_config.load(None, _overrides(ckpt, tmp_path, **kw))
 
 
+def test_rl_cli_reports_a_bad_config_by_key(ckpt, tmp_path, capsys):
+    from a3jax.posttrain.cli import cli_main
+    assert cli_main(_overrides(ckpt, tmp_path, group_size=1)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("a3jax rl: ") and "group_size must be >= 2" in err
+    assert not (tmp_path / "run").exists(), "a bad config fails before any work"
+
+
 def _boom(completion, example):
     raise RuntimeError("bug in the reward")
 

@@ -10,7 +10,8 @@ import pytest
 from a3jax.config import StageConfig, load_config
 from a3jax.data import ByteTokenizer, make_train_iterator
 from a3jax.data.sft import SFTDataError, SFTRows
-from a3jax.posttrain import chat
+from a3jax.convert.gguf_io import GGUFFile
+from a3jax.data import chat
 from a3jax.train.trainer import train
 from smollm2 import gguf_path
 
@@ -75,8 +76,10 @@ def test_sft_examples_need_prompt_and_response(tmp_path):
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
-def test_smollm2_chat_template_renders_the_expected_text():
-    template = chat.template_of(gguf_path())
+def test_smollm2_chat_template_renders_the_expected_text(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": GGUFFile(gguf_path()).get("tokenizer.chat_template")}))
+    template = chat.template_of(str(tmp_path))  # where `a3jax convert` puts the GGUF's template
     assert template and "im_start" in template
     msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
     assert chat.render(template, msgs) == (SMOL_SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"

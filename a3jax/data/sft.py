@@ -5,7 +5,7 @@ on the response tokens only.
 An example becomes one segment, BOS + context + response + EOS:
 
     context   the prompt (plain) or the conversation up to the assistant's turn rendered by the
-              tokenizer's chat template (a3jax.posttrain.chat; plain format without one), BOS included
+              tokenizer's chat template (a3jax.data.chat; plain format without one), BOS included
     response  the response (or what the template adds for the last assistant message), EOS appended:
               the only targets (loss_mask 1)
 
@@ -26,6 +26,7 @@ import numpy as np
 from a3jax import fs
 from a3jax.layout import Layout
 
+from . import chat
 from .grouping import context_chunk, group_document
 from .packing import plan_packing
 from .rows import prompt_groups
@@ -40,7 +41,6 @@ class SFTDataError(ValueError):
 
 def example_texts(ex: dict, template, where: str) -> tuple[str, str]:
     """(context, response) texts of one JSONL example."""
-    from a3jax.posttrain import chat
     if "messages" in ex:
         try:
             return chat.split(ex["messages"], template)
@@ -60,8 +60,7 @@ class SFTRows:
 
     def __init__(self, source: str, tokenizer, seq_len: int, split: str = "train", heldout_fraction: float = 0.05,
                  shuffle_seed: int = 0, max_documents: int = 0, template=None):
-        from a3jax.posttrain import chat
-        check_split(split)
+            check_split(split)
         self.bos_id, self.eos_id, self.pad_id = int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
         if template is None:
             template = chat.template_of(getattr(tokenizer, "spec", ""))

@@ -6,7 +6,6 @@
     a3jax.posttrain.grpo      group advantages, the clipped-ratio + KL loss, the jitted update
     a3jax.posttrain.rewards   exact_match, regex, unit_tests, or package.module:function
     a3jax.posttrain.loop      the run: checkpoints, metrics, rollout log, resume (`a3jax rl`)
-    a3jax.posttrain.chat      chat templates (the tokenizer's jinja template, else a plain format)
 
-SFT runs through `a3jax train` with data.format=sft (a3jax.data.sft).
+SFT runs through `a3jax train` with data.format=sft (a3jax.data.sft; chat templates: a3jax.data.chat).
 """

@@ -155,18 +155,10 @@ class Runner:
             out.append(rewards_lib.score(self.rewards, text, examples[i // group], i // group))
         return np.asarray(out, np.float32)
 
-    def evaluate(self) -> float:
-        """Greedy accuracy (mean reward) on the eval examples with the rollouts' decoding setting."""
-        ex = self.eval_examples
-        total = []
-        for a in range(0, len(ex), 16):
-            chunk = ex[a:a + 16]
-            prompts = [self._ids(e) for e in chunk]
-            prompts += [prompts[-1]] * (16 - len(prompts))  # one compiled shape
-            roll = rollout_lib.generate_group(self.model_cfg, self.state.params, prompts, 1, self.cfg.max_new_tokens,
-                                              self.spec, 0.0, 0, 1.0, 0, self.buffer)
-            total += list(self.score(chunk, roll.completions[:len(chunk)], 1))
-        return float(np.mean(total))
+    def evaluate(self, spec=None) -> float:
+        """Greedy accuracy (mean reward) on the eval examples, with the rollouts' decoding setting or `spec`."""
+        return evaluate(self.model_cfg, self.state.params, self.tok, self.rewards, self.eval_examples,
+                        self.cfg.prompt_field, spec or self.spec, self.cfg.max_new_tokens, self.buffer)
 
     def step(self, step: int) -> dict:
         c = self.cfg
@@ -263,6 +255,21 @@ class Runner:
     def _write(self, rec: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+def evaluate(model_cfg, params, tok, rewards: list, examples: list, field: str, spec, max_new_tokens: int,
+             buffer: int, batch: int = 16) -> float:
+    """Mean reward of greedy completions (one per example, decoded with `spec`), in batches of `batch`
+    rows (the last padded by repeating a prompt: one compiled shape)."""
+    scores = []
+    for a in range(0, len(examples), batch):
+        chunk = examples[a:a + batch]
+        prompts = [text_lib.prompt_ids(tok, e[field], False) for e in chunk]
+        prompts += [prompts[-1]] * (batch - len(prompts))
+        roll = rollout_lib.generate_group(model_cfg, params, prompts, 1, max_new_tokens, spec, 0.0, 0, 1.0, 0, buffer)
+        for i, ex in enumerate(chunk):
+            scores.append(rewards_lib.score(rewards, rollout_lib.decode_text(tok, roll.completions[i]), ex, a + i))
+    return float(np.mean(scores))
 
 
 def run(cfg: config_lib.RLConfig, hooks: Sequence[Callable] = (), log: Callable = print) -> list:

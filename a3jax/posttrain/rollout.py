@@ -92,6 +92,9 @@ def generate_group(cfg, params, prompts: list, group: int, max_new_tokens: int, 
     psize = cfg.prompt_group_size if spec.prompt_group_size is None else spec.prompt_group_size
     groups = realised_groups(known, step, psize, bool(spec.speculative))
     target = (step >= 0) & ~known
+    # a decoder that fills past an EOS (mdlm): the completion ends at its first EOS
+    is_eos = target & (tokens == cfg.eos_token_id) if stop_at_eos else np.zeros_like(target)
+    target &= ~((np.cumsum(is_eos, axis=1) - is_eos) > 0)
     seg = (known | target).astype(np.int32)
     comps = [[int(x) for x in new[r][:int(target[r].sum())]] for r in range(len(new))]
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)

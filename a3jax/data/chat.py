@@ -1,5 +1,5 @@
-"""Chat templates: the tokenizer's own (the jinja `chat_template` of tokenizer_config.json, or of a GGUF
-file's `tokenizer.chat_template`), rendered as transformers renders it (a sandboxed jinja2 environment
+"""Chat templates: the tokenizer's own (the jinja `chat_template` of tokenizer_config.json; a converted
+GGUF model's comes from its `tokenizer.chat_template`), rendered as transformers renders it (a sandboxed jinja2 environment
 with trim_blocks and lstrip_blocks); else the plain format
 
     user: CONTENT\\n              one line per message, "ROLE: CONTENT\\n"
@@ -23,15 +23,12 @@ class ChatError(ValueError):
 
 
 def template_of(tokenizer: str) -> Optional[str]:
-    """The chat template of a tokenizer spec (a directory or tokenizer.json with tokenizer_config.json
-    beside it, or a .gguf file); None when it has none (the byte tokenizer, a plain tokenizer.json)."""
+    """The chat template of a tokenizer spec (a directory, or a tokenizer.json with tokenizer_config.json
+    beside it; `a3jax convert` writes a GGUF file's template there); None when it has none (the byte
+    tokenizer, a tokenizer.json alone)."""
     if not tokenizer or tokenizer in ("byte", "bytes"):
         return None
     path = os.path.expanduser(tokenizer)
-    if path.endswith(".gguf"):
-        from a3jax.convert.gguf_io import GGUFFile
-        t = GGUFFile(path).get("tokenizer.chat_template")
-        return t if isinstance(t, str) and t else None
     d = os.path.dirname(path) if path.endswith(".json") else path
     cfg = os.path.join(d, "tokenizer_config.json")
     if not os.path.isfile(cfg):
