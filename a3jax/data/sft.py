@@ -60,7 +60,7 @@ class SFTRows:
 
     def __init__(self, source: str, tokenizer, seq_len: int, split: str = "train", heldout_fraction: float = 0.05,
                  shuffle_seed: int = 0, max_documents: int = 0, template=None):
-            check_split(split)
+        check_split(split)
         self.bos_id, self.eos_id, self.pad_id = int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
         if template is None:
             template = chat.template_of(getattr(tokenizer, "spec", ""))
