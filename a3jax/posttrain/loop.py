@@ -173,13 +173,10 @@ class Runner:
         base = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
         keys = [jax.random.fold_in(base, mu) for mu in range(c.inner_steps)]
         # the old policy's and the reference's log-probs: once when exact, per key for an estimate
-        olds, refs = [], []
-        for mu in range(c.inner_steps):
-            if mu and self.est.exact:
-                olds.append(olds[0]), refs.append(refs[0])
-                continue
-            olds.append(self.logprobs(self.state.params, batch, keys[mu], self.samp))
-            refs.append(self.logprobs(self.ref_params, batch, keys[mu], self.samp))
+        draws = 1 if self.est.exact else c.inner_steps
+        olds = [self.logprobs(self.state.params, batch, keys[mu], self.samp) for mu in range(draws)]
+        refs = [self.logprobs(self.ref_params, batch, keys[mu], self.samp) for mu in range(draws)]
+        olds, refs = olds * (c.inner_steps // draws), refs * (c.inner_steps // draws)
         t1 = time.perf_counter()
         ms = []
         for mu in range(c.inner_steps):
