@@ -134,6 +134,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib | path/glob of text files | *.jsonl | *.parquet | arrayrecord dir (local or gs://)
     text_field: str = "text"  # JSONL/Parquet field holding the text
     format: str = "text"  # text: documents (pretraining) | sft: JSONL prompt/response or chat messages, loss on the response only (docs/post-training.md)
+    sft_response_pad: int = 0  # sft: pad each response with EOS to this many tokens, all targets (LLaDA's SFT: a fixed-canvas mdlm learns where to stop); 0 = one EOS
     tokenizer: str = "byte"  # byte | path (local or gs://) to a tokenizer.json or a model directory
     seq_len: int = 256  # tokens per packed row
     shuffle_seed: int = 0  # seed of the document order

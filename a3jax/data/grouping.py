@@ -452,20 +452,16 @@ def load_curriculum(name_or_path: str):
 
 
 def prompt_group_size_for(config) -> int:
-    """The context layout a run's training shows its model, from the LAST curriculum stage the run
-    trains (config: a3jax.config.Config): 1 when that stage's strategy puts the context left to right
+    """The context layout a run's training shows its model (SFT data: 1, its context is left to right),
+    else from the LAST curriculum stage the run trains (config: a3jax.config.Config): 1 when that stage's strategy puts the context left to right
     one token per group (`ar`, every `infill:...`), k for `blocks:k`, else 0 (one group, e.g. the
     random groupings, whose context has no left-to-right layout). A checkpoint records it as
     model.prompt_group_size and decoding defaults to it."""
     if objectives.of(config).decoder != "a3":
         return 0  # the content stream (ar) or the denoiser (mdlm) has no query-stream layout
+    if getattr(config.data, "format", "text") == "sft":
+        return 1  # SFT rows lay their context out left to right (a3jax.data.sft)
     _, strategy = stage_for_step(config.data.stages, max(config.total_steps - 1, 0))
-    return context_chunk(strategy)
-
-
-def context_chunk(strategy: str) -> int:
-    """The context layout a grouping strategy puts a document's beginning in: 1 (one token per group,
-    left to right) for `ar` and every `infill:...`, k for `blocks:k`, else 0 (one group)."""
     name, _, args = strategy.partition(":")
     if name in ("ar", "infill"):
         return 1

@@ -106,7 +106,8 @@ def build_rows(data_cfg, split: str | None = None, tokenizer=None) -> PackedRows
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer)
     if getattr(data_cfg, "format", "text") == "sft":
         return SFTRows(data_cfg.source, tokenizer, data_cfg.seq_len, split or data_cfg.split,
-                       data_cfg.heldout_fraction, data_cfg.shuffle_seed, data_cfg.max_documents)
+                       data_cfg.heldout_fraction, data_cfg.shuffle_seed, data_cfg.max_documents,
+                       response_pad=data_cfg.sft_response_pad)
     corpus = load_corpus(data_cfg.source, tokenizer, split or data_cfg.split, data_cfg.heldout_fraction,
                          data_cfg.max_documents, data_cfg.text_field)
     order = np.random.default_rng([int(data_cfg.shuffle_seed) & 0xFFFFFFFF, 1]).permutation(len(corpus))

@@ -6,15 +6,14 @@ An example becomes one segment, BOS + context + response + EOS:
 
     context   the prompt (plain) or the conversation up to the assistant's turn rendered by the
               tokenizer's chat template (a3jax.data.chat; plain format without one), BOS included
-    response  the response (or what the template adds for the last assistant message), EOS appended:
-              the only targets (loss_mask 1)
+    response  the response (or what the template adds for the last assistant message), EOS appended
+              (with data.sft_response_pad: EOS up to that many tokens): the only targets (loss_mask 1)
 
-Layout (`layout_sft_row`): the context is laid out the way decoding lays out a prompt
-(a3jax.data.rows.prompt_groups with the stage strategy's context chunk,
-a3jax.data.grouping.context_chunk: one token per group for ar / infill, k for blocks:k, else one group),
-and the response is grouped by the curriculum stage's strategy after it, so the fine-tuned model keeps
-any-order decoding of its answers. Context and response are tokenized separately (as a prompt is at
-decoding time). An example longer than data.seq_len is skipped and counted; none fitting is an error.
+Layout (`layout_sft_row`): the context (BOS + prompt) left to right, one token per group, as
+decoding lays out a prompt for a model with model.prompt_group_size 1 (what an SFT run records:
+a3jax.data.grouping.prompt_group_size_for), and the response grouped by the curriculum stage's
+strategy after it, so the fine-tuned model keeps any-order decoding of its answers. Context and
+response are tokenized separately (as a prompt is at decoding time). An example longer than data.seq_len is skipped and counted; none fitting is an error.
 The held-out split is by key (`path:line`), as for text sources (a3jax.data.sources).
 """
 from __future__ import annotations
@@ -27,7 +26,7 @@ from a3jax import fs
 from a3jax.layout import Layout
 
 from . import chat
-from .grouping import context_chunk, group_document
+from .grouping import group_document
 from .packing import plan_packing
 from .rows import prompt_groups
 from .sources import check_split, in_split
@@ -59,7 +58,7 @@ class SFTRows:
     (response: 1 at each response token and its EOS)."""
 
     def __init__(self, source: str, tokenizer, seq_len: int, split: str = "train", heldout_fraction: float = 0.05,
-                 shuffle_seed: int = 0, max_documents: int = 0, template=None):
+                 shuffle_seed: int = 0, max_documents: int = 0, template=None, response_pad: int = 0):
         check_split(split)
         self.bos_id, self.eos_id, self.pad_id = int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
         if template is None:
@@ -79,6 +78,7 @@ class SFTRows:
             c, r = list(tokenizer.encode(ctx)), list(tokenizer.encode(resp))
             if not r:
                 raise SFTDataError(f"{where}: the response is empty")
+            r += [self.eos_id] * (int(response_pad) - len(r) - 1)  # EOS padding (the row adds one more)
             if len(c) + len(r) + 2 > seq_len:
                 self.skipped += 1
                 continue
@@ -119,19 +119,18 @@ class SFTRows:
 
 def layout_sft_row(row: dict, strategy: str, rng: np.random.Generator) -> dict:
     """A packed SFT row -> the generation-order layout (a3jax.layout keys, sorted by group): per
-    segment the context as decoding lays out a prompt, then the response grouped by `strategy`;
+    segment the context left to right, then the response grouped by `strategy`;
     loss_mask = the response tokens."""
     tokens, positions = np.asarray(row["tokens"], np.int32), np.asarray(row["positions"], np.int32)
     segs, resp = np.asarray(row["segment_ids"], np.int32), np.asarray(row["response"], np.int32)
     t = len(tokens)
     groups = np.zeros(t, np.int64)
-    chunk = context_chunk(strategy)
     offset = 0
     for s in [s for s in np.unique(segs) if s]:
         idx = np.flatnonzero(segs == s)
         idx = idx[np.argsort(positions[idx], kind="stable")]
         ctx, rsp = idx[resp[idx] == 0], idx[resp[idx] == 1]
-        cg = prompt_groups(np.ones(len(ctx), bool), chunk or None)
+        cg = prompt_groups(np.ones(len(ctx), bool), 1)
         start = int(cg.max()) + 1
         rg = group_document(strategy, len(rsp), rng, anchor_bos=False, tokens=tokens[rsp])
         groups[ctx] = cg + offset

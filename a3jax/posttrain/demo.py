@@ -49,6 +49,14 @@ def make_data(out: str, seed: int = 0, n_sft: int = 4000, n_rl: int = 1000, n_ev
     return paths
 
 
+LOW, HIGH = 0.15, 0.75  # the SFT level the demonstration wants: RL has room to improve, and signal
+
+
+def _stops(total: int, checks: int) -> list:
+    """Where SFT checks its accuracy: `checks` evenly spaced steps ending at total."""
+    return sorted({max(1, round(total * (i + 1) / checks)) for i in range(checks)})
+
+
 def _accuracy(ckpt: str, eval_path: str, group_size: int, order: str = "left_to_right") -> float:
     from a3jax.checkpoint import load_params
     from a3jax.decode import DecodeSpec, text as text_lib
@@ -65,9 +73,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m a3jax.posttrain.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/posttrain")
     p.add_argument("--data-only", action="store_true")
-    p.add_argument("--sft-steps", type=int, default=0, help="override the SFT steps (0 = the configs')")
     p.add_argument("--rl-steps", type=int, default=0, help="override the RL steps (0 = the configs')")
     p.add_argument("--arms", default="sft,a3-k1,a3-k4,mdlm")
+    p.add_argument("--band-checks", type=int, default=16, help="SFT accuracy checks over the config's steps")
     a = p.parse_args(argv)
     data = make_data(os.path.join(a.out, "data"))
     if a.data_only:
@@ -79,26 +87,31 @@ def main(argv=None) -> int:
     arms = a.arms.split(",")
     times, curves = {}, {}
     run = lambda name: os.path.join(a.out, name)  # noqa: E731
-    sft = {"a3": ("sft/reverse.yaml", run("sft-a3")), "mdlm": ("sft/reverse-mdlm.yaml", run("sft-mdlm"))}
-    for kind, (path, rd) in sft.items():
-        if "sft" not in arms or os.path.isdir(os.path.join(rd, "final")):
+    sft = {"a3": ("sft/reverse.yaml", run("sft-a3"), ("left_to_right", 1)),
+           "mdlm": ("sft/reverse-mdlm.yaml", run("sft-mdlm"), ("confidence", 1))}
+    sft_steps = {}
+    for kind, (path, rd, (order, k)) in sft.items():
+        if "sft" not in arms:
             continue
-        ov = [f"run_dir={rd}", f"data.source={data['sft']}"]
-        cfg = load_config(os.path.join(CONFIGS, path), ov)
-        if a.sft_steps:
-            scale = a.sft_steps / cfg.total_steps
-            stages = "[" + ", ".join(f"{{'{s.strategy}': {max(1, round(s.steps * scale))}}}" for s in cfg.data.stages) + "]"
-            cfg = load_config(os.path.join(CONFIGS, path), ov + [f"data.stages={stages}"])
+        cfg = load_config(os.path.join(CONFIGS, path), [f"run_dir={rd}", f"data.source={data['sft']}"])
         t0 = time.time()
-        train(cfg, progress_bar=False, tensorboard=False)
+        # SFT until the held-out greedy accuracy is in the band (the RL needs room on both sides), at
+        # the checkpoints `stops` of the config's schedule
+        for stop in _stops(cfg.total_steps, a.band_checks):
+            train(cfg, progress_bar=False, tensorboard=False, stop_at_step=stop)
+            acc = _accuracy(rd, data["eval"], k, order)
+            print(f"[demo] SFT {kind} step {stop}: greedy exact match {100 * acc:.1f}%", flush=True)
+            sft_steps[kind] = dict(step=stop, accuracy=acc)
+            if LOW <= acc <= HIGH:
+                break
         times[f"sft-{kind}"] = time.time() - t0
-    rl_arms = {"a3-k1": ("rl/reverse.yaml", run("sft-a3"), []),
+    rl_arms = {"a3-k1": ("rl/reverse.yaml", run("sft-a3"), []),  # init: the SFT run's last checkpoint
                "a3-k4": ("rl/reverse.yaml", run("sft-a3"), ["decode.group_size=4"]),
                "mdlm": ("rl/reverse-mdlm.yaml", run("sft-mdlm"), [])}
     for name, (path, init, extra) in rl_arms.items():
         if name not in arms:
             continue
-        ov = [f"init_from={init}/final", f"prompts={data['rl']}", f"eval_prompts={data['eval']}",
+        ov = [f"init_from={init}", f"prompts={data['rl']}", f"eval_prompts={data['eval']}",
               f"run_dir={run('rl-' + name)}"] + extra + ([f"steps={a.rl_steps}"] if a.rl_steps else [])
         cfg = rl_config.load(os.path.join(CONFIGS, path), ov)
         t0 = time.time()
@@ -109,10 +122,10 @@ def main(argv=None) -> int:
         if os.path.isfile(mp):
             curves[name] = [json.loads(ln) for ln in open(mp)]
     table = []
-    for label, ckpt, kinds in (("A3 after SFT", run("sft-a3") + "/final", ("k1", "k4")),
+    for label, ckpt, kinds in (("A3 after SFT", run("sft-a3"), ("k1", "k4")),
                                ("A3 + GRPO, rollouts token by token", run("rl-a3-k1") + "/final", ("k1", "k4")),
                                ("A3 + GRPO, rollouts 4 tokens per step", run("rl-a3-k4") + "/final", ("k1", "k4")),
-                               ("mdlm after SFT", run("sft-mdlm") + "/final", ("mdlm",)),
+                               ("mdlm after SFT", run("sft-mdlm"), ("mdlm",)),
                                ("mdlm + GRPO (one-step estimate)", run("rl-mdlm") + "/final", ("mdlm",))):
         if not os.path.isdir(ckpt):
             continue
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
                 row[f"a3_{k}"] = _accuracy(ckpt, data["eval"], int(k[1:]))
         table.append(row)
     result = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                  date=time.strftime("%Y-%m-%d"), times_s=times, table=table, curves=curves)
+                  date=time.strftime("%Y-%m-%d"), sft_steps=sft_steps, times_s=times, table=table, curves=curves)
     with open(os.path.join(a.out, "demo.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = ["| model | greedy exact match, k=1 | k=4 | mdlm (confidence, 1 per step) |", "|---|---|---|---|"]
