@@ -285,6 +285,11 @@ class Config:
                 raise ConfigError(f"{where}: data.stages[{i}].steps must be positive, got {st.steps}")
         if self.data.format not in DATA_FORMATS:
             raise ConfigError(f"{where}: data.format {self.data.format!r} is not one of {DATA_FORMATS}")
+        if self.data.format == "sft" and self.data.grouping_scope != "example":
+            raise ConfigError(f"{where}: data.format=sft groups each example's response on its own; "
+                              f"data.grouping_scope must be 'example', got {self.data.grouping_scope!r}")
+        if self.data.sft_response_pad < 0:
+            raise ConfigError(f"{where}: data.sft_response_pad must be >= 0, got {self.data.sft_response_pad}")
         if self.data.grouping_scope not in GROUPING_SCOPES:
             raise ConfigError(f"{where}: data.grouping_scope {self.data.grouping_scope!r} is not one of "
                               f"{GROUPING_SCOPES}")
