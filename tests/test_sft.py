@@ -112,3 +112,12 @@ def test_train_runs_sft_through_the_pretraining_trainer(sft_file, tmp_path):
     assert out["step"] == 4 and np.isfinite(out["loss"])
     assert (tmp_path / "run" / "final").is_dir()
     assert StageConfig("random:2", 4) in cfg.data.stages
+
+
+@pytest.mark.parametrize("ov,key", [(["data.format=chat"], "data.format"),
+                                    (["data.format=sft", "data.grouping_scope=batch"], "data.grouping_scope"),
+                                    (["data.format=sft", "data.sft_response_pad=-1"], "data.sft_response_pad")])
+def test_bad_sft_configs_name_the_key(ov, key):
+    from a3jax.config import ConfigError
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, ov)
