@@ -252,3 +252,57 @@ def test_a_client_gone_mid_stream_frees_its_slot(live):
                                                       "queue": 0}
     out = live.client().completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0)
     assert out.choices[0].text == engine_text(live, ["Hello"], 4)[0].text
+
+
+def test_a_full_queue_answers_429_with_retry_after(live):
+    big = {"model": "tiny", "prompt": ["p"] * 16, "n": 4, "max_tokens": MAX_LEN - 10, "temperature": 0,
+           "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=big) as r:
+        assert r.status_code == 200
+        more = httpx.post(live.url + "/v1/completions", json={**big, "prompt": ["a"] * 2, "stream": False})
+        assert more.status_code == 429 and int(more.headers["Retry-After"]) >= 1, more.text
+        with pytest.raises(openai.RateLimitError):
+            live.client().completions.create(model="tiny", prompt=["a"] * 2, n=4, max_tokens=3)
+    t0 = time.monotonic()
+    while httpx.get(live.url + "/health").json()["queue"] or httpx.get(live.url + "/health").json()["slots_busy"]:
+        assert time.monotonic() - t0 < 20, "the abandoned request's sequences were not dropped"
+        time.sleep(0.05)
+
+
+def test_settings_no_lane_runs_go_through_the_engine(live):
+    client = live.client()
+    for extra in ({"order": "random"}, {"speculative": 2}, {"group_size": 3}):
+        out = client.completions.create(model="tiny", prompt=["Hello", "ab"], max_tokens=10, temperature=0,
+                                        extra_body=extra)
+        want = engine_text(live, ["Hello", "ab"], 10, DecodeSpec(**extra))
+        assert [c.text for c in out.choices] == [w.text for w in want], extra
+    streamed = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0, stream=True,
+                                         extra_body={"order": "random"})
+    want = engine_text(live, ["Hello"], 10, DecodeSpec(order="random"))
+    assert "".join(c.choices[0].text for c in streamed) == want[0].text
+
+
+def test_infill_and_score_endpoints_equal_the_engine(live):
+    spec = DecodeSpec(order="confidence", group_size=1)
+    r = httpx.post(live.url + "/v1/infill", json={"text": "ab[MASK:3]cd", "order": "confidence", "group_size": 1})
+    assert r.status_code == 200, r.text
+    want, = live.engine.infill("ab[MASK:3]cd", spec=spec)
+    got = r.json()["choices"][0]
+    assert got["text"] == want.text and got["blanks"] == want.blanks
+    np.testing.assert_allclose(got["log_likelihood"], float(np.sum(want.logprobs)), rtol=1e-5)
+    same = httpx.post(live.url + "/v1/infill", json={"prefix": "ab", "suffix": "cd", "length": 3,
+                                                     "order": "confidence", "group_size": 1}).json()
+    assert same["choices"][0]["text"] == want.text
+    r = httpx.post(live.url + "/v1/score", json={"input": ["hello world", "abc"], "grouping": "random:4"})
+    assert r.status_code == 200, r.text
+    for row, w in zip(r.json()["data"], live.engine.score(["hello world", "abc"], grouping="random:4")):
+        assert row["tokens"] == w.tokens
+        np.testing.assert_allclose(row["log_likelihood"], w.log_likelihood, rtol=1e-5)
+    for path, body, param in [("/v1/infill", {"text": "no blanks"}, "text"),
+                              ("/v1/infill", {"text": "a[MASK:2]", "length": 3}, "text"),
+                              ("/v1/infill", {"text": "a[MASK:2]", "threshold": 2.0}, "threshold"),
+                              ("/v1/score", {"input": "abc", "grouping": "sideways"}, "grouping"),
+                              ("/v1/score", {"input": "abc", "extra": 1}, "extra")]:
+        r = httpx.post(live.url + path, json=body)
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"

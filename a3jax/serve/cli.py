@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -69,6 +70,13 @@ def cli_main(argv) -> int:
     except (OSError, ValueError) as e:
         print(f"a3jax serve: {e}", file=sys.stderr)
         return 1
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then re-raises the signal to the handler it
+    # found: an ignoring one, so a graceful stop exits 0 instead of dying by the signal
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
