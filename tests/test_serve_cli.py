@@ -1,5 +1,6 @@
-"""`a3jax serve` as a user runs it: a subprocess on a free loopback port, a request while it runs, then
-SIGTERM: the running stream finishes, the process exits 0 and leaves nothing behind."""
+"""`a3jax serve` as a user runs it: a subprocess on a free loopback port over a checkpoint whose tokenizer
+ships a chat template; a chat completion equal to the engine's continuation of the rendered
+conversation; a stream running at SIGTERM finishes, and the process exits 0."""
 import json
 import os
 import signal
@@ -15,11 +16,29 @@ import pytest
 from test_decode_common import TINY_BYTE, tiny
 
 
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """The tiny byte-vocab model with a byte-level HF tokenizer (260 ids) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     from a3jax.checkpoint import save_params
     cfg, params = tiny(TINY_BYTE)
-    return save_params(str(tmp_path_factory.mktemp("serve") / "tiny"), cfg, params)
+    out = save_params(str(tmp_path_factory.mktemp("serve") / "tiny"), cfg, params)
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<mask>": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>", "<mask>"])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": TEMPLATE}, f)
+    return out
 
 
 def free_port() -> int:
@@ -46,6 +65,17 @@ def test_serve_cli_serves_and_shuts_down_on_sigterm(ckpt):
             except httpx.TransportError:
                 time.sleep(0.2)
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 12,
+                                                           "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        from a3jax.decode import Engine
+        engine = Engine.load(ckpt, slots=2)
+        rendered = "<|system|>Be brief.\n<|user|>Hi there\n<|assistant|>"
+        want, = engine.generate([rendered], 12)
+        choice = r.json()["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": want.text}
+        assert r.json()["object"] == "chat.completion"
         events = []
 
         def stream():
