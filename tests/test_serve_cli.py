@@ -76,6 +76,13 @@ def test_serve_cli_serves_and_shuts_down_on_sigterm(ckpt):
         choice = r.json()["choices"][0]
         assert choice["message"] == {"role": "assistant", "content": want.text}
         assert r.json()["object"] == "chat.completion"
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                          json={"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0,
+                                "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want.text
         events = []
 
         def stream():
