@@ -306,3 +306,31 @@ def test_infill_and_score_endpoints_equal_the_engine(live):
         r = httpx.post(live.url + path, json=body)
         assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, (path, body, r.text)
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_content_lane_of_an_ar_model_equals_the_engine(temperature):
+    """An ar model decodes in the content-stream lane: each slot's tokens and log-probs equal
+    Engine.generate's (greedy, and sampled with the same seed), rows admitted at different steps."""
+    import dataclasses
+
+    from a3jax.serve.slots import Lane, base_key
+    cfg, params = tiny(TINY_BYTE)
+    cfg = dataclasses.replace(cfg, objective="ar")
+    tok = load_tokenizer("byte")
+    prompts = ["Hello", "The cat sat on", "x"]
+    want = Engine(cfg, params, tok, slots=4).generate(prompts, 10, DecodeSpec(stop_at_eos=False),
+                                                      SamplingParams(temperature=temperature, seed=5))
+    lane = Lane(cfg, params, "content", 1, 4, 64)
+    got = {i: ([], []) for i in range(len(prompts))}
+    for step in range(10 + len(prompts)):
+        if step < len(prompts):  # one more row joins the running batch every step
+            lane.admit(step, [tok.bos_id] + tok.encode(prompts[step]), 10, base_key(5), temperature, 0, 1.0)
+        out = lane.step()
+        for i, (ids, lps) in got.items():
+            if len(ids) < 10:
+                ids += [int(x) for x in out.tokens[i][out.ok[i]]]
+                lps += [float(x) for x in out.logprobs[i][out.ok[i]]]
+    for i, w in enumerate(want):
+        assert got[i][0] == [int(x) for x in w.tokens], prompts[i]
+        np.testing.assert_allclose(got[i][1], w.logprobs, atol=1e-4)
