@@ -25,6 +25,7 @@ COMMANDS = {
     "compile": ("a3jax.compile", "cli_main", "compile the train/decode step for a TPU topology on this host"),
     "plot": ("a3jax.train.plot", "cli_main", "draw a run's loss curves into a PNG"),
     "show-masks": ("a3jax.show_masks", "cli_main", "render the content and query masks of a grouping as a PNG"),
+    "serve": ("a3jax.serve.cli", "cli_main", "OpenAI-compatible HTTP server with continuous batching"),
     "demo": ("a3jax.demo", "cli_main", "the main job on the embedded default (make demo)"),
 }
 
@@ -37,7 +38,7 @@ def subcommands() -> dict:
 
 # Commands that run on devices join the multi-process job first (a3jax.distributed: TPU pod, SLURM,
 # A3JAX_* variables; a single process when none is set). `train` does it itself, after its config.
-DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "demo", "rl"}
+DEVICE_COMMANDS = {"generate", "infill", "score", "eval", "serve", "rl", "demo"}
 
 
 def usage() -> str:

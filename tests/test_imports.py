@@ -17,7 +17,7 @@ TIERS = [
     {"convert"},
     {"score"},
     {"train", "decode"},
-    {"eval", "posttrain"},
+    {"eval", "posttrain", "serve"},
     {"demo", "compile", "show_masks", "bench_cli", "config_reference", "cli"},
     {"__main__", "cli_reference"},
 ]
