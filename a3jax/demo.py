@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import io
 import json
 import keyword
@@ -29,7 +30,7 @@ import tokenize
 import jax
 import numpy as np
 
-from a3jax import fs
+from a3jax import demo_tasks, fs
 from a3jax.checkpoint import RunCheckpoints, export_run, load_params
 from a3jax.config import MeshConfig, load_config
 from a3jax.data import SkipStats, load_tokenizer, make_eval_batches
@@ -62,30 +63,33 @@ TRIVIAL_NAMES = {"self", "cls"}  # every method starts with them: no test of con
 
 
 def split_overrides(overrides):
-    """`pretrain:KEY=V` / `adapt:KEY=V` go to one phase, plain `KEY=V` to both."""
-    pre, ad = [], []
+    """`pretrain:KEY=V` / `adapt:KEY=V` go to one phase, plain `KEY=V` to both, `tasks:KEY=V` to
+    tasks.yaml."""
+    pre, ad, tasks = [], [], []
     for ov in overrides:
         if ov.startswith("pretrain:"):
             pre.append(ov[len("pretrain:"):])
         elif ov.startswith("adapt:"):
             ad.append(ov[len("adapt:"):])
+        elif ov.startswith("tasks:"):
+            tasks.append(ov[len("tasks:"):])
         else:
             pre.append(ov)
             ad.append(ov)
-    return pre, ad
+    return pre, ad, tasks
 
 
 def phase_plan(config_dir: str, overrides, out: str) -> dict:
     """The configs of both training phases and the CLI command of every phase, with the paths under out."""
-    for name in ("pretrain.yaml", "adapt.yaml"):
+    for name in ("pretrain.yaml", "adapt.yaml", "tasks.yaml"):
         if not os.path.isfile(os.path.join(config_dir, name)):
             raise FileNotFoundError(f"a3jax demo: {config_dir}/{name} not found (the demo's config directory "
-                                    f"holds pretrain.yaml and adapt.yaml; default configs/demo)")
-    pre_ov, ad_ov = split_overrides(overrides)
-    d = {k: fs.join(out, k) for k in ("pretrain", "hf", "base", "adapt", "final")}
+                                    f"holds pretrain.yaml, adapt.yaml and tasks.yaml; default configs/demo)")
+    pre_ov, ad_ov, task_ov = split_overrides(overrides)
+    d = {k: fs.join(out, k) for k in ("pretrain", "hf", "base", "adapt", "final", "corpus")}
     d["pretrain_final"] = fs.join(d["pretrain"], "final")
-    pre_ov = [f"run_dir={d['pretrain']}"] + pre_ov
-    ad_ov = [f"run_dir={d['adapt']}", f"model.init_from={d['base']}"] + ad_ov
+    pre_ov = [f"run_dir={d['pretrain']}", f"data.source={d['corpus']}"] + pre_ov
+    ad_ov = [f"run_dir={d['adapt']}", f"model.init_from={d['base']}", f"data.source={d['corpus']}"] + ad_ov
     pre_path, ad_path = os.path.join(config_dir, "pretrain.yaml"), os.path.join(config_dir, "adapt.yaml")
 
     def q(args):
@@ -101,7 +105,47 @@ def phase_plan(config_dir: str, overrides, out: str) -> dict:
         export_final=f"a3jax export {d['adapt']} {d['final']}",
     )
     return dict(pretrain=load_config(pre_path, pre_ov), adapt=load_config(ad_path, ad_ov), dirs=d,
-                commands=commands)
+                commands=commands, tasks=load_tasks_config(os.path.join(config_dir, "tasks.yaml"), task_ov))
+
+
+TASKS_KEYS = dict(examples=int, seed=int, eval_count=int, both_count=int)
+
+
+def load_tasks_config(path: str, overrides=()) -> dict:
+    """configs/demo/tasks.yaml (and `KEY=VALUE` overrides): how many task examples the corpus holds
+    and the evaluation uses."""
+    import yaml
+
+    with open(path) as f:
+        got = yaml.safe_load(f) or {}
+    for ov in overrides:
+        key, eq, value = ov.partition("=")
+        if not eq:
+            raise ValueError(f"a3jax demo: tasks override {ov!r} is not KEY=VALUE")
+        got[key] = yaml.safe_load(value)
+    bad = sorted(set(got) - set(TASKS_KEYS))
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {bad} (known: {sorted(TASKS_KEYS)})")
+    for k, typ in TASKS_KEYS.items():
+        if k not in got:
+            raise ValueError(f"{path}: missing key {k!r}")
+        if not isinstance(got[k], typ) or got[k] < 1:
+            raise ValueError(f"{path}: {k} must be a positive integer, got {got[k]!r}")
+    return got
+
+
+def write_corpus(plan: dict) -> dict:
+    """OUT/corpus: the standard library's source under its own keys and the task examples."""
+    from a3jax.data.sources import resolve_files
+
+    t0 = time.time()
+    root, files = resolve_files("stdlib")
+    examples = demo_tasks.training_examples(plan["tasks"]["examples"], plan["tasks"]["seed"])
+    demo_tasks.write_corpus(plan["dirs"]["corpus"], [(os.path.relpath(p, root), p) for p in files], examples)
+    print(f"\n== 0. corpus: {len(files)} stdlib files + {len(examples)} task examples -> {plan['dirs']['corpus']}",
+          flush=True)
+    return dict(seconds=time.time() - t0, code_files=len(files), task_examples=len(examples),
+                dir=plan["dirs"]["corpus"])
 
 
 def final_params(cfg):
@@ -361,8 +405,11 @@ def heldout_nll(cfg, params, data_cfg, strategy: str, batches: int, batch_size: 
 
 
 def heldout_section(pre, pre_params, ad, params, batches: int) -> dict:
-    return dict(pretrained=dict(ar=heldout_nll(pre.model, pre_params, pre.data, "ar", batches)),
-                a3={name: heldout_nll(ad.model, params, ad.data, strat, batches)
+    """On the held-out code (the corpus's code files are the stdlib's, under the same keys): the same
+    rows as before the tasks joined the corpus."""
+    pre_data, ad_data = (dataclasses.replace(c.data, source="stdlib") for c in (pre, ad))
+    return dict(pretrained=dict(ar=heldout_nll(pre.model, pre_params, pre_data, "ar", batches)),
+                a3={name: heldout_nll(ad.model, params, ad_data, strat, batches)
                     for name, strat in (("ar", "ar"), ("random:4", "random:4"), ("infill", HELDOUT_INFILL))})
 
 
@@ -474,7 +521,7 @@ TARGETS = dict(heldout_ar_max=1.8, infill_ratio_min=1.5, infill_exact_min=0.40, 
 
 def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", infill_count: int = BENCH_COUNT,
         show: int = 8, eval_batches: int = 4, group_sizes=GROUP_SIZES, gen_prompts: int = 8,
-        gen_tokens: int = 32, parallel_settings=None) -> dict:
+        gen_tokens: int = 32, parallel_settings=None, any_order_settings=None) -> dict:
     """The whole demo (docs/demo.md); returns the report. parallel_settings: names of the parallel
     decoding settings to run (default all: group:G for group_sizes, threshold:0.9, speculative:4)."""
     t0 = time.time()
@@ -483,7 +530,9 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     print("== the demo's phases (each can be rerun by hand):")
     for k, c in plan["commands"].items():
         print(f"   {k:<16} {c}")
+    corpus = write_corpus(plan)
     phases = run_phases(plan)
+    phases["corpus"] = corpus
     pre, ad = plan["pretrain"], plan["adapt"]
     pre_cfg, pre_params = load_params(plan["dirs"]["pretrain_final"])
     cfg, params = load_params(plan["dirs"]["final"])
@@ -509,9 +558,20 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     par = parallel_section(cfg, params, tok, items, group_sizes, gen_prompts, gen_tokens, parallel_settings)
     lap("parallel")
 
+    print("\n== 7. any-order tasks (held-out examples, never trained on)", flush=True)
+    tcfg = plan["tasks"]
+    seen = set(demo_tasks.training_examples(tcfg["examples"], tcfg["seed"]))
+    t_items = demo_tasks.eval_items(tcfg["eval_count"], tcfg["seed"], seen)
+    anyo = demo_tasks.any_order_section(pre_cfg, pre_params, cfg, params, tok, t_items, CONTEXT_GROUP_SIZE)
+    lap("any_order")
+    both = demo_tasks.both_items(tcfg["both_count"], tcfg["seed"], seen | {it["text"] for it in t_items})
+    apar = demo_tasks.parallel_section(cfg, params, tok, t_items, both, CONTEXT_GROUP_SIZE, any_order_settings)
+    lap("any_order_parallel")
+
     loss_png = plot_phases([("pretrain (ar)", plan["dirs"]["pretrain"]), ("adapt (a3)", plan["dirs"]["adapt"])],
                            fs.join(out, "loss.png"))
     par_png = plot_parallel(par, fs.join(out, "parallel.png"))
+    any_png = demo_tasks.plot_parallel(apar, fs.join(out, "any_order_parallel.png"))
     lap("plots")
     print("   evaluation seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     seconds = time.time() - t0
@@ -540,6 +600,8 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
         g = r["generate"]
         print(f"{k:<18} {r['steps']:>6} {r['tokens_per_s']:>8.0f} {r['exact_chars']:>6.3f} | {g['steps']:>9} "
               f"{g['tokens_per_s']:>9.0f} {g['nll_per_token']:>8.3f}")
+    targets["any_order"] = any_order_targets(anyo)
+    print_any_order(anyo, apar)
     met = targets["met"]
     print(f"\ntargets: held-out AR {targets['heldout_ar']:.3f} <= 1.8 {'ok' if met['heldout_ar'] else 'MISSED'}; "
           f"confidence/prefix-only {ratio:.2f}x >= 1.5 {'ok' if met['infill_ratio'] else 'MISSED'}; "
@@ -547,16 +609,54 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
           f"{seconds:.0f} s <= 600 {'ok' if met['seconds'] else 'MISSED'}")
 
     report = dict(seconds=seconds, eval_seconds=timings, phases=phases, commands=plan["commands"],
-                  heldout=held, infill=inf, parallel=par, targets=targets, loss_png=loss_png, parallel_png=par_png,
+                  heldout=held, infill=inf, parallel=par, any_order=anyo, any_order_parallel=apar, targets=targets,
+                  loss_png=loss_png, parallel_png=par_png, any_order_png=any_png,
                   final_checkpoint=plan["dirs"]["final"], pretrained_checkpoint=plan["dirs"]["pretrain_final"],
                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), backend=jax.default_backend(),
                                load_start=load0, load_end=os.getloadavg()[0]))
     report_path = fs.join(out, "demo_report.json")
     fs.write_text(report_path, json.dumps(report, indent=2, default=str))
-    print(f"\nloss curves: {loss_png}\nparallel decoding: {par_png}\nreport: {report_path}\n"
-          f"try: a3jax infill --ckpt {plan['dirs']['final']} --text 'def add(a, b):\\n    return [MASK:5]\\n' "
-          f"--order confidence")
+    print(f"\nloss curves: {loss_png}\nparallel decoding: {par_png}, {any_png}\nreport: {report_path}\n\n"
+          "try, on the demo's A3 model:")
+    for c in next_commands(plan["dirs"]["final"]):
+        print(f"   {c}")
     return report
+
+
+def next_commands(final: str) -> list[str]:
+    """What a newcomer runs next on the demo's A3 model: an infill the right context decides (a task's
+    format, a word it never saw), a sampled code continuation, a score."""
+    return [f"a3jax infill --ckpt {final} --text '<[MASK:4]>hello</body>' --order confidence",
+            f"a3jax generate --ckpt {final} --prompt 'def ' --max-new-tokens 48 --temperature 0.8 --seed 0",
+            f"a3jax score --ckpt {final} --text 'stressed=desserts' --text 'stressed=stressed' --grouping random:4"]
+
+
+def any_order_targets(anyo: dict) -> dict:
+    """Per task: A3 (confidence order) on right-context blanks at least 3x the prefix-only LLaMA and
+    at least 0.40 above chance."""
+    out = {}
+    for task, r in anyo.items():
+        rc = r["right_context"]
+        a3, lm, ch = rc["exact_match"]["confidence"], rc["exact_match"]["prefix_only"], rc["chance"]
+        out[task] = dict(a3=a3, prefix_only=lm, chance=ch, met=bool(a3 >= 3 * lm and a3 >= ch + 0.40))
+    return out
+
+
+def print_any_order(anyo: dict, apar: dict) -> None:
+    print(f"\n{'any-order tasks: exact match':<34} {'A3 l-to-r':>9} {'A3 conf':>8} {'A3 random':>9} "
+          f"{'LLaMA prefix':>12} {'chance':>8}")
+    for task, r in anyo.items():
+        for kind, k in r.items():
+            e = k["exact_match"]
+            print(f"{task + ' ' + kind:<34} {e['left_to_right']:>9.2f} {e['confidence']:>8.2f} {e['random']:>9.2f} "
+                  f"{e['prefix_only']:>12.2f} {k['chance']:>8.4f}")
+        s = r["right_context"]["samples"][0]
+        print(f"   e.g. {s['text']}: answer {s['answer']!r}, A3 {s['confidence']!r}, LLaMA {s['prefix_only']!r}")
+    print(f"\n{'parallel (tasks)':<16} {'exact':>6} {'passes':>7} {'tokens':>6} | {'both agree':>10} {'passes':>7}")
+    for name, r in apar.items():
+        b = r["both"]
+        print(f"{name:<16} {r['exact_match']:>6.2f} {r['passes']:>7.2f} {r['tokens']:>6.2f} | "
+              f"{b['consistent']:>10.2f} {b['passes']:>7.2f}")
 
 
 def cli_main(argv=None) -> int:
@@ -564,7 +664,7 @@ def cli_main(argv=None) -> int:
     ap.add_argument("config_dir", nargs="?", default="configs/demo",
                     help="directory with pretrain.yaml and adapt.yaml (default configs/demo)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for both phases; "
-                    "pretrain:key=value or adapt:key=value for one")
+                    "pretrain:key=value or adapt:key=value for one; tasks:key=value for tasks.yaml")
     ap.add_argument("--out", default="runs/demo", help="where every phase writes (default runs/demo)")
     ap.add_argument("--infill-count", type=int, default=BENCH_COUNT)
     ap.add_argument("--show", type=int, default=8, help="infill examples printed")

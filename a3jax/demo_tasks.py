@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import string
 
 import numpy as np
@@ -23,11 +24,18 @@ TASKS = ("mirror", "tag", "brackets")
 KINDS = ("right_context", "prefix_suffices")
 LETTERS = string.ascii_lowercase
 PAIRS = {"(": ")", "[": "]", "{": "}", "<": ">"}
+OPENERS = tuple(PAIRS)
 MIRROR_BLANK = 3  # letters blanked in the word (right_context) or in its mirror (prefix_suffices)
 
 
+def _rng(seed: int, stream: int) -> random.Random:
+    """Python's generator (a string seed hashes the same on every platform and version): training
+    examples, evaluation items and `both` items are separate streams of one seed."""
+    return random.Random(f"a3jax-demo-tasks:{seed}:{stream}")
+
+
 def _word(rng, lo: int, hi: int) -> str:
-    return "".join(rng.choice(list(LETTERS), size=int(rng.integers(lo, hi + 1))))
+    return "".join(rng.choices(LETTERS, k=rng.randint(lo, hi)))
 
 
 def _brackets(rng, pairs: int) -> str:
@@ -35,7 +43,7 @@ def _brackets(rng, pairs: int) -> str:
     out, stack, opened = [], [], 0
     while opened < pairs or stack:
         if opened < pairs and (not stack or rng.random() < 0.6):
-            o = str(rng.choice(list(PAIRS)))
+            o = rng.choice(OPENERS)
             out.append(o)
             stack.append(o)
             opened += 1
@@ -44,7 +52,7 @@ def _brackets(rng, pairs: int) -> str:
     return "".join(out)
 
 
-def make_example(task: str, rng: np.random.Generator) -> str:
+def make_example(task: str, rng: random.Random) -> str:
     if task == "mirror":
         w = _word(rng, 4, 8)
         return f"{w}={w[::-1]}"
@@ -52,7 +60,7 @@ def make_example(task: str, rng: np.random.Generator) -> str:
         name = _word(rng, 3, 5)
         return f"<{name}>{_word(rng, 2, 6)}</{name}>"
     if task == "brackets":
-        return _brackets(rng, int(rng.integers(3, 7)))
+        return _brackets(rng, rng.randint(3, 6))
     raise ValueError(f"unknown demo task {task!r} (known: {', '.join(TASKS)})")
 
 
@@ -67,20 +75,20 @@ def _match(text: str) -> dict[int, int]:
     return out
 
 
-def blank(task: str, text: str, kind: str, rng: np.random.Generator) -> tuple[int, int]:
+def blank(task: str, text: str, kind: str, rng: random.Random) -> tuple[int, int]:
     """[start, end) character offsets of one blank of `kind` in an example of `task`."""
     if kind not in KINDS:
         raise ValueError(f"unknown blank kind {kind!r} (known: {', '.join(KINDS)})")
     if task == "mirror":
         n = text.index("=")
         lo = 0 if kind == "right_context" else n + 1
-        a = lo + int(rng.integers(0, n - MIRROR_BLANK + 1))
+        a = lo + rng.randint(0, n - MIRROR_BLANK)
         return a, a + MIRROR_BLANK
     if task == "tag":
         a = 1 if kind == "right_context" else text.rindex("</") + 2
         return a, text.index(">", a)
     if task == "brackets":
-        opener = int(rng.choice(sorted(_match(text))))
+        opener = rng.choice(sorted(_match(text)))
         a = opener if kind == "right_context" else _match(text)[opener]
         return a, a + 1
     raise ValueError(f"unknown demo task {task!r} (known: {', '.join(TASKS)})")
@@ -94,14 +102,14 @@ def chance(task: str, answer: str) -> float:
 
 def training_examples(count: int, seed: int) -> list[str]:
     """`count` examples of each task, interleaved, from the training seed."""
-    rng = np.random.default_rng([seed, 0])
+    rng = _rng(seed, 0)
     return [make_example(t, rng) for _ in range(count) for t in TASKS]
 
 
 def eval_items(count: int, seed: int, exclude=frozenset()) -> list[dict]:
     """Per task and blank kind `count` held-out items (task, kind, text, start, end), none of whose
     texts is in `exclude` (the training examples), drawn from a seed the training file never uses."""
-    rng = np.random.default_rng([seed, 1])
+    rng = _rng(seed, 1)
     items, seen = [], set(exclude)
     for task in TASKS:
         for kind in KINDS:
@@ -121,7 +129,7 @@ def both_items(count: int, seed: int, exclude=frozenset()) -> list[dict]:
     """Mirror examples with the same 3 letters blanked in the word and in the mirror: any letters are
     a right answer if both halves agree (`spans` holds both blanks); the two halves depend on each
     other, which is what committing several tokens per step cannot see."""
-    rng = np.random.default_rng([seed, 2])
+    rng = _rng(seed, 2)
     items, seen = [], set(exclude)
     while len(items) < count:
         text = make_example("mirror", rng)
@@ -129,7 +137,7 @@ def both_items(count: int, seed: int, exclude=frozenset()) -> list[dict]:
             continue
         seen.add(text)
         n = text.index("=")
-        a = int(rng.integers(0, n - MIRROR_BLANK + 1))
+        a = rng.randint(0, n - MIRROR_BLANK)
         m = 2 * n - (a + MIRROR_BLANK) + 1  # the same letters in the mirror
         items.append(dict(task="mirror", kind="both", text=text, spans=[(a, a + MIRROR_BLANK), (m, m + MIRROR_BLANK)]))
     return items
@@ -265,24 +273,27 @@ def parallel_settings(all_at_once: int):
             ("speculative:4", dict(order="left_to_right", speculative=4))]
 
 
-def parallel_section(cfg, params, tok, items, both, context_group_size: int) -> dict:
-    """Multi-token answers decoded with fewer passes: exact match and passes per answer on the
-    right-context blanks with a multi-token answer (greedy), and on `both` items (sampled at
-    temperature 1: the two halves agree only if the decoder conditions one on the other) the share
-    that is consistent."""
+def parallel_section(cfg, params, tok, items, both, context_group_size: int, settings=None) -> dict:
+    """Multi-token answers decoded with fewer passes, sampled at temperature 1 (one batch, one compile
+    per setting): exact match and passes per answer on the right-context blanks with a multi-token
+    answer, and on `both` items the share whose halves agree (they do only if the decoder conditions
+    one half on the other). settings: names to run (default all of parallel_settings)."""
     from a3jax.decode import DecodeSpec, SamplingParams
 
     multi = [it for it in items if it["kind"] == "right_context" and it["end"] - it["start"] > 1]
-    widest = max(max(b - a for a, b in _spans(it)) * len(_spans(it)) for it in multi + both)
+    batch = multi + both
+    widest = max(sum(b - a for a, b in _spans(it)) for it in batch)
     out = {}
     for name, kw in parallel_settings(widest):
+        if settings is not None and name not in settings:
+            continue
         spec = DecodeSpec(prompt_group_size=context_group_size, **kw)
-        filled, passes = a3_fill(cfg, params, tok, multi, spec)
-        bfilled, bpasses = a3_fill(cfg, params, tok, both, spec, SamplingParams(temperature=1.0, seed=0))
-        out[name] = dict(exact_match=exact(multi, filled), passes=float(np.mean(passes)),
+        filled, passes = a3_fill(cfg, params, tok, batch, spec, SamplingParams(temperature=1.0, seed=0))
+        m, b = slice(0, len(multi)), slice(len(multi), len(batch))
+        out[name] = dict(exact_match=exact(multi, filled[m]), passes=float(np.mean(passes[m])),
                          tokens=float(np.mean([it["end"] - it["start"] for it in multi])), count=len(multi),
-                         both=dict(consistent=float(np.mean([consistent(it, f) for it, f in zip(both, bfilled)])),
-                                   passes=float(np.mean(bpasses)), tokens=2 * MIRROR_BLANK, count=len(both)))
+                         both=dict(consistent=float(np.mean([consistent(it, f) for it, f in zip(both, filled[b])])),
+                                   passes=float(np.mean(passes[b])), tokens=2 * MIRROR_BLANK, count=len(both)))
     return out
 
 
@@ -301,7 +312,7 @@ def plot_parallel(par: dict, out: str) -> str:
             ax.scatter(x, y, s=30)
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set(xlabel="model passes per answer", ylabel="exact match",
-                title="right-context answers (mirror, tag; greedy)")
+                title="right-context answers (mirror, tag)")
     axes[1].set(xlabel="model passes per answer", ylabel="both halves agree",
                 title="mirror, both halves blanked (sampled)")
     for ax in axes:
