@@ -129,8 +129,9 @@ def load_tasks_config(path: str, overrides=()) -> dict:
     for k, typ in TASKS_KEYS.items():
         if k not in got:
             raise ValueError(f"{path}: missing key {k!r}")
-        if not isinstance(got[k], typ) or got[k] < 1:
-            raise ValueError(f"{path}: {k} must be a positive integer, got {got[k]!r}")
+        low = 0 if k == "seed" else 1
+        if not isinstance(got[k], typ) or isinstance(got[k], bool) or got[k] < low:
+            raise ValueError(f"{path}: {k} must be an integer >= {low}, got {got[k]!r}")
     return got
 
 
@@ -568,6 +569,9 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     apar = demo_tasks.parallel_section(cfg, params, tok, t_items, both, CONTEXT_GROUP_SIZE, any_order_settings)
     lap("any_order_parallel")
 
+    nxt = run_next_commands(plan["dirs"]["final"])
+    lap("next_commands")
+
     loss_png = plot_phases([("pretrain (ar)", plan["dirs"]["pretrain"]), ("adapt (a3)", plan["dirs"]["adapt"])],
                            fs.join(out, "loss.png"))
     par_png = plot_parallel(par, fs.join(out, "parallel.png"))
@@ -609,7 +613,8 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
           f"{seconds:.0f} s <= 600 {'ok' if met['seconds'] else 'MISSED'}")
 
     report = dict(seconds=seconds, eval_seconds=timings, phases=phases, commands=plan["commands"],
-                  heldout=held, infill=inf, parallel=par, any_order=anyo, any_order_parallel=apar, targets=targets,
+                  heldout=held, infill=inf, parallel=par, any_order=anyo, any_order_parallel=apar, next_commands=nxt,
+                  targets=targets,
                   loss_png=loss_png, parallel_png=par_png, any_order_png=any_png,
                   final_checkpoint=plan["dirs"]["final"], pretrained_checkpoint=plan["dirs"]["pretrain_final"],
                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), backend=jax.default_backend(),
@@ -618,17 +623,54 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     fs.write_text(report_path, json.dumps(report, indent=2, default=str))
     print(f"\nloss curves: {loss_png}\nparallel decoding: {par_png}, {any_png}\nreport: {report_path}\n\n"
           "try, on the demo's A3 model:")
-    for c in next_commands(plan["dirs"]["final"]):
-        print(f"   {c}")
+    for r in nxt:
+        print(f"   {r['command']}\n      " + r["output"].rstrip("\n").replace("\n", "\n      ")
+              + ("" if r["sensible"] else "\n      (NOT SENSIBLE: see docs/demo.md)"))
     return report
 
 
-def next_commands(final: str) -> list[str]:
-    """What a newcomer runs next on the demo's A3 model: an infill the right context decides (a task's
-    format, a word it never saw), a sampled code continuation, a score."""
-    return [f"a3jax infill --ckpt {final} --text '<[MASK:4]>hello</body>' --order confidence",
-            f"a3jax generate --ckpt {final} --prompt 'def ' --max-new-tokens 48 --temperature 0.8 --seed 0",
-            f"a3jax score --ckpt {final} --text 'stressed=desserts' --text 'stressed=stressed' --grouping random:4"]
+def next_commands(final: str) -> list[tuple[str, str]]:
+    """What a newcomer runs next on the demo's A3 model, (kind, command): an infill that only the right
+    context decides (the tag task's format, a name it never saw), a sampled code continuation, a score
+    (a word's mirror against a copy)."""
+    return [("infill", f"a3jax infill --ckpt {final} --text '<[MASK:4]>hello</body>' --order confidence"),
+            ("generate", f"a3jax generate --ckpt {final} --prompt 'def ' --max-new-tokens 48 --temperature 0.8 "
+                         f"--seed 0"),
+            ("score", f"a3jax score --ckpt {final} --text 'stressed=desserts' --text 'stressed=stressed' "
+                      f"--grouping random:4")]
+
+
+def sensible(kind: str, output: str) -> bool:
+    """Whether a next command's output is what a newcomer should see: the infill names the element
+    `body` (read from its closer); the continuation is printable code-like text (ASCII, a third or more
+    non-blank); the mirror scores higher than the copy."""
+    if kind == "infill":
+        return output.strip() == "<body>hello</body>"
+    if kind == "generate":
+        text = output.rstrip("\n")
+        return text.startswith("def ") and text.isascii() and all(c.isprintable() or c in "\n\t" for c in text) \
+            and sum(not c.isspace() for c in text) >= len(text) / 3 and len(text) > len("def ") + 8
+    if kind == "score":
+        rows = [l.split() for l in output.splitlines() if re.match(r"^\s*\d+\s", l)]
+        return len(rows) == 2 and float(rows[0][2]) > float(rows[1][2])
+    raise ValueError(f"unknown next-command kind {kind!r}")
+
+
+def run_next_commands(final: str) -> list[dict]:
+    """Runs the next commands as the CLI does and records each output and whether it is sensible."""
+    import contextlib
+    import shlex
+
+    from a3jax.cli import main  # the `a3jax` command itself (deferred: it registers the demo)
+
+    out = []
+    for kind, cmd in next_commands(final):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(shlex.split(cmd)[1:] + (["--color", "never"] if kind != "score" else []))
+        out.append(dict(kind=kind, command=cmd, rc=rc, output=buf.getvalue(),
+                        sensible=bool(rc == 0 and sensible(kind, buf.getvalue()))))
+    return out
 
 
 def any_order_targets(anyo: dict) -> dict:
