@@ -298,3 +298,12 @@ def test_config_reference_is_generated_and_complete():
     for _, cls in SECTIONS:
         missing = [f.name for f in dataclasses.fields(cls) if not field_comments(cls).get(f.name)]
         assert not missing, f"{cls.__name__}: no meaning documented for {missing}"
+
+
+def test_readme_shows_the_commands_the_demo_prints_and_checks():
+    """The README's examples on the demo model are the ones the demo runs and checks for sensible output."""
+    from a3jax.demo import next_commands
+
+    text = _readme()
+    for _, cmd in next_commands("runs/demo/final"):
+        assert cmd in text, cmd
