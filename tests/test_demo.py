@@ -188,7 +188,7 @@ def test_next_commands_are_what_the_cli_prints(demo_run, capsys):
         capsys.readouterr()
         assert main(shlex.split(r["command"])[1:] + (["--color", "never"] if r["kind"] != "score" else [])) == 0
         assert capsys.readouterr().out == r["output"], r
-    assert re.fullmatch(r"<.+>hello</body>\n", nxt[0]["output"], re.S), nxt[0]
+    assert re.fullmatch(r"<.+>abc</span>\n", nxt[0]["output"], re.S), nxt[0]
     assert nxt[1]["output"].startswith("def ")
     assert len(re.findall(r"^\s+\d+\s+\d+\s+-[\d.]+", nxt[2]["output"], re.M)) == 2, nxt[2]
 
@@ -196,7 +196,7 @@ def test_next_commands_are_what_the_cli_prints(demo_run, capsys):
 def test_sensible_holds_the_outputs_a_newcomer_should_see():
     from a3jax.demo import sensible
 
-    assert sensible("infill", "<body>hello</body>\n") and not sensible("infill", "<bdoy>hello</body>\n")
+    assert sensible("infill", "<span>abc</span>\n") and not sensible("infill", "<spam>abc</span>\n")
     assert sensible("generate", "def foo(self, name):\n    return self._x\n")
     assert not sensible("generate", "def " + " " * 40) and not sensible("generate", "def \x00\x01abcdefghij")
     table = ("  # tokens      log-lik  nll/tok        ppl bits/byte\n"
