@@ -1,12 +1,16 @@
-"""`make demo` / `a3jax demo [CONFIG_DIR]`: A3 end to end on the embedded stdlib corpus (docs/demo.md).
+"""`make demo` / `a3jax demo [CONFIG_DIR]`: A3 end to end on the embedded stdlib corpus plus synthetic
+any-order tasks (docs/demo.md).
 
+0. corpus     OUT/corpus: the stdlib's source under its own keys + the tasks (a3jax.demo_tasks,
+              CONFIG_DIR/tasks.yaml)
 1. pretrain   a small LLaMA left to right (train.objective: ar)       CONFIG_DIR/pretrain.yaml
 2. export     its params -> a HF LLaMA directory (a3jax convert a3-to-hf) -> back (hf-to-a3), as a
               user starts from a released LLaMA
 3. adapt      that model to any order with the curriculum (model.init_from)  CONFIG_DIR/adapt.yaml
 4. evaluate   a fixed infilling benchmark on held-out code (A3 in three orders vs prefix-only
-              continuation by the pretrained LLaMA), held-out nats/byte, parallel decoding
-5. report     OUT/demo_report.json, OUT/loss.png, OUT/parallel.png
+              continuation by the pretrained LLaMA), held-out nats/byte, parallel decoding; the same
+              comparison on held-out task items, parallel decoding on them; the next commands, run
+5. report     OUT/demo_report.json, OUT/loss.png, OUT/parallel.png, OUT/any_order_parallel.png
 
 Every phase is a command a user can rerun by hand; the demo prints them. A rerun resumes every
 phase (a finished run trains nothing) and rewrites the report.
@@ -696,7 +700,7 @@ def print_any_order(anyo: dict, apar: dict) -> None:
         for kind, k in r.items():
             e = k["exact_match"]
             print(f"{task + ' ' + kind:<34} {e['left_to_right']:>9.2f} {e['confidence']:>8.2f} {e['random']:>9.2f} "
-                  f"{e['prefix_only']:>12.2f} {k['chance']:>8.4f}")
+                  f"{e['prefix_only']:>12.2f} {k['chance']:>8.2g}")
         s = r["right_context"]["samples"][0]
         print(f"   e.g. {s['text']}: answer {s['answer']!r}, A3 {s['confidence']!r}, LLaMA {s['prefix_only']!r}")
     print(f"\n{'parallel (tasks)':<16} {'exact':>6} {'passes':>7} {'tokens':>6} | {'both agree':>10} {'passes':>7}")
