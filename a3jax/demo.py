@@ -670,13 +670,18 @@ def run_next_commands(final: str) -> list[dict]:
     import contextlib
     import shlex
 
-    from a3jax.cli import main  # the `a3jax` command itself (deferred: it registers the demo)
+    from a3jax.decode.cli import generate_main, infill_main  # what `a3jax infill` / `generate` run
+    from a3jax.decode.score_cli import score_main  # what `a3jax score` runs
 
+    mains = dict(infill=infill_main, generate=generate_main, score=score_main)
     out = []
     for kind, cmd in next_commands(final):
+        argv = shlex.split(cmd)
+        if argv[:2] != ["a3jax", kind]:
+            raise ValueError(f"next command {cmd!r} is not `a3jax {kind}`")
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            rc = main(shlex.split(cmd)[1:] + (["--color", "never"] if kind != "score" else []))
+            rc = mains[kind](argv[2:] + (["--color", "never"] if kind != "score" else []))
         out.append(dict(kind=kind, command=cmd, rc=rc, output=buf.getvalue(),
                         sensible=bool(rc == 0 and sensible(kind, buf.getvalue()))))
     return out
