@@ -9,7 +9,7 @@ text before it (a left-to-right LM can fill it too):
   brackets  nested brackets                `([{<>}])`        right: an opener;           prefix: a closer
 
 Training examples go into the demo's corpus (`tasks.jsonl` beside the standard library's source);
-the evaluation examples are drawn with another seed and never occur in the training file.
+the evaluation items come from another stream of the same seed and never occur in the training file.
 """
 from __future__ import annotations
 
