@@ -1,12 +1,16 @@
-"""`make demo` / `a3jax demo [CONFIG_DIR]`: A3 end to end on the embedded stdlib corpus (docs/demo.md).
+"""`make demo` / `a3jax demo [CONFIG_DIR]`: A3 end to end on the embedded stdlib corpus plus synthetic
+any-order tasks (docs/demo.md).
 
+0. corpus     OUT/corpus: the stdlib's source under its own keys + the tasks (a3jax.demo_tasks,
+              CONFIG_DIR/tasks.yaml)
 1. pretrain   a small LLaMA left to right (train.objective: ar)       CONFIG_DIR/pretrain.yaml
 2. export     its params -> a HF LLaMA directory (a3jax convert a3-to-hf) -> back (hf-to-a3), as a
               user starts from a released LLaMA
 3. adapt      that model to any order with the curriculum (model.init_from)  CONFIG_DIR/adapt.yaml
 4. evaluate   a fixed infilling benchmark on held-out code (A3 in three orders vs prefix-only
-              continuation by the pretrained LLaMA), held-out nats/byte, parallel decoding
-5. report     OUT/demo_report.json, OUT/loss.png, OUT/parallel.png
+              continuation by the pretrained LLaMA), held-out nats/byte, parallel decoding; the same
+              comparison on held-out task items, parallel decoding on them; the next commands, run
+5. report     OUT/demo_report.json, OUT/loss.png, OUT/parallel.png, OUT/any_order_parallel.png
 
 Every phase is a command a user can rerun by hand; the demo prints them. A rerun resumes every
 phase (a finished run trains nothing) and rewrites the report.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import io
 import json
 import keyword
@@ -29,7 +34,7 @@ import tokenize
 import jax
 import numpy as np
 
-from a3jax import fs
+from a3jax import demo_tasks, fs
 from a3jax.checkpoint import RunCheckpoints, export_run, load_params
 from a3jax.config import MeshConfig, load_config
 from a3jax.data import SkipStats, load_tokenizer, make_eval_batches
@@ -45,7 +50,10 @@ from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.trainer import train
 
 ORDERS = ("left_to_right", "confidence", "random")
-GROUP_SIZES = (1, 2, 4, 8)
+GROUP_SIZES = (1, 2, 4)
+# The settings `make demo` runs on code: the any-order tasks show 2-per-step and the threshold
+# (docs/performance.md has every setting's numbers on code; each costs ~10 s of the budget).
+CODE_PARALLEL = ("group:1", "group:4", "speculative:4")
 THRESHOLD = 0.9
 SPECULATIVE = 4
 BENCH_SEED = 0  # the benchmark is fixed: the same held-out functions and blanks for every model
@@ -62,30 +70,33 @@ TRIVIAL_NAMES = {"self", "cls"}  # every method starts with them: no test of con
 
 
 def split_overrides(overrides):
-    """`pretrain:KEY=V` / `adapt:KEY=V` go to one phase, plain `KEY=V` to both."""
-    pre, ad = [], []
+    """`pretrain:KEY=V` / `adapt:KEY=V` go to one phase, plain `KEY=V` to both, `tasks:KEY=V` to
+    tasks.yaml."""
+    pre, ad, tasks = [], [], []
     for ov in overrides:
         if ov.startswith("pretrain:"):
             pre.append(ov[len("pretrain:"):])
         elif ov.startswith("adapt:"):
             ad.append(ov[len("adapt:"):])
+        elif ov.startswith("tasks:"):
+            tasks.append(ov[len("tasks:"):])
         else:
             pre.append(ov)
             ad.append(ov)
-    return pre, ad
+    return pre, ad, tasks
 
 
 def phase_plan(config_dir: str, overrides, out: str) -> dict:
     """The configs of both training phases and the CLI command of every phase, with the paths under out."""
-    for name in ("pretrain.yaml", "adapt.yaml"):
+    for name in ("pretrain.yaml", "adapt.yaml", "tasks.yaml"):
         if not os.path.isfile(os.path.join(config_dir, name)):
             raise FileNotFoundError(f"a3jax demo: {config_dir}/{name} not found (the demo's config directory "
-                                    f"holds pretrain.yaml and adapt.yaml; default configs/demo)")
-    pre_ov, ad_ov = split_overrides(overrides)
-    d = {k: fs.join(out, k) for k in ("pretrain", "hf", "base", "adapt", "final")}
+                                    f"holds pretrain.yaml, adapt.yaml and tasks.yaml; default configs/demo)")
+    pre_ov, ad_ov, task_ov = split_overrides(overrides)
+    d = {k: fs.join(out, k) for k in ("pretrain", "hf", "base", "adapt", "final", "corpus")}
     d["pretrain_final"] = fs.join(d["pretrain"], "final")
-    pre_ov = [f"run_dir={d['pretrain']}"] + pre_ov
-    ad_ov = [f"run_dir={d['adapt']}", f"model.init_from={d['base']}"] + ad_ov
+    pre_ov = [f"run_dir={d['pretrain']}", f"data.source={d['corpus']}"] + pre_ov
+    ad_ov = [f"run_dir={d['adapt']}", f"model.init_from={d['base']}", f"data.source={d['corpus']}"] + ad_ov
     pre_path, ad_path = os.path.join(config_dir, "pretrain.yaml"), os.path.join(config_dir, "adapt.yaml")
 
     def q(args):
@@ -101,7 +112,49 @@ def phase_plan(config_dir: str, overrides, out: str) -> dict:
         export_final=f"a3jax export {d['adapt']} {d['final']}",
     )
     return dict(pretrain=load_config(pre_path, pre_ov), adapt=load_config(ad_path, ad_ov), dirs=d,
-                commands=commands)
+                commands=commands, tasks=load_tasks_config(os.path.join(config_dir, "tasks.yaml"), task_ov))
+
+
+TASKS_KEYS = dict(examples=int, seed=int, eval_count=int, both_count=int)
+
+
+def load_tasks_config(path: str, overrides=()) -> dict:
+    """configs/demo/tasks.yaml (and `KEY=VALUE` overrides): how many task examples the corpus holds
+    and the evaluation uses."""
+    import yaml
+
+    with open(path) as f:
+        got = yaml.safe_load(f) or {}
+    for ov in overrides:
+        key, eq, value = ov.partition("=")
+        if not eq:
+            raise ValueError(f"a3jax demo: tasks override {ov!r} is not KEY=VALUE")
+        got[key] = yaml.safe_load(value)
+    bad = sorted(set(got) - set(TASKS_KEYS))
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {bad} (known: {sorted(TASKS_KEYS)})")
+    for k, typ in TASKS_KEYS.items():
+        if k not in got:
+            raise ValueError(f"{path}: missing key {k!r}")
+        low = 0 if k == "seed" else 1
+        if not isinstance(got[k], typ) or isinstance(got[k], bool) or got[k] < low:
+            raise ValueError(f"{path}: {k} must be an integer >= {low}, got {got[k]!r}")
+    return got
+
+
+def write_corpus(plan: dict) -> dict:
+    """OUT/corpus: the standard library's source under its own keys and the task examples."""
+    from a3jax.data.sources import resolve_files
+
+    t0 = time.time()
+    root, files = resolve_files("stdlib")
+    examples = demo_tasks.training_examples(plan["tasks"]["examples"], plan["tasks"]["seed"])
+    demo_tasks.write_corpus(plan["dirs"]["corpus"], [(os.path.relpath(p, root), p) for p in files], examples)
+    print(f"\n== 0. corpus: {len(files)} stdlib files + {len(examples)} task examples -> {plan['dirs']['corpus']}",
+          flush=True)
+    plan["task_examples"] = examples  # the evaluation excludes every one of them
+    return dict(seconds=time.time() - t0, code_files=len(files), task_examples=len(examples),
+                dir=plan["dirs"]["corpus"])
 
 
 def final_params(cfg):
@@ -361,8 +414,11 @@ def heldout_nll(cfg, params, data_cfg, strategy: str, batches: int, batch_size: 
 
 
 def heldout_section(pre, pre_params, ad, params, batches: int) -> dict:
-    return dict(pretrained=dict(ar=heldout_nll(pre.model, pre_params, pre.data, "ar", batches)),
-                a3={name: heldout_nll(ad.model, params, ad.data, strat, batches)
+    """On the held-out code (the corpus's code files are the stdlib's, under the same keys): the same
+    rows as before the tasks joined the corpus."""
+    pre_data, ad_data = (dataclasses.replace(c.data, source="stdlib") for c in (pre, ad))
+    return dict(pretrained=dict(ar=heldout_nll(pre.model, pre_params, pre_data, "ar", batches)),
+                a3={name: heldout_nll(ad.model, params, ad_data, strat, batches)
                     for name, strat in (("ar", "ar"), ("random:4", "random:4"), ("infill", HELDOUT_INFILL))})
 
 
@@ -474,16 +530,19 @@ TARGETS = dict(heldout_ar_max=1.8, infill_ratio_min=1.5, infill_exact_min=0.40, 
 
 def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", infill_count: int = BENCH_COUNT,
         show: int = 8, eval_batches: int = 4, group_sizes=GROUP_SIZES, gen_prompts: int = 8,
-        gen_tokens: int = 32, parallel_settings=None) -> dict:
+        gen_tokens: int = 32, parallel_settings=CODE_PARALLEL, any_order_settings=None) -> dict:
     """The whole demo (docs/demo.md); returns the report. parallel_settings: names of the parallel
-    decoding settings to run (default all: group:G for group_sizes, threshold:0.9, speculative:4)."""
+    decoding settings to run on code (default CODE_PARALLEL; None in parallel_section: group:G for
+    group_sizes, threshold:0.9, speculative:4); any_order_settings: those on the tasks (default all)."""
     t0 = time.time()
     load0 = os.getloadavg()[0]
     plan = phase_plan(config_dir, list(overrides), out)
     print("== the demo's phases (each can be rerun by hand):")
     for k, c in plan["commands"].items():
         print(f"   {k:<16} {c}")
+    corpus = write_corpus(plan)
     phases = run_phases(plan)
+    phases["corpus"] = corpus
     pre, ad = plan["pretrain"], plan["adapt"]
     pre_cfg, pre_params = load_params(plan["dirs"]["pretrain_final"])
     cfg, params = load_params(plan["dirs"]["final"])
@@ -509,9 +568,23 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
     par = parallel_section(cfg, params, tok, items, group_sizes, gen_prompts, gen_tokens, parallel_settings)
     lap("parallel")
 
+    print("\n== 7. any-order tasks (held-out examples, never trained on)", flush=True)
+    tcfg = plan["tasks"]
+    seen = set(plan["task_examples"])
+    t_items = demo_tasks.eval_items(tcfg["eval_count"], tcfg["seed"], seen)
+    anyo = demo_tasks.any_order_section(pre_cfg, pre_params, cfg, params, tok, t_items, CONTEXT_GROUP_SIZE)
+    lap("any_order")
+    both = demo_tasks.both_items(tcfg["both_count"], tcfg["seed"], seen | {it["text"] for it in t_items})
+    apar = demo_tasks.parallel_section(cfg, params, tok, t_items, both, CONTEXT_GROUP_SIZE, any_order_settings)
+    lap("any_order_parallel")
+
+    nxt = run_next_commands(plan["dirs"]["final"])
+    lap("next_commands")
+
     loss_png = plot_phases([("pretrain (ar)", plan["dirs"]["pretrain"]), ("adapt (a3)", plan["dirs"]["adapt"])],
                            fs.join(out, "loss.png"))
     par_png = plot_parallel(par, fs.join(out, "parallel.png"))
+    any_png = demo_tasks.plot_parallel(apar, fs.join(out, "any_order_parallel.png"))
     lap("plots")
     print("   evaluation seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     seconds = time.time() - t0
@@ -540,6 +613,8 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
         g = r["generate"]
         print(f"{k:<18} {r['steps']:>6} {r['tokens_per_s']:>8.0f} {r['exact_chars']:>6.3f} | {g['steps']:>9} "
               f"{g['tokens_per_s']:>9.0f} {g['nll_per_token']:>8.3f}")
+    targets["any_order"] = any_order_targets(anyo)
+    print_any_order(anyo, apar)
     met = targets["met"]
     print(f"\ntargets: held-out AR {targets['heldout_ar']:.3f} <= 1.8 {'ok' if met['heldout_ar'] else 'MISSED'}; "
           f"confidence/prefix-only {ratio:.2f}x >= 1.5 {'ok' if met['infill_ratio'] else 'MISSED'}; "
@@ -547,16 +622,97 @@ def run(config_dir: str = "configs/demo", overrides=(), out: str = "runs/demo", 
           f"{seconds:.0f} s <= 600 {'ok' if met['seconds'] else 'MISSED'}")
 
     report = dict(seconds=seconds, eval_seconds=timings, phases=phases, commands=plan["commands"],
-                  heldout=held, infill=inf, parallel=par, targets=targets, loss_png=loss_png, parallel_png=par_png,
+                  heldout=held, infill=inf, parallel=par, any_order=anyo, any_order_parallel=apar, next_commands=nxt,
+                  targets=targets,
+                  loss_png=loss_png, parallel_png=par_png, any_order_png=any_png,
                   final_checkpoint=plan["dirs"]["final"], pretrained_checkpoint=plan["dirs"]["pretrain_final"],
                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), backend=jax.default_backend(),
                                load_start=load0, load_end=os.getloadavg()[0]))
     report_path = fs.join(out, "demo_report.json")
     fs.write_text(report_path, json.dumps(report, indent=2, default=str))
-    print(f"\nloss curves: {loss_png}\nparallel decoding: {par_png}\nreport: {report_path}\n"
-          f"try: a3jax infill --ckpt {plan['dirs']['final']} --text 'def add(a, b):\\n    return [MASK:5]\\n' "
-          f"--order confidence")
+    print(f"\nloss curves: {loss_png}\nparallel decoding: {par_png}, {any_png}\nreport: {report_path}\n\n"
+          "try, on the demo's A3 model:")
+    for r in nxt:
+        print(f"   {r['command']}\n      " + r["output"].rstrip("\n").replace("\n", "\n      ")
+              + ("" if r["sensible"] else "\n      (NOT SENSIBLE: see docs/demo.md)"))
     return report
+
+
+def next_commands(final: str) -> list[tuple[str, str]]:
+    """What a newcomer runs next on the demo's A3 model, (kind, command): an infill that only the right
+    context decides (the tag task's format, a name it never saw), a sampled code continuation, a score
+    (a word's mirror against a copy)."""
+    return [("infill", f"a3jax infill --ckpt {final} --text '<[MASK:4]>abc</span>' --order confidence"),
+            ("generate", f"a3jax generate --ckpt {final} --prompt 'def ' --max-new-tokens 48 --temperature 0.8 "
+                         f"--seed 0"),
+            ("score", f"a3jax score --ckpt {final} --text 'stressed=desserts' --text 'stressed=stressed' "
+                      f"--grouping random:4")]
+
+
+def sensible(kind: str, output: str) -> bool:
+    """Whether a next command's output is what a newcomer should see: the infill names the element
+    `span` (read from its closer); the continuation is printable code-like text (ASCII, a third or more
+    non-blank); the mirror scores higher than the copy."""
+    if kind == "infill":
+        return output.strip() == "<span>abc</span>"
+    if kind == "generate":
+        text = output.rstrip("\n")
+        return text.startswith("def ") and text.isascii() and all(c.isprintable() or c in "\n\t" for c in text) \
+            and sum(not c.isspace() for c in text) >= len(text) / 3 and len(text) > len("def ") + 8
+    if kind == "score":
+        rows = [l.split() for l in output.splitlines() if re.match(r"^\s*\d+\s", l)]
+        return len(rows) == 2 and float(rows[0][2]) > float(rows[1][2])
+    raise ValueError(f"unknown next-command kind {kind!r}")
+
+
+def run_next_commands(final: str) -> list[dict]:
+    """Runs the next commands as the CLI does and records each output and whether it is sensible."""
+    import contextlib
+    import shlex
+
+    from a3jax.decode.cli import generate_main, infill_main  # what `a3jax infill` / `generate` run
+    from a3jax.decode.score_cli import score_main  # what `a3jax score` runs
+
+    mains = dict(infill=infill_main, generate=generate_main, score=score_main)
+    out = []
+    for kind, cmd in next_commands(final):
+        argv = shlex.split(cmd)
+        if argv[:2] != ["a3jax", kind]:
+            raise ValueError(f"next command {cmd!r} is not `a3jax {kind}`")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = mains[kind](argv[2:] + (["--color", "never"] if kind != "score" else []))
+        out.append(dict(kind=kind, command=cmd, rc=rc, output=buf.getvalue(),
+                        sensible=bool(rc == 0 and sensible(kind, buf.getvalue()))))
+    return out
+
+
+def any_order_targets(anyo: dict) -> dict:
+    """Per task: A3 (confidence order) on right-context blanks at least 3x the prefix-only LLaMA and
+    at least 0.40 above chance."""
+    out = {}
+    for task, r in anyo.items():
+        rc = r["right_context"]
+        a3, lm, ch = rc["exact_match"]["confidence"], rc["exact_match"]["prefix_only"], rc["chance"]
+        out[task] = dict(a3=a3, prefix_only=lm, chance=ch, met=bool(a3 >= 3 * lm and a3 >= ch + 0.40))
+    return out
+
+
+def print_any_order(anyo: dict, apar: dict) -> None:
+    print(f"\n{'any-order tasks: exact match':<34} {'A3 l-to-r':>9} {'A3 conf':>8} {'A3 random':>9} "
+          f"{'LLaMA prefix':>12} {'chance':>8}")
+    for task, r in anyo.items():
+        for kind, k in r.items():
+            e = k["exact_match"]
+            print(f"{task + ' ' + kind:<34} {e['left_to_right']:>9.2f} {e['confidence']:>8.2f} {e['random']:>9.2f} "
+                  f"{e['prefix_only']:>12.2f} {k['chance']:>8.2g}")
+        s = r["right_context"]["samples"][0]
+        print(f"   e.g. {s['text']}: answer {s['answer']!r}, A3 {s['confidence']!r}, LLaMA {s['prefix_only']!r}")
+    print(f"\n{'parallel (tasks)':<16} {'exact':>6} {'passes':>7} {'tokens':>6} | {'both agree':>10} {'passes':>7}")
+    for name, r in apar.items():
+        b = r["both"]
+        print(f"{name:<16} {r['exact_match']:>6.2f} {r['passes']:>7.2f} {r['tokens']:>6.2f} | "
+              f"{b['consistent']:>10.2f} {b['passes']:>7.2f}")
 
 
 def cli_main(argv=None) -> int:
@@ -564,7 +720,7 @@ def cli_main(argv=None) -> int:
     ap.add_argument("config_dir", nargs="?", default="configs/demo",
                     help="directory with pretrain.yaml and adapt.yaml (default configs/demo)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for both phases; "
-                    "pretrain:key=value or adapt:key=value for one")
+                    "pretrain:key=value or adapt:key=value for one; tasks:key=value for tasks.yaml")
     ap.add_argument("--out", default="runs/demo", help="where every phase writes (default runs/demo)")
     ap.add_argument("--infill-count", type=int, default=BENCH_COUNT)
     ap.add_argument("--show", type=int, default=8, help="infill examples printed")

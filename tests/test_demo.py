@@ -12,9 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["train.eval_every=4", "train.log_every=1", "checkpoint.every=4", "data.max_documents=60",
         "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=4",
         "model.num_kv_heads=2", "pretrain:data.stages=[{ar: 4}]",
-        'adapt:data.stages=[{ar: 2}, {"random:4": 2}, {"infill:0.25:8:1:random:repeat": 1}]']
+        'adapt:data.stages=[{ar: 2}, {"random:4": 2}, {"infill:0.25:8:1:random:repeat": 1}]',
+        "tasks:examples=100", "tasks:eval_count=2", "tasks:both_count=2"]
 EVAL = dict(infill_count=3, show=1, eval_batches=1, group_sizes=(1,), gen_prompts=2, gen_tokens=5,
-            parallel_settings=("group:1",))  # the other settings: the same code path, more compiles
+            parallel_settings=("group:1",),  # the other settings: the same code path, more compiles
+            any_order_settings=("all_at_once",))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,23 @@ def test_demo_report_schema_and_invariants(demo_run):
     assert g1["steps"] == blank and g1["tokens_per_s"] > 0  # one blank per step
     assert g1["generate"]["steps"] == 5 and 0 < g1["generate"]["nll_per_token"] < math.log(260) + 1
     assert report["targets"]["met"].keys() == {"heldout_ar", "infill_ratio", "infill_exact", "seconds"}
+    # The any-order tasks: per task, blank kind and decoder an exact match, the chance level, the count.
+    anyo = report["any_order"]
+    assert set(anyo) == {"mirror", "tag", "brackets"}
+    for task, kinds in anyo.items():
+        assert set(kinds) == {"right_context", "prefix_suffices"}, task
+        for kind, r in kinds.items():
+            assert set(r["exact_match"]) == {"left_to_right", "confidence", "random", "prefix_only"}
+            assert all(0.0 <= v <= 1.0 for v in r["exact_match"].values()) and r["count"] == 2, (task, kind, r)
+            low, high = dict(brackets=(0.25, 0.25), mirror=(26.0 ** -3, 26.0 ** -3), tag=(26.0 ** -5, 26.0 ** -3))[task]
+            assert low * (1 - 1e-9) <= r["chance"] <= high * (1 + 1e-9), (task, kind, r["chance"])
+    assert set(report["targets"]["any_order"]) == set(anyo)
+    # All blanks at once: one model pass per answer, for the right-context answers and the mirrored pairs.
+    ap = report["any_order_parallel"]
+    assert set(ap) == {"all_at_once"} and ap["all_at_once"]["passes"] == 1.0
+    assert ap["all_at_once"]["both"]["passes"] == 1.0 and ap["all_at_once"]["both"]["count"] == 2
+    with open(report["any_order_png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_infill_benchmark_is_fixed_and_its_blanks_need_the_right_context():
@@ -150,6 +169,40 @@ def test_final_records_its_context_layout_and_generate_defaults_to_it(demo_run, 
     want = eng.generate(["def fib(n):"], 12, DecodeSpec(prompt_group_size=1))[0].text
     other = eng.generate(["def fib(n):"], 12, DecodeSpec(prompt_group_size=0))[0].text
     assert want in printed, (want, other, printed)
+
+
+@pytest.mark.slow
+def test_next_commands_are_what_the_cli_prints(demo_run, capsys):
+    """The demo runs the three commands it prints (infill on a task, sampled code, a score) and
+    records their output: the same as a user's by-hand run. Whether it is sensible is for the trained
+    demo model (docs/demo.md records it); this tiny model's outputs only have the right shape."""
+    import shlex
+
+    from a3jax.cli import main
+
+    out, report = demo_run
+    nxt = report["next_commands"]
+    assert [r["kind"] for r in nxt] == ["infill", "generate", "score"] and all(r["rc"] == 0 for r in nxt)
+    for r in nxt:
+        assert os.path.join(out, "final") in r["command"]
+        capsys.readouterr()
+        assert main(shlex.split(r["command"])[1:] + (["--color", "never"] if r["kind"] != "score" else [])) == 0
+        assert capsys.readouterr().out == r["output"], r
+    assert re.fullmatch(r"<.+>abc</span>\n", nxt[0]["output"], re.S), nxt[0]
+    assert nxt[1]["output"].startswith("def ")
+    assert len(re.findall(r"^\s+\d+\s+\d+\s+-[\d.]+", nxt[2]["output"], re.M)) == 2, nxt[2]
+
+
+def test_sensible_holds_the_outputs_a_newcomer_should_see():
+    from a3jax.demo import sensible
+
+    assert sensible("infill", "<span>abc</span>\n") and not sensible("infill", "<spam>abc</span>\n")
+    assert sensible("generate", "def foo(self, name):\n    return self._x\n")
+    assert not sensible("generate", "def " + " " * 40) and not sensible("generate", "def \x00\x01abcdefghij")
+    table = ("  # tokens      log-lik  nll/tok        ppl bits/byte\n"
+             "  0      18      -20.000   1.1111      3.000    1.6000\n"
+             "  1      18      -40.000   2.2222      9.000    3.2000\ntotal: ...\n")
+    assert sensible("score", table) and not sensible("score", table.replace("-20.000", "-50.000"))
 
 
 @pytest.mark.slow
@@ -245,3 +298,12 @@ def test_config_reference_is_generated_and_complete():
     for _, cls in SECTIONS:
         missing = [f.name for f in dataclasses.fields(cls) if not field_comments(cls).get(f.name)]
         assert not missing, f"{cls.__name__}: no meaning documented for {missing}"
+
+
+def test_readme_shows_the_commands_the_demo_prints_and_checks():
+    """The README's examples on the demo model are the ones the demo runs and checks for sensible output."""
+    from a3jax.demo import next_commands
+
+    text = _readme()
+    for _, cmd in next_commands("runs/demo/final"):
+        assert cmd in text, cmd

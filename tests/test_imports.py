@@ -18,6 +18,7 @@ TIERS = [
     {"score"},
     {"train", "decode"},
     {"eval", "posttrain", "serve"},
+    {"demo_tasks"},
     {"demo", "compile", "show_masks", "bench_cli", "config_reference", "cli"},
     {"__main__", "cli_reference"},
 ]
