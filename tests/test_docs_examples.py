@@ -84,6 +84,15 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> dict:
+    """The examples' shared persistent compilation cache (as environment variables): README's and
+    getting-started's commands decode the same checkpoint in the same shapes, so a later example
+    loads the programs an earlier one compiled. Cached programs are the same programs."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("docs_jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _workdir(tmp_path, ckpt: str) -> str:
     os.makedirs(tmp_path / "runs" / "demo")
     shutil.copytree(ckpt, tmp_path / CKPT)  # a copy: an example may overwrite it
@@ -92,9 +101,9 @@ def _workdir(tmp_path, ckpt: str) -> str:
 
 
 @pytest.mark.parametrize("where,kind,code", EXAMPLES, ids=[e[0] for e in EXAMPLES])
-def test_example_runs(where, kind, code, tiny_checkpoint, tmp_path):
+def test_example_runs(where, kind, code, tiny_checkpoint, compile_cache, tmp_path):
     cwd = _workdir(tmp_path, tiny_checkpoint)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", A3JAX_PYTHON=sys.executable,
+    env = dict(os.environ, JAX_PLATFORMS="cpu", A3JAX_PYTHON=sys.executable, **compile_cache,
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if kind == "shell":
         script = ('a3jax() { "$A3JAX_PYTHON" -m a3jax "$@"; }\n'
