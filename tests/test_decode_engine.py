@@ -213,6 +213,8 @@ def test_engine_bad_input(engine):
         engine.generate(["x" * 300], 8)
     with pytest.raises(DecodeError, match="num_samples=8 exceeds the Engine's 4 slots"):
         engine.generate(["x"], 4, sampling=SamplingParams(temperature=1.0, num_samples=8))
+    with pytest.raises(DecodeError, match="num_samples=8 exceeds the Engine's 4 slots"):
+        engine.infill("a[MASK:2]", sampling=SamplingParams(temperature=1.0, num_samples=8))
     with pytest.raises(DecodeError, match="needs known="):
         engine.infill(np.array([256, 97, 98]))
     with pytest.raises(DecodeError, match="no tokenizer"):
