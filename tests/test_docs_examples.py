@@ -100,7 +100,13 @@ def _workdir(tmp_path, ckpt: str) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("where,kind,code", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+# Examples that decode with the model (each command a fresh process that compiles its decode loops)
+# are the slow ones: `make test-fast` leaves them out, the full leg runs them.
+DECODES = re.compile(r"\b(generate|infill|score|Engine)\b")
+
+
+@pytest.mark.parametrize("where,kind,code", [
+    pytest.param(*e, id=e[0], marks=[pytest.mark.slow] if DECODES.search(e[2]) else []) for e in EXAMPLES])
 def test_example_runs(where, kind, code, tiny_checkpoint, compile_cache, tmp_path):
     cwd = _workdir(tmp_path, tiny_checkpoint)
     env = dict(os.environ, JAX_PLATFORMS="cpu", A3JAX_PYTHON=sys.executable, **compile_cache,
