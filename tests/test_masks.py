@@ -59,8 +59,6 @@ def test_block_ranges_cover_every_visible_pair(qx, kx, bq, bk, sort):
 
 
 def test_rule_rejects_unknown_stream():
-    import pytest
-
     with pytest.raises(ValueError, match="stream must be"):
         masks.stream_groups(np.zeros(3), "both")
 
