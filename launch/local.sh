@@ -6,7 +6,8 @@
 #   launch/local.sh [--devices D] [--port P] [--log-dir DIR] [--python PY] [--command CMD] [--dry-run]
 #                   N CONFIG [key=value ...] [-- extra a3jax args]
 #
-#   --devices D    fake CPU devices per process (default 2; the global mesh has N*D devices)
+#   --devices D    fake CPU devices per process (default 2; the global mesh has N*D devices); the
+#                  caller's other XLA_FLAGS are passed on
 #   --port P       coordinator port on 127.0.0.1 (default: a free port)
 #   --log-dir DIR  where process I writes DIR/process_I.log (default: a new directory under /tmp);
 #                  process 0's output is also streamed here
@@ -20,7 +21,7 @@
 # the first non-zero one.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 devices=2
 port=""
@@ -65,9 +66,14 @@ if [[ -z "$log_dir" ]]; then
   if [[ "$dry_run" == 1 ]]; then log_dir=LOG_DIR; else log_dir="$(mktemp -d /tmp/a3jax-local.XXXXXX)"; fi
 fi
 
+# The caller's other XLA flags (e.g. a lower optimisation level for quick test runs) are kept; only
+# the fake device count is this script's.
+xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g; s/  +/ /g; s/^ //; s/ $//')"
+xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices"
+
 proc_env() {  # sets envs to the environment of process $1
   envs=("A3JAX_COORDINATOR=127.0.0.1:$port" "A3JAX_NUM_PROCESSES=$nproc" "A3JAX_PROCESS_ID=$1"
-        "JAX_PLATFORMS=cpu" "XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
+        "JAX_PLATFORMS=cpu" "XLA_FLAGS=$xla_flags")
 }
 
 if [[ "$dry_run" == 1 ]]; then

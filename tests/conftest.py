@@ -16,3 +16,21 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("ci")
+
+
+# `make test` runs two xdist workers that take whole modules (--dist loadfile) in collection order
+# (--no-loadscope-reorder). A heavy module handed out last leaves the other worker idle, so the
+# heaviest modules (measured with --durations) go first and the many light ones fill in at the end.
+HEAVY_FIRST = ("test_smollm2", "test_gcs", "test_docs_examples", "test_distributed", "test_decode_dynamic",
+               "test_demo", "test_train_faults", "test_decode_speculative", "test_train", "test_model",
+               "test_decode_engine", "test_compile", "test_objectives", "test_decode")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+
+    def key(item):
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return rank.get(module, len(rank))
+
+    items.sort(key=key)  # stable: the rest keep their order

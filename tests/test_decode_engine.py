@@ -1,6 +1,7 @@
 """The decode surface: DecodeSpec / SamplingParams validation, the parameter budget of generate and
 infill, the Engine (text in and out, batches, no recompiles within a bucket), an ar model's
 not-adapted error, and the checkpoint's prompt layout as the decoding default."""
+import contextlib
 import dataclasses
 import inspect
 
@@ -12,6 +13,9 @@ from a3jax.config import StageConfig, load_config
 from a3jax.data.tokenizers import load_tokenizer
 from a3jax.decode import DecodeError, DecodeSpec, Engine, SamplingParams, generate, infill
 from a3jax.data.grouping import prompt_group_size_for
+from a3jax.data.rows import text_row
+from a3jax.decode.text import parse_masked
+from a3jax.score import log_likelihood
 from a3jax.objectives import ObjectiveError
 from test_decode_common import TINY_BYTE, batch, tiny
 
@@ -124,7 +128,9 @@ def test_engine_batched_equals_one_by_one(engine):
         assert one.text == f.text, t
 
 
-def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):
+@contextlib.contextmanager
+def counting_compiles():
+    """Yields a list that grows by one per XLA compile while the block runs."""
     compiles = []
 
     def listen(event, duration, **kw):
@@ -133,6 +139,13 @@ def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):
+    with counting_compiles() as compiles:
         spec = DecodeSpec(order="left_to_right", group_size=2, stop_at_eos=False)
         engine.generate(["Hello there", "ab"], 8, spec)
         first = len(compiles)
@@ -144,8 +157,55 @@ def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):
         first = len(compiles)
         engine.generate(["x", "A longer prompt"], 8, content)
         assert len(compiles) == first, f"content stream: {len(compiles) - first} new compiles"
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _unpadded_infill(engine, texts, spec):
+    """The texts' rows in one plain infill call: [len(texts), longest row], no length bucket, no
+    filler rows, shapes that follow the blanks."""
+    parsed = [parse_masked(t, engine.tokenizer) for t in texts]
+    t = max(len(ids) for ids, _, _ in parsed)
+    tokens = np.zeros((len(texts), t), np.int64)
+    known = np.zeros((len(texts), t), bool)
+    valid = np.zeros((len(texts), t), bool)
+    for r, (ids, k, _) in enumerate(parsed):
+        tokens[r, :len(ids)], known[r, :len(ids)], valid[r, :len(ids)] = ids, k, True
+    res = infill(engine.cfg, engine.params, tokens, known, spec, valid=valid)
+    return [(res.tokens[r, :len(ids)], res.logprobs[r, :len(ids)]) for r, (ids, _, _) in enumerate(parsed)]
+
+
+@pytest.mark.parametrize("spec", [DecodeSpec(order="left_to_right", group_size=3),
+                                  DecodeSpec(order="confidence", group_size=3)], ids=["fixed", "dynamic"])
+def test_engine_infill_compiles_nothing_new_within_a_bucket(engine, spec):
+    """Other context lengths, blank counts and lengths and row counts in one length bucket reuse the
+    first call's programs, and fill the same tokens as a plain call shaped to the rows."""
+    first_texts = ["ab[MASK:3]cd", "hello [MASK:4] world"]
+    other_texts = ["x[MASK:7]yz[MASK:2]q", "a[MASK:1]b", "zz[MASK:2]", "[MASK:5] tail", "0123[MASK:9]"]
+    with counting_compiles() as compiles:
+        first = engine.infill(first_texts, spec=spec)
+        n = len(compiles)
+        assert n > 0
+        other = engine.infill(other_texts, spec=spec)  # five rows: two calls of four slots
+        assert len(compiles) == n, f"{len(compiles) - n} new compiles"
+    for texts, got in ((first_texts, first), (other_texts, other)):
+        for text, f, (tokens, logprobs) in zip(texts, got, _unpadded_infill(engine, texts, spec)):
+            np.testing.assert_array_equal(f.tokens, tokens, err_msg=text)
+            np.testing.assert_allclose(f.logprobs, logprobs, atol=1e-5, err_msg=text)
+
+
+def test_engine_score_runs_fixed_batches(engine):
+    """Another number of texts and other lengths in one length bucket compile nothing new; each
+    score is the exact log-likelihood of the text's own unpadded row."""
+    with counting_compiles() as compiles:
+        engine.score(["hello world", "abc"])
+        n = len(compiles)
+        texts = ["a", "The cat sat.", "xyz", "0123456789", "qq"]  # five texts: two batches of four
+        got = engine.score(texts, grouping="random:4")
+        assert len(compiles) == n, f"{len(compiles) - n} new compiles"
+    for i, (text, s) in enumerate(zip(texts, got)):
+        ids, groups, target = text_row(engine.tokenizer.bos_id, engine.tokenizer.encode(text), "random:4", 0, i)
+        want = log_likelihood(engine.cfg, engine.params, ids[None], groups[None], target_mask=target[None])[0]
+        assert s.tokens == len(ids) - 1
+        assert abs(s.log_likelihood - float(want)) <= 1e-5, text
 
 
 def test_engine_bad_input(engine):
@@ -153,6 +213,8 @@ def test_engine_bad_input(engine):
         engine.generate(["x" * 300], 8)
     with pytest.raises(DecodeError, match="num_samples=8 exceeds the Engine's 4 slots"):
         engine.generate(["x"], 4, sampling=SamplingParams(temperature=1.0, num_samples=8))
+    with pytest.raises(DecodeError, match="num_samples=8 exceeds the Engine's 4 slots"):
+        engine.infill("a[MASK:2]", sampling=SamplingParams(temperature=1.0, num_samples=8))
     with pytest.raises(DecodeError, match="needs known="):
         engine.infill(np.array([256, 97, 98]))
     with pytest.raises(DecodeError, match="no tokenizer"):

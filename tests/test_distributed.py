@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,6 +144,13 @@ checkpoint: {every: 2, max_to_keep: 5, async_save: true}
 """
 
 
+def _xla_flags(devices: int) -> str:
+    """The caller's XLA flags (the suite's optimisation level: launch/local.sh keeps them too) with
+    this fake device count."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
+    return " ".join(flags.split() + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def _clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("A3JAX_", "SLURM_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, A3JAX_PYTHON=sys.executable, **extra)
@@ -178,7 +186,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     # programs from that cache hangs in its first cross-process collective.
     # The single-process 4-device reference runs alongside the first multi-process job.
     ref = subprocess.Popen([sys.executable, "-m", "a3jax", "train", str(cfg), f"run_dir={ref_dir}", "--no-progress"],
-                           env=_clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=ROOT,
+                           env=_clean_env(XLA_FLAGS=_xla_flags(4)), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = subprocess.run(local + ["--log-dir", str(tmp_path / "logs1"), "2", str(cfg), f"run_dir={mp_dir}",
                                     "--no-progress", "--stop-at-step", "2"],

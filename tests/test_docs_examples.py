@@ -84,6 +84,15 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> dict:
+    """The examples' shared persistent compilation cache (as environment variables): README's and
+    getting-started's commands decode the same checkpoint in the same shapes, so a later example
+    loads the programs an earlier one compiled. Cached programs are the same programs."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("docs_jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _workdir(tmp_path, ckpt: str) -> str:
     os.makedirs(tmp_path / "runs" / "demo")
     shutil.copytree(ckpt, tmp_path / CKPT)  # a copy: an example may overwrite it
@@ -91,10 +100,16 @@ def _workdir(tmp_path, ckpt: str) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("where,kind,code", EXAMPLES, ids=[e[0] for e in EXAMPLES])
-def test_example_runs(where, kind, code, tiny_checkpoint, tmp_path):
+# Examples that decode with the model (each command a fresh process that compiles its decode loops)
+# are the slow ones: `make test-fast` leaves them out, the full leg runs them.
+DECODES = re.compile(r"\b(generate|infill|score|Engine)\b")
+
+
+@pytest.mark.parametrize("where,kind,code", [
+    pytest.param(*e, id=e[0], marks=[pytest.mark.slow] if DECODES.search(e[2]) else []) for e in EXAMPLES])
+def test_example_runs(where, kind, code, tiny_checkpoint, compile_cache, tmp_path):
     cwd = _workdir(tmp_path, tiny_checkpoint)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", A3JAX_PYTHON=sys.executable,
+    env = dict(os.environ, JAX_PLATFORMS="cpu", A3JAX_PYTHON=sys.executable, **compile_cache,
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if kind == "shell":
         script = ('a3jax() { "$A3JAX_PYTHON" -m a3jax "$@"; }\n'

@@ -54,11 +54,13 @@ def test_shellcheck_would_catch_a_bug(tmp_path):
 
 
 def test_local_dry_run():
+    # the caller's XLA flags are kept, except its device count
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
     r = _run("local.sh", "--dry-run", "--devices", "4", "--port", "4567", "--python", "py", "--log-dir", "/tmp/L",
-             "2", "cfg.yaml", "run_dir=runs/x", "--no-progress")
+             "2", "cfg.yaml", "run_dir=runs/x", "--no-progress", env=flags)
     assert r.returncode == 0, r.stderr
-    base = "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 py -m a3jax train cfg.yaml " \
-           "run_dir=runs/x --no-progress"
+    base = "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_backend_optimization_level=0\\ --xla_force_host_platform_device_count=4 " \
+           "py -m a3jax train cfg.yaml run_dir=runs/x --no-progress"
     assert r.stdout.splitlines() == [
         f"env A3JAX_COORDINATOR=127.0.0.1:4567 A3JAX_NUM_PROCESSES=2 A3JAX_PROCESS_ID=0 {base} > /tmp/L/process_0.log 2>&1 &",
         f"env A3JAX_COORDINATOR=127.0.0.1:4567 A3JAX_NUM_PROCESSES=2 A3JAX_PROCESS_ID=1 {base} > /tmp/L/process_1.log 2>&1 &",

@@ -1,10 +1,16 @@
 """The visibility rule: its two forms agree, and the block skipping never hides a visible key."""
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from a3jax import masks
+
+
+# jitted: one compile per shape and block sizes, where eager calls compile every op for every new shape
+block_ranges = jax.jit(masks.block_ranges, static_argnums=(4, 5))
+block_visibility = jax.jit(masks.block_visibility, static_argnums=(4, 5))
 
 
 @st.composite
@@ -37,7 +43,6 @@ def test_query_stream_is_content_rule_on_lowered_groups(x):
                                   masks.content_mask(g, s))
 
 
-@pytest.mark.slow
 @given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans())
 def test_block_ranges_cover_every_visible_pair(qx, kx, bq, bk, sort):
     qg, qs = qx
@@ -48,20 +53,17 @@ def test_block_ranges_cover_every_visible_pair(qx, kx, bq, bk, sort):
     pad = lambda a, m: np.pad(a, ((0, 0), (0, (-a.shape[1]) % m)))
     qg, qs, kg, ks = pad(qg, bq), pad(qs, bq), pad(kg, bk), pad(ks, bk)
     vis = np.asarray(masks.visible(qg, qs, kg, ks, strict=False))[0]
-    lo, hi = (np.asarray(a) for a in masks.block_ranges(qg, qs, kg, ks, bq, bk))
+    lo, hi = (np.asarray(a) for a in block_ranges(qg, qs, kg, ks, bq, bk))
     for i, j in zip(*np.nonzero(vis)):
         assert lo[i // bq] <= j // bk < hi[i // bq]
 
 
 def test_rule_rejects_unknown_stream():
-    import pytest
-
     with pytest.raises(ValueError, match="stream must be"):
         masks.stream_groups(np.zeros(3), "both")
 
 
-@pytest.mark.slow
-@settings(max_examples=30, deadline=None)  # jnp on many shapes: each example compiles a few ops
+@settings(max_examples=30, deadline=None)  # many shapes: each example may compile
 @given(ids(), ids(), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 3, 8]), st.booleans(), st.booleans())
 def test_block_visibility_full_prefix_is_fully_visible(qx, kx, bq, bk, sort, one_segment):
     """[lo, mid) blocks (where the kernel skips the mask) hold only visible pairs, in every batch row;
@@ -77,8 +79,8 @@ def test_block_visibility_full_prefix_is_fully_visible(qx, kx, bq, bk, sort, one
     pad = lambda a, m: np.pad(a, ((0, 0), (0, (-a.shape[1]) % m)))
     qg, qs, kg, ks = pad(qg, bq), pad(qs, bq), pad(kg, bk), pad(ks, bk)
     vis = np.asarray(masks.visible(qg, qs, kg, ks, strict=False))
-    lo, mid, hi = (np.asarray(a) for a in masks.block_visibility(qg, qs, kg, ks, bq, bk))
-    lo2, hi2 = (np.asarray(a) for a in masks.block_ranges(qg, qs, kg, ks, bq, bk))
+    lo, mid, hi = (np.asarray(a) for a in block_visibility(qg, qs, kg, ks, bq, bk))
+    lo2, hi2 = (np.asarray(a) for a in block_ranges(qg, qs, kg, ks, bq, bk))
     np.testing.assert_array_equal(lo, lo2)
     np.testing.assert_array_equal(hi, hi2)
     assert (lo <= mid).all() and (mid <= hi).all()

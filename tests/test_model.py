@@ -26,7 +26,7 @@ SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_lay
 
 @pytest.fixture(scope="module")
 def params():
-    p = init_params(SMALL, jax.random.PRNGKey(0))
+    p = jax.jit(init_params, static_argnums=0)(SMALL, jax.random.PRNGKey(0))  # jitted: eager init is slow
     # Random norm scales and query vector so no symmetry hides a bug.
     rng = np.random.default_rng(1)
     p = jax.tree.map(np.asarray, p)
@@ -186,7 +186,8 @@ def test_dense_equals_blockwise_forward_and_grad(params, stream):
         lg = apply_model(cfg, p, *(jnp.asarray(x) for x in (tokens, positions, groups, segs)), stream)
         return jnp.mean(jax.nn.log_softmax(lg)[..., 3])
 
-    ga, gb = jax.grad(loss)(params, SMALL), jax.grad(loss)(params, blk)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compile: eager blockwise grads are slow
+    ga, gb = grad(params, SMALL), grad(params, blk)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
@@ -216,7 +217,8 @@ def test_scan_and_remat_match_unrolled(params, variant):
     def loss(p, cfg):
         return jnp.mean(apply_model(cfg, p, *(jnp.asarray(x) for x in (tokens, positions, groups, segs))) ** 2)
 
-    for x, y in zip(jax.tree.leaves(jax.grad(loss)(params, SMALL)), jax.tree.leaves(jax.grad(loss)(params, other))):
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compile: eager grads compile every op
+    for x, y in zip(jax.tree.leaves(grad(params, SMALL)), jax.tree.leaves(grad(params, other))):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
@@ -245,7 +247,7 @@ def test_reference_block_differs_and_llama_block_is_default(params):
 def test_sharded_forward_on_2x4_mesh_equals_single_device(params):
     assert jax.device_count() == 8
     cfg = dataclasses.replace(SMALL, num_kv_heads=4, hidden_size=64, intermediate_size=128)
-    p = init_params(cfg, jax.random.PRNGKey(1))
+    p = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(1))
     tokens, positions, groups, segs = _sorted_layout(np.random.default_rng(9), 4, 32)
     ref = np.asarray(forward(cfg, p, tokens, positions, groups, segs))
     mesh = sh.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
@@ -397,20 +399,21 @@ def _per_layer_reference(cfg, p, tokens, positions, groups, segs):
 def test_fused_rows_equal_per_layer_reference_forward_and_grad(variant):
     cfg = dataclasses.replace(SMALL, **variant)
     rng = np.random.default_rng(11)
-    p = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(3)))
+    # everything jitted: one compile each, where eager calls compile every op
+    p = jax.tree.map(np.asarray, jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(3)))
     p["query_embed"] = rng.standard_normal(p["query_embed"].shape).astype(np.float32)
     p["layers"]["attn_norm"] = 1 + 0.3 * rng.standard_normal(p["layers"]["attn_norm"].shape).astype(np.float32)
     tokens, positions, groups, segs = (jnp.asarray(a) for a in _sorted_layout(rng, 2, 30))
-    ours = apply_model(cfg, p, tokens, positions, groups, segs, "query")
-    ref = _per_layer_reference(cfg, p, tokens, positions, groups, segs)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    ours_fn = jax.jit(lambda q: apply_model(cfg, q, tokens, positions, groups, segs, "query"))
+    ref_fn = jax.jit(lambda q: _per_layer_reference(cfg, q, tokens, positions, groups, segs))
+    np.testing.assert_allclose(np.asarray(ours_fn(p)), np.asarray(ref_fn(p)), atol=1e-5)
     tgt = jax.nn.one_hot(tokens, cfg.vocab_size)
 
     def loss(p, f):
         return -jnp.mean(jnp.sum(jax.nn.log_softmax(f(p)) * tgt, -1))
 
-    ga = jax.grad(loss)(p, lambda q: apply_model(cfg, q, tokens, positions, groups, segs, "query"))
-    gb = jax.grad(loss)(p, lambda q: _per_layer_reference(cfg, q, tokens, positions, groups, segs))
+    ga = jax.jit(jax.grad(lambda q: loss(q, ours_fn)))(p)
+    gb = jax.jit(jax.grad(lambda q: loss(q, ref_fn)))(p)
     assert float(jnp.abs(gb["query_embed"]).max()) > 1e-4  # the hoisted projection's gradient is live
     for path, x in jax.tree_util.tree_leaves_with_path(ga):
         y = gb

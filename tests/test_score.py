@@ -76,12 +76,19 @@ def test_score_rows_is_log_likelihood_per_row():
         score_rows(cfg, params, [(np.full(4, 99), np.arange(4), np.ones(4, bool))])
 
 
-def test_score_cli(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def byte_ckpt(tmp_path_factory):
     from a3jax.checkpoint import save_params
+
+    cfg, params = tiny(TINY_BYTE)
+    return save_params(str(tmp_path_factory.mktemp("score") / "ck"), cfg, params)
+
+
+def test_score_cli(byte_ckpt, capsys):
     from a3jax.data.tokenizers import load_tokenizer
 
     cfg, params = tiny(TINY_BYTE)
-    ckpt = save_params(str(tmp_path / "ck"), cfg, params)
+    ckpt = byte_ckpt
     assert main(["score", "--ckpt", ckpt, "--text", "hello world", "--text", "abc", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     ref = score_texts(cfg, params, load_tokenizer("byte"), ["hello world", "abc"])
@@ -91,3 +98,27 @@ def test_score_cli(tmp_path, capsys):
     assert "grouping random:4" in capsys.readouterr().out
     assert main(["score", "--ckpt", ckpt, "--text", "x", "--grouping", "nope"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_score_cli_content_stream(byte_ckpt, capsys):
+    """`a3jax score --stream content` is the content stream's left-to-right log-likelihood of BOS +
+    the text (a3jax.score.score_rows with stream='content'), not the query stream's; it takes the
+    ar grouping only."""
+    cfg, params = tiny(TINY_BYTE)
+    texts = ["hello world", "abc"]
+    args = ["score", "--ckpt", byte_ckpt, "--text", texts[0], "--text", texts[1], "--json"]
+    assert main(args + ["--stream", "content"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stream"] == "content"
+    rows = []
+    for t in texts:
+        ids = np.array([256] + list(t.encode("utf-8")))  # the byte tokenizer: BOS 256, then the bytes
+        rows.append((ids, np.arange(len(ids)), np.arange(len(ids)) > 0))
+    want = [ll for ll, _ in score_rows(cfg, params, rows, batch_size=1, stream="content")]
+    got = [r["log_likelihood"] for r in out["results"]]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert main(args) == 0
+    query = [r["log_likelihood"] for r in json.loads(capsys.readouterr().out)["results"]]
+    assert not np.allclose(query, got, rtol=1e-3)  # a3 params: the two streams are different models
+    assert main(args + ["--stream", "content", "--grouping", "random:4"]) == 2
+    assert "left to right" in capsys.readouterr().err

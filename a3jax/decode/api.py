@@ -23,7 +23,7 @@ from a3jax.config import ModelConfig
 from a3jax.decode import dynamic, fixed, layout, mdlm, orders as orders_lib, sampling
 from a3jax.decode import content as content_lib
 from a3jax.decode import speculative as speculative_lib
-from a3jax.decode.spec import DecodeError, DecodeResult, DecodeSpec, SamplingParams, bucket_up, check_for, check_tokens, pad_token, stop_token
+from a3jax.decode.spec import DecodeError, DecodeResult, DecodeSpec, SamplingParams, check_for, check_tokens, pad_token, stop_token
 from a3jax.decode.step import LoopOpts
 from a3jax import objectives
 from a3jax.objectives import ObjectiveError
@@ -64,14 +64,16 @@ def _prompt_group_size(cfg: ModelConfig, spec: DecodeSpec) -> int:
 
 
 def infill(cfg: ModelConfig, params, tokens, known, spec: Optional[DecodeSpec] = None,
-           sampling_params: Optional[SamplingParams] = None, valid=None) -> DecodeResult:
+           sampling_params: Optional[SamplingParams] = None, valid=None, fixed_shapes: bool = False) -> DecodeResult:
     """Fills the positions where `known` is False; returns a DecodeResult (tokens, per-position
     log-probs and commit steps).
 
     tokens [B, T] or [T]: the values at blank positions are ignored (unless spec.teacher_forcing).
     known [B, T] bool: True = context, never changed. valid [B, T] bool (default all True): False marks
     padding, which is neither context nor filled. spec.group_size defaults to 4 here; an A3 model only
-    (the query stream: an ar model has none to infill with)."""
+    (the query stream: an ar model has none to infill with). fixed_shapes: the compiled shapes follow
+    [B, T] and the spec only, not where or how many the blanks are (a3jax.decode.layout.prepare), so
+    calls of one buffer shape share one compiled program; the tokens are the same either way."""
     spec = spec or DecodeSpec()
     sp = sampling_params or SamplingParams()
     decoder = resolve_decoder(cfg, spec, sp, "infilling")
@@ -80,7 +82,7 @@ def infill(cfg: ModelConfig, params, tokens, known, spec: Optional[DecodeSpec] =
                DecodeError("the content stream decodes left to right after a prompt (generate); infilling "
                            "runs the query stream: leave DecodeSpec.stream unset"))
     return _run(cfg, params, tokens, known, valid, spec, sp, decoder, group_size=spec.group_size or 4,
-                stop=bool(spec.stop_at_eos))
+                stop=bool(spec.stop_at_eos), fixed_shapes=fixed_shapes)
 
 
 def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, spec: Optional[DecodeSpec] = None,
@@ -132,7 +134,7 @@ def _run(cfg, params, tokens, known, valid, spec: DecodeSpec, sp: SamplingParams
     arrays = [jnp.asarray(a) for a in (p.tokens, p.known, p.valid, p.kgroups, p.known_pos, p.known_groups)]
     n = int(p.blank.sum(axis=1).max())
     if spec.speculative:
-        order = speculative_lib.token_order(p.queries, bucket_up(n))  # bucketed like the query shapes
+        order = speculative_lib.token_order(p.queries, p.nq)  # bucketed like the query shapes
         total = 2 * n + 1 if spec.max_steps is None else min(2 * n + 1, spec.max_steps)  # passes: <= 2 per token
         opts = speculative_lib.SpecOpts(jnp.int32(total), jnp.float32(sp.temperature), jnp.int32(sp.top_k),
                                         jnp.float32(sp.top_p), jnp.bool_(stop), jnp.int32(eos))
@@ -142,7 +144,8 @@ def _run(cfg, params, tokens, known, valid, spec: DecodeSpec, sp: SamplingParams
                            np.asarray(out.accepted))
     else:
         if p.kind == "dynamic":
-            commit = 0 if spec.threshold is not None else min(group_size, n)
+            # fixed shapes: a step's width does not follow the blank count (the tokens do not change)
+            commit = 0 if spec.threshold is not None else min(group_size, p.nq if fixed_shapes else n)
             total = n if commit == 0 else -(-n // commit)
             top = min(spec.window, p.nq) if spec.window else p.nq
             phases = DEFAULT_PHASES if spec.phases is None else spec.phases

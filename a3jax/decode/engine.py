@@ -6,11 +6,14 @@ batches, the way MaxText's maxengine and gemma's sampler wrap a model.
     out = eng.infill("def add(a, b):\\n    [MASK:12]\\n", spec=DecodeSpec(order="confidence"))
     lp = eng.score(texts, grouping="random:4")
 
-Fixed shapes. Every decode call runs `slots` rows (a request's rows, then filler rows) in a buffer
-whose length is the smallest of `buckets` that holds it, so the compiled programs (the jitted loops of
-a3jax.decode, cached by shape) are reused across calls whose prompt lengths and batch sizes differ
-within one bucket: a server keeps requests in these slots. Rows decode independently (greedy, or
-sampled with one seed: a row's draws do not depend on its batch), so filler rows change nothing.
+Fixed shapes. Every decode call runs the same rows: slots // num_samples requests (then filler
+rows), each expanded to its num_samples samples, in a buffer whose length is the smallest of
+`buckets` that holds it. The compiled programs (the jitted loops of a3jax.decode, cached by shape) are
+reused across calls whose batch sizes, prompt or context lengths and blank counts differ within one
+bucket: infill lays its rows out with fixed shapes (a3jax.decode.api.infill), and score runs batches
+of `slots` rows padded to a length bucket (a3jax.score.score_rows). A server keeps requests in these
+slots. Rows decode independently (greedy, or sampled with one seed: a row's draws do not depend on
+its batch), so filler rows change nothing.
 """
 from __future__ import annotations
 
@@ -101,8 +104,13 @@ class Engine:
         raise DecodeError(f"a row of {n} positions exceeds the longest bucket {self.buckets[-1]} "
                           f"(max_position_embeddings={self.cfg.max_position_embeddings})")
 
-    def _chunks(self, n: int, per: int):
-        return [(a, min(a + per, n)) for a in range(0, n, per)]
+    def _chunks(self, n: int, sp: SamplingParams):
+        """(requests per call, [(first, end)] of each call's requests): a request takes num_samples
+        slots, so a call holds slots // num_samples of them."""
+        if sp.num_samples > self.slots:
+            raise DecodeError(f"SamplingParams.num_samples={sp.num_samples} exceeds the Engine's {self.slots} slots")
+        per = self.slots // sp.num_samples
+        return per, [(a, min(a + per, n)) for a in range(0, n, per)]
 
     def _text(self, ids) -> str:
         """The text of generated ids, the tokenizer's pad and EOS left out."""
@@ -130,12 +138,11 @@ class Engine:
         else:
             seqs, texts = [list(np.asarray(s).reshape(-1)) for s in texts], [None] * len(texts)
         n = sp.num_samples
-        if n > self.slots:
-            raise DecodeError(f"SamplingParams.num_samples={n} exceeds the Engine's {self.slots} slots")
         filler = [self.cfg.bos_token_id if self.cfg.bos_token_id >= 0 else 0]
         out = []
-        for a, b in self._chunks(len(seqs), self.slots // n):
-            rows = seqs[a:b] + [filler] * (self.slots // n - (b - a))
+        per, chunks = self._chunks(len(seqs), sp)
+        for a, b in chunks:
+            rows = seqs[a:b] + [filler] * (per - (b - a))
             seed = _chunk_seeds(sp, a, b, len(rows))
             t = self.bucket(max(len(s) for s in rows) + max_new_tokens)
             res = api.generate(self.cfg, self.params, rows, max_new_tokens, spec,
@@ -174,9 +181,9 @@ class Engine:
         pad = pad_token(self.cfg)
         filler = (np.array([max(self.cfg.bos_token_id, 0), pad]), np.array([True, False]))
         out = []
-        per = self.slots // sp.num_samples
-        for a, b in self._chunks(len(rows), max(per, 1)):
-            chunk = rows[a:b] + [filler] * (max(per, 1) - (b - a))
+        per, chunks = self._chunks(len(rows), sp)
+        for a, b in chunks:
+            chunk = rows[a:b] + [filler] * (per - (b - a))
             t = self.bucket(max(len(r[0]) for r in chunk))
             tokens = np.full((len(chunk), t), pad, np.int64)
             kn = np.zeros((len(chunk), t), bool)
@@ -184,7 +191,8 @@ class Engine:
             for j, (ids, k) in enumerate(chunk):
                 tokens[j, :len(ids)], kn[j, :len(ids)], valid[j, :len(ids)] = ids, k, True
             seed = _chunk_seeds(sp, a, b, len(chunk))
-            res = api.infill(self.cfg, self.params, tokens, kn, spec, dataclasses.replace(sp, seed=seed), valid)
+            res = api.infill(self.cfg, self.params, tokens, kn, spec, dataclasses.replace(sp, seed=seed), valid,
+                             fixed_shapes=True)
             for r in range((b - a) * sp.num_samples):
                 i = a + r // sp.num_samples
                 n_i = len(rows[i][0])
@@ -198,13 +206,16 @@ class Engine:
 
     # ------------------------------------------------------------------ score
 
-    def score(self, texts, grouping: str = "ar", seed: int = 0) -> list:
+    def score(self, texts, grouping: str = "ar", seed: int = 0, stream: str = "query") -> list:
         """Exact log P of each text (a str or a list of str) under a grouping strategy
-        (a3jax.data.grouping: ar, blocks:k, random:k, ...). Returns one Scored per text."""
+        (a3jax.data.grouping: ar, blocks:k, random:k, ...), in batches of `slots` rows. stream
+        'content': the causal content stream (the base LLaMA before adaptation; grouping 'ar' only).
+        Returns one Scored per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if api.model_decoder(self.cfg) == "content" and grouping != "ar":
             raise api.not_adapted(f"scoring under the grouping {grouping!r}")
-        rows = score_texts(self.cfg, self.params, self._tok(), texts, grouping, seed, batch_size=self.slots)
+        rows = score_texts(self.cfg, self.params, self._tok(), texts, grouping, seed, batch_size=self.slots,
+                           stream=stream)
         return [Scored(t, r["tokens"], r["log_likelihood"], r["nll_per_token"], r["ppl"], r["bits_per_byte"])
                 for t, r in zip(texts, rows)]
 

@@ -46,8 +46,10 @@ def prepare(cfg: ModelConfig, tokens, known, valid, order, group_size: int, prom
             num_samples: int = 1, fixed_shapes: bool = False) -> Prepared:
     """Checks the rows and lays them out. prompt_group_size 0 = the known tokens in one group.
     num_samples > 1 repeats every row that many times (rows r*n .. r*n+n-1 are the samples of row r);
-    seed is then one int per output row. fixed_shapes: the known positions take T columns, not the
-    most known tokens of a row, so the prefill's shape does not follow the prompt lengths."""
+    seed is then one int per output row. fixed_shapes: every shape follows T and group_size, not the
+    rows' contents: the known positions take T columns (the prefill does not follow the context
+    lengths), the query rows and schedule steps are T rounded up (not the most blanks of a row) and
+    a fixed order's steps are group_size wide, so rows of one buffer length share a compiled loop."""
     tokens = as_2d("tokens", tokens, np.int64)
     known = np.asarray(known)
     if known.ndim == 1:
@@ -91,8 +93,8 @@ def prepare(cfg: ModelConfig, tokens, known, valid, order, group_size: int, prom
         if fixed_shapes:
             known_pos = np.pad(known_pos, ((0, 0), (0, t - known_pos.shape[1])), constant_values=-1)
         known_groups = np.take_along_axis(kgroups, np.maximum(known_pos, 0), axis=1)
-        # query shapes depend on the blank count rounded up (fewer distinct compiles)
-        nq = bucket_up(blank.sum(axis=1).max())
+        # query shapes depend on the blank count rounded up (fewer distinct compiles), or on T
+        nq = bucket_up(t if fixed_shapes else blank.sum(axis=1).max())
         if kind == "dynamic":
             queries = np.zeros((b, 1, 1), np.int32)  # unused: a dynamic step picks its query rows itself
             num_steps = None
@@ -100,6 +102,9 @@ def prepare(cfg: ModelConfig, tokens, known, valid, order, group_size: int, prom
             steps = orders_lib.fixed_steps(kind, name, user, blank, group_size, seed)
             # steps padded to the blank count: every fixed order of one input shares one compiled loop
             queries = orders_lib.schedule(steps, min_steps=nq)
+            if fixed_shapes:  # a step as wide as a group, however few blanks there are (-1 = none)
+                width = max(queries.shape[2], min(group_size, t))
+                queries = np.pad(queries, ((0, 0), (0, 0), (0, width - queries.shape[2])), constant_values=-1)
             num_steps = int(steps.max()) + 1
     except orders_lib.OrderError as e:
         raise DecodeError(str(e)) from None

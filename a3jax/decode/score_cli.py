@@ -3,7 +3,8 @@
     a3jax score --ckpt CKPT --text "hello world" --grouping random:4
 
 An ar model (a plain causal LM) scores left to right with its content stream; another grouping needs
-an A3-adapted model.
+an A3-adapted model. `--stream content` scores an A3 model's content stream (the base LLaMA before
+adaptation, left to right), the baseline `a3jax eval --stream content` gives too.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def score_main(argv) -> int:
     ap.add_argument("--grouping", default="ar",
                     help="grouping strategy: ar | blocks:k | random:k | ... (a3jax.data.grouping)")
     ap.add_argument("--seed", type=int, default=0, help="seed of random groupings")
+    ap.add_argument("--stream", default="query", choices=("query", "content"),
+                    help="query: A3 (default); content: the causal content stream, i.e. the base LLaMA before "
+                         "adaptation (the AR baseline; --grouping ar only)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
@@ -55,12 +59,12 @@ def score_main(argv) -> int:
             ap.error("give --text or --file")
         cfg, params = load_params(args.ckpt)
         eng = Engine(cfg, params, load_tok(args.tokenizer, args.ckpt), slots=args.batch_size)
-        rows = eng.score(texts, args.grouping, args.seed)
+        rows = eng.score(texts, args.grouping, args.seed, stream=args.stream)
     except (ScoreError, ValueError, FileNotFoundError) as e:
         print(f"a3jax score: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(dict(grouping=args.grouping, results=[
+        print(json.dumps(dict(grouping=args.grouping, stream=args.stream, results=[
             dict(index=i, tokens=r.tokens, log_likelihood=r.log_likelihood, nll_per_token=r.nll_per_token,
                  ppl=r.ppl, bits_per_byte=r.bits_per_byte) for i, r in enumerate(rows)]), indent=2))
     else:
@@ -71,5 +75,5 @@ def score_main(argv) -> int:
         tot = sum(r.log_likelihood for r in rows)
         n = sum(r.tokens for r in rows)
         print(f"total: {n} tokens, log-lik {tot:.3f}, ppl {math.exp(min(-tot / max(n, 1), 700.0)):.3f} "
-              f"(grouping {args.grouping})")
+              f"(grouping {args.grouping}, stream {args.stream})")
     return 0
