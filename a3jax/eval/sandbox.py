@@ -24,8 +24,8 @@ import concurrent.futures
 import dataclasses
 import errno
 import functools
+import json
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -38,11 +38,15 @@ from typing import List, Optional, Sequence
 NOBODY = 65534
 MODES = ("uid", "namespaces", "guard")
 
-# Runs in the child (python -I -c): applies the guard, then the program from program.py, then prints
-# the nonce it read from stdin. Kept in the child's own namespace; the program gets a fresh __main__.
+# Runs in the child (python -I -c): sets the resource limits it reads from stdin (in the child, not in a
+# preexec_fn: forking a multi-threaded evaluator such as JAX's to run Python code in the child can
+# deadlock), applies the guard, then runs the program from program.py, then prints the nonce. Kept in the child's own namespace; the program gets a fresh __main__.
 _WRAPPER = r'''
-import builtins, os, sys
-_nonce = sys.stdin.readline().strip().encode()
+import builtins, json, os, resource, sys
+_cfg = json.loads(sys.stdin.readline())
+for _name, _value in _cfg["rlimits"].items():
+    resource.setrlimit(getattr(resource, _name), (_value, _value))
+_nonce = _cfg["nonce"].encode()
 _write = os.write
 _src = open("program.py", encoding="utf-8").read()
 import shutil, subprocess, socket, posix
@@ -149,19 +153,14 @@ def _env() -> dict:
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _limit(limits: Limits, mode: str):
-    """preexec_fn: the resource limits, set in the forked child before it execs (inherited by unshare and
-    the program)."""
+def _rlimits(limits: Limits, mode: str) -> dict:
+    """The resource limits the child sets on itself before the program runs."""
     mb = 1 << 20
-
-    def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (int(limits.cpu_s), int(limits.cpu_s) + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (int(limits.memory_mb * mb),) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limits.fsize_mb * mb),) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if mode == "uid":  # counts that uid's processes; meaningless for root and a shared user
-            resource.setrlimit(resource.RLIMIT_NPROC, (int(limits.nproc),) * 2)
-    return apply
+    out = dict(RLIMIT_CPU=int(limits.cpu_s), RLIMIT_AS=int(limits.memory_mb * mb),
+               RLIMIT_FSIZE=int(limits.fsize_mb * mb), RLIMIT_CORE=0)
+    if mode == "uid":  # counts that uid's processes; meaningless for root and for a shared user
+        out["RLIMIT_NPROC"] = int(limits.nproc)
+    return out
 
 
 class Sandbox:
@@ -200,9 +199,10 @@ class Sandbox:
             with open(os.path.join(work, ".out"), "wb") as out, open(os.path.join(work, ".err"), "wb") as err:
                 proc = subprocess.Popen(_prefix(self.mode) + [self.python, "-I", "-c", _WRAPPER], cwd=work,
                                         env=_env(), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                        start_new_session=True, preexec_fn=_limit(self.limits, self.mode))
+                                        start_new_session=True)
+                cfg = json.dumps(dict(nonce=nonce, rlimits=_rlimits(self.limits, self.mode)))
                 try:
-                    proc.communicate((nonce + "\n").encode(), timeout=self.limits.timeout_s)
+                    proc.communicate((cfg + "\n").encode(), timeout=self.limits.timeout_s)
                     timed_out = False
                 except subprocess.TimeoutExpired:
                     timed_out = True
