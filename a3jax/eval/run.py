@@ -69,7 +69,7 @@ def run_report(args) -> dict:
                                        progress=args.progress)
             metrics = {k: v for k, v in res.items() if k.startswith("pass@")}
             rows.append(_row(task, "code_infill", res["n_tasks"], metrics, t0, args, common,
-                             dict(settings=dict(vars(settings)), sandbox=state["sandbox"].isolation,
+                             dict(fill_settings=dict(vars(settings)), sandbox=state["sandbox"].isolation,
                                   tasks=res["tasks"])))
         else:
             ev = state.get("ev") or A3Evaluator(cfg, params, tok, batch_size=args.batch_size, stream=args.stream)

@@ -57,10 +57,10 @@ def suite_tasks(name: str, path: str = SUITES_FILE) -> List[dict]:
 
 
 def checkpoint_hash(path: str) -> str:
-    """sha256 over the checkpoint's files (relative path and bytes, in a3jax.fs.find order), local or gs://."""
+    """sha256 over the checkpoint's files (relative path and bytes, sorted by path), local or gs://."""
     h = hashlib.sha256()
-    files = [path] if fs.isfile(path) else fs.find(path)
     base = fs.dirname(path) if fs.isfile(path) else path
+    files = [path] if fs.isfile(path) else sorted(fs.find(path), key=lambda f: fs.relpath(f, base))
     for f in files:
         h.update(fs.relpath(f, base).encode() + b"\0")
         with fs.open_file(f, "rb") as fh:
