@@ -89,7 +89,6 @@ def test_settings_run_end_to_end(model, benches, sandbox):
     cfg, params, tok = model
     tasks = humaneval.subset(benches["single_line"], 2)
     runs = {
-        "threshold": (cfg, ci.FillSettings(threshold=0.5)),
         "speculative": (cfg, ci.FillSettings(order="random", speculative=4)),
         "content": (cfg, ci.FillSettings(stream="content")),
         "ar": (dataclasses.replace(cfg, objective="ar"), ci.FillSettings()),
@@ -102,7 +101,7 @@ def test_settings_run_end_to_end(model, benches, sandbox):
         assert res["pass@1"] == 0.0 and res["n_tasks"] == 2, name
         out[name] = [t["fill"] for t in res["tasks"]]
     assert out["content"] == out["ar"]
-    assert out["content"] != out["threshold"]
+    assert out["content"] != out["speculative"]
     with pytest.raises(ValueError, match="samples=2 with temperature 0"):
         ci.FillSettings(samples=2)
     with pytest.raises(ValueError, match="FillSettings.length must be one of"):
