@@ -146,3 +146,13 @@ def test_lm_eval_adapter_end_to_end(ev, tmp_path, monkeypatch):
     assert roll[0] == pytest.approx(ev.rolling_loglikelihood(["some text"])[0], abs=1e-4)
     outs = lm.generate_until([req("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 8})])
     assert len(outs) == 1 and "\n" not in outs[0] and len(outs[0].encode("utf-8", "replace")) <= 8 * 3
+
+
+@pytest.mark.needs_torch
+def test_lm_eval_unknown_model_args_are_an_error(ckpt):
+    from a3jax.eval.lm_eval_adapter import A3JaxLM
+
+    with pytest.raises(ValueError, match=r"unknown model_args \['stram'\]"):
+        A3JaxLM.create_from_arg_string(f"ckpt={ckpt},stram=content", {"batch_size": 4, "max_batch_size": 8})
+    lm = A3JaxLM.create_from_arg_string(f"ckpt={ckpt},stream=content", {"batch_size": 4, "device": "cpu"})
+    assert lm.ev.stream == "content"

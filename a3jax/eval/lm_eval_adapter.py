@@ -42,7 +42,12 @@ class A3JaxLM(LM):
     def __init__(self, ckpt: Optional[str] = None, tokenizer: str = "auto", batch_size=8, group_size=1,
                  context_order: str = "ar", rolling_order: str = "ar", gen_order: str = "left_to_right",
                  gen_group_size=1, max_gen_toks=64, stream: str = "query", cfg=None, params=None,
-                 tokenizer_obj=None, **_ignored):
+                 tokenizer_obj=None, max_batch_size=None, device=None, **unknown):
+        # max_batch_size and device come from lm-eval's own --max_batch_size / --device (not used: the
+        # batch is batch_size, the device JAX's); anything else is a typo that would run silently.
+        if unknown:
+            raise ValueError(f"A3JaxLM: unknown model_args {sorted(unknown)}; known: ckpt, tokenizer, group_size, "
+                             f"context_order, rolling_order, gen_order, gen_group_size, max_gen_toks, stream")
         super().__init__()
         if cfg is None or params is None:
             if ckpt is None:
