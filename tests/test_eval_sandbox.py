@@ -2,7 +2,9 @@
 their directory, a socket to 127.0.0.1, exiting 0 midway) fail without harming the host, and the run
 goes on: good programs in the same batch still pass."""
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
@@ -29,21 +31,33 @@ def _hostile(canary, port):
 GOOD = "def f(x):\n    return x + 1\n\nassert f(1) == 2\nprint('done')\n"
 
 
-def _leftovers():
-    """Live processes whose working directory is a sandbox's."""
+def _leftovers(root):
+    """Live processes whose working directory is one of this test's sandboxes (under `root`: other
+    tests running beside this one use sandboxes of their own)."""
     out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if "a3jax-sandbox-" in os.readlink(f"/proc/{pid}/cwd"):
+                if os.readlink(f"/proc/{pid}/cwd").startswith(root + os.sep):
                     out.append(pid)
             except OSError:
                 pass
     return out
 
 
+@pytest.fixture
+def sandbox_root(monkeypatch):
+    """A directory of this test's own for the sandboxes' working directories (traversable by the
+    unprivileged uid the sandbox may run programs as, unlike pytest's tmp_path)."""
+    root = tempfile.mkdtemp(prefix="sandbox-test-")
+    os.chmod(root, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize("mode", ["auto", "guard"])
-def test_hostile_programs_fail_and_the_host_is_unharmed(tmp_path, mode):
+def test_hostile_programs_fail_and_the_host_is_unharmed(tmp_path, sandbox_root, mode):
     canary = tmp_path / "keep" / "canary.txt"
     canary.parent.mkdir()
     canary.write_text("still here")
@@ -63,7 +77,7 @@ def test_hostile_programs_fail_and_the_host_is_unharmed(tmp_path, mode):
     with pytest.raises(BlockingIOError):
         server.accept()  # nobody connected
     server.close()
-    assert _leftovers() == []
+    assert _leftovers(sandbox_root) == []
 
 
 def test_isolation_is_reported():
