@@ -1,11 +1,9 @@
 """The decode surface: DecodeSpec / SamplingParams validation, the parameter budget of generate and
 infill, the Engine (text in and out, batches, no recompiles within a bucket), an ar model's
 not-adapted error, and the checkpoint's prompt layout as the decoding default."""
-import contextlib
 import dataclasses
 import inspect
 
-import jax
 import numpy as np
 import pytest
 
@@ -17,6 +15,7 @@ from a3jax.data.rows import text_row
 from a3jax.decode.text import parse_masked
 from a3jax.score import log_likelihood
 from a3jax.objectives import ObjectiveError
+from compile_helpers import counting_compiles
 from test_decode_common import TINY_BYTE, batch, tiny
 
 
@@ -126,22 +125,6 @@ def test_engine_batched_equals_one_by_one(engine):
     for t, f in zip(texts, many):
         one, = engine.infill(t, spec=DecodeSpec(order="confidence", group_size=1))
         assert one.text == f.text, t
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """Yields a list that grows by one per XLA compile while the block runs."""
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_engine_second_call_in_the_same_bucket_compiles_nothing(engine):

@@ -10,7 +10,6 @@ import threading
 import time
 
 import httpx
-import jax
 import numpy as np
 import openai
 import pytest
@@ -19,6 +18,7 @@ import uvicorn
 from a3jax.data.tokenizers import load_tokenizer
 from a3jax.decode import DecodeSpec, Engine, SamplingParams
 from a3jax.serve import ServeOptions, create_app
+from compile_helpers import counting_compiles
 from test_decode_common import TINY_BYTE, tiny
 
 MAX_LEN = 256
@@ -191,14 +191,7 @@ def test_models_health_and_metrics(live):
 def test_serving_compiles_nothing_after_warm_up(live):
     client = live.client()
     client.completions.create(model="tiny", prompt="warm", max_tokens=2, temperature=0)
-    compiles = []
-
-    def listen(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with counting_compiles() as compiles:
         for prompt, kw in [("a", {}), ("A much longer prompt than that", {"group_size": 2}),
                            (["x", "yy", "zzz"], {"temperature": 0.7, "seed": 1, "n": 2}),
                            ("q", {"temperature": 1.0, "top_p": 0.8, "extra_body": {"top_k": 5}})]:
@@ -208,8 +201,6 @@ def test_serving_compiles_nothing_after_warm_up(live):
             kw.setdefault("temperature", 0)
             client.completions.create(model="tiny", prompt=prompt, max_tokens=9, extra_body=extra, **kw)
         list(client.completions.create(model="tiny", prompt="s", max_tokens=5, temperature=0, stream=True))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [], f"{len(compiles)} compiles while serving"
 
 
