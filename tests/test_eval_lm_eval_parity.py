@@ -119,6 +119,12 @@ def test_a3jax_content_stream_matches_lm_eval_hf_model(setup, monkeypatch, tmp_p
     assert len(gens_a) == len(GEN) and any(gens_h)  # greedy text was produced, and equals hf's
     assert gens_a == gens_h
     assert res_a["parity_gen"]["exact_match,none"] == res_h["parity_gen"]["exact_match,none"]
+    # requests with different settings are decoded in separate batches and come back in request order
+    # (each batch holds the longest prompt, so the decode's shape, compiled above, is reused)
+    order = [(2, "\n"), (1, "@@"), (0, "\n"), (2, "@@")]
+    mixed = ours.generate_until([_Req((GEN[i]["prompt"], {"until": [u], "max_gen_toks": 8})) for i, u in order])
+    assert mixed[0] == gens_a[2] and mixed[2] == gens_a[0]
+    assert mixed[1].startswith(gens_a[1]) and mixed[3].startswith(gens_a[2])
 
 
 def test_a3jax_query_stream_equals_score_log_likelihood(setup):
