@@ -2,7 +2,8 @@
 offline on local tasks (multiple-choice + generate_until): wall time of the whole evaluation and of
 each request type, and the number of XLA compiles on the a3jax side.
 
-    python bench/lm_eval_adapter.py [--mc 12] [--gen 6] [--hidden 128] [--layers 4] [--out bench/results/lm_eval_adapter.json]
+    python bench/lm_eval_adapter.py [--mc 12] [--gen 6] [--hidden 128] [--layers 4] \\
+        [--out bench/results/lm_eval_adapter.json]
 
 The model is a random LLaMA made locally with transformers (never downloaded) with a byte-level
 tokenizer; both sides read the same directory.
@@ -107,7 +108,8 @@ def run(lm, tasks):
     out = simple_evaluate(model=lm, tasks=["bench_mc", "bench_gen"], task_manager=TaskManager(include_path=tasks),
                           bootstrap_iters=0, log_samples=True)
     total = time.perf_counter() - t
-    lls = [r[0] for s in sorted(out["samples"]["bench_mc"], key=lambda s: s["doc_id"]) for r in s["filtered_resps"]]
+    mc = sorted(out["samples"]["bench_mc"], key=lambda s: s["doc_id"])
+    lls = [r[0] for s in mc for r in s["filtered_resps"]]
     gens = [s["filtered_resps"][0] for s in sorted(out["samples"]["bench_gen"], key=lambda s: s["doc_id"])]
     return {"total_s": total, **{f"{k}_s": v for k, v in timed.seconds.items()},
             "acc": out["results"]["bench_mc"]["acc,none"]}, lls, gens
