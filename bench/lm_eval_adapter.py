@@ -135,8 +135,11 @@ def main():
     from a3jax.eval.lm_eval_adapter import A3JaxLM
 
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, secs, **kw: compiles.append(secs) if name == "/jax/core/compile/backend_compile_duration" else None)
+
+    def on_event(name, secs, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     with tempfile.TemporaryDirectory() as d:
         make_model(d, a.hidden, a.layers)
         tasks = make_tasks(d, a.mc, a.gen, a.max_gen)
