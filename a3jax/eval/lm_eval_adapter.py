@@ -77,18 +77,24 @@ class A3JaxLM(LM):
         return self.ev.rolling_loglikelihood([r.args[0] for r in requests], self.rolling_order)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        outs = []
-        for r in requests:  # settings can differ per request; the evaluator batches inside
+        # Requests with the same settings go to the evaluator together: it decodes them in fixed
+        # [batch_size, bucket] shapes, so a task's prompts cost a few compiles, not a decode call each.
+        groups: dict = {}
+        for i, r in enumerate(requests):
             context, kw = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
             until = kw.get("until") or ["\n"]
             if isinstance(until, str):
                 until = [until]
             temp = float(kw.get("temperature", 0.0)) if _bool(kw.get("do_sample", False)) else 0.0
             n = int(kw.get("max_gen_toks", self.max_gen_toks))
-            outs += self.ev.generate([context], max_new_tokens=n, until=tuple(until), order=self.gen_order,
+            groups.setdefault((tuple(until), n, temp), []).append((i, context))
+        outs = [""] * len(requests)
+        for (until, n, temp), items in groups.items():
+            texts = self.ev.generate([c for _, c in items], max_new_tokens=n, until=until, order=self.gen_order,
                                      group_size=self.gen_group_size, temperature=temp)
+            for (i, _), text in zip(items, texts):
+                outs[i] = text
         return outs
-
 
 MC_TASK_YAML = """task: {name}
 dataset_path: json
