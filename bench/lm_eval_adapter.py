@@ -158,7 +158,7 @@ def main():
     print(f"ratio a3jax/hf {res_a['total_s'] / res_h['total_s']:.2f}x; agreement {agree}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"args": vars(a), "a3jax": res_a, "hf": res_h, "agreement": agree,
+        json.dump({"args": {k: v for k, v in vars(a).items() if k != "out"}, "a3jax": res_a, "hf": res_h, "agreement": agree,
                    "ratio": res_a["total_s"] / res_h["total_s"]}, f, indent=2)
 
 
