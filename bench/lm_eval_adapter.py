@@ -13,59 +13,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from hf_models import write_byte_tokenizer  # noqa: E402 (the tests' tokenizer: both sides read it)
 
 WORDS = "the cat sat on a mat while one two three dogs ran far away from home and back".split()
-GEN_YAML = """task: bench_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: {n}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def make_model(d, hidden, layers):
     import torch
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    tok.save(os.path.join(d, "tokenizer.json"))
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "pad_token": "<pad>", "add_bos_token": False, "model_max_length": 512}, f)
+    vocab = write_byte_tokenizer(d, model_max_length=512)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 3,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(d)
 
 
 def make_tasks(d, n_mc, n_gen, max_gen):
-    from a3jax.eval.lm_eval_adapter import write_mc_task
+    from a3jax.eval.lm_eval_adapter import write_generate_task, write_mc_task
 
     mc, gen = os.path.join(d, "mc.jsonl"), os.path.join(d, "gen.jsonl")
     with open(mc, "w") as f:
@@ -78,8 +52,7 @@ def make_tasks(d, n_mc, n_gen, max_gen):
             f.write(json.dumps({"prompt": " ".join(WORDS[i:i + 2 + 2 * i]), "target": " x"}) + "\n")
     tasks = os.path.join(d, "tasks")
     write_mc_task(mc, tasks, "bench_mc")
-    with open(os.path.join(tasks, "bench_gen.yaml"), "w") as f:
-        f.write(GEN_YAML.format(path=gen, n=max_gen))
+    write_generate_task(gen, tasks, "bench_gen", max_gen_toks=max_gen)
     return tasks
 
 

@@ -1,4 +1,7 @@
-"""Random tiny HF LLaMA checkpoints made locally with transformers (never downloaded)."""
+"""Random tiny HF LLaMA checkpoints made locally with transformers (never downloaded), and a
+byte-level tokenizer for them."""
+import json
+import os
 
 
 def make_hf_llama(path, *, tie=False, rope_scaling=None, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2,
@@ -34,3 +37,23 @@ def hf_logits(model, tokens):
 
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def write_byte_tokenizer(d, model_max_length=256) -> int:
+    """A byte-level tokenizer.json without merges (one token per byte) in directory d that transformers
+    and a3jax's HFTokenizer both read; ids 0-2 are pad, BOS, EOS (as make_hf_llama's config says), and,
+    as for SmolLM2, no BOS is added. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(os.path.join(str(d), "tokenizer.json"))
+    with open(os.path.join(str(d), "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "pad_token": "<pad>", "add_bos_token": False, "model_max_length": model_max_length}, f)
+    return len(vocab)

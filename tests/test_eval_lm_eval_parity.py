@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from hf_models import make_hf_llama
+from hf_models import make_hf_llama, write_byte_tokenizer
 
 pytestmark = pytest.mark.needs_torch  # lm-eval's hf model runs transformers
 
@@ -20,46 +20,6 @@ MC = [
 ]
 GEN = [{"prompt": "Q: 2+2?\nA:", "target": " 4"}, {"prompt": "abc", "target": "d"},
        {"prompt": "The quick brown fox", "target": " jumps"}]
-GEN_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def _byte_tokenizer(d):
-    """A byte-level tokenizer.json without merges (one token per byte) that transformers and
-    a3jax's HFTokenizer both read; ids 0-2 are pad, BOS, EOS (as make_hf_llama's config says), and,
-    as for SmolLM2, no BOS is added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "add_bos_token": False, "model_max_length": 256}))
-    return len(vocab)
-
-
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -69,18 +29,17 @@ def _jsonl(path, rows):
 def setup(tmp_path_factory):
     from a3jax.convert import from_hf
     from a3jax.data.tokenizers import load_tokenizer
-    from a3jax.eval.lm_eval_adapter import write_mc_task
+    from a3jax.eval.lm_eval_adapter import write_generate_task, write_mc_task
 
     root = tmp_path_factory.mktemp("lmeval_parity")
     hf_dir = root / "hf"
     hf_dir.mkdir()
-    vocab = _byte_tokenizer(hf_dir)
+    vocab = write_byte_tokenizer(hf_dir)
     make_hf_llama(str(hf_dir), vocab=vocab, seed=5)
     cfg, params = from_hf(str(hf_dir))
     tasks = str(root / "tasks")
     write_mc_task(_jsonl(root / "mc.jsonl", MC), tasks, "parity_mc")
-    (root / "tasks" / "parity_gen.yaml").write_text(
-        GEN_YAML.format(name="parity_gen", path=_jsonl(root / "gen.jsonl", GEN)))
+    write_generate_task(_jsonl(root / "gen.jsonl", GEN), tasks, "parity_gen", max_gen_toks=8)
     return dict(hf_dir=str(hf_dir), cfg=cfg, params=params, tok=load_tokenizer(str(hf_dir)), tasks=tasks)
 
 

@@ -128,6 +128,35 @@ def write_mc_task(jsonl_path: str, out_dir: str, name: str) -> str:
     return out_dir
 
 
+GENERATE_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_generate_task(jsonl_path: str, out_dir: str, name: str, max_gen_toks: int = 64) -> str:
+    """An lm-eval generate_until task YAML over a JSONL file of {prompt, target} rows in out_dir
+    (greedy, until a newline, exact match against the target); returns out_dir, as write_mc_task."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
+        f.write(GENERATE_TASK_YAML.format(name=name, path=fs.local_copy(jsonl_path), max_gen_toks=int(max_gen_toks)))
+    return out_dir
+
+
 def evaluate_local(lm: A3JaxLM, tasks, include_path: str, limit=None):
     """lm_eval.simple_evaluate on local task YAMLs (offline). Returns its results dict."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
