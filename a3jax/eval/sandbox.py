@@ -208,6 +208,7 @@ class Sandbox:
                     timed_out = True
                 finally:
                     _kill_group(proc)
+                    _await_exit(work)
             stdout, stderr = _tail(os.path.join(work, ".out"), 200), _tail(os.path.join(work, ".err"), 2000)
             passed = not timed_out and proc.returncode == 0 and stdout.rstrip().endswith(nonce)
             status = "timeout" if timed_out else "passed" if passed else "failed"
@@ -234,6 +235,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+def _await_exit(work: str, timeout_s: float = 10.0) -> None:
+    """Wait until no process runs in `work` any more. A SIGKILLed process, and a PID namespace torn down
+    after its first process died, exit asynchronously: without this wait a program could outlive its
+    run() (and its directory) for a moment. Stragglers are killed again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    cwd = os.readlink(f"/proc/{pid}/cwd")
+                except OSError:  # gone, a zombie, or not ours to read
+                    continue
+                if cwd == work or cwd.startswith(work + os.sep):
+                    alive.append(int(pid))
+        if not alive or time.monotonic() > deadline:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
 
 
 def _tail(path: str, n: int) -> str:
