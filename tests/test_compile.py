@@ -12,6 +12,8 @@ import pytest
 from a3jax.compile import (CompileError, HBM_GIB, accelerator_type, analyse, cli_main, format_report,
                            parse_topology)
 
+pytestmark = pytest.mark.usefixtures("tpu_compiler_env")  # these tests load libtpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = """\

@@ -191,6 +191,7 @@ def test_auto_picks_pallas_when_tracing_for_tpu():
     assert choose_kernel(cfg, 4096) != "pallas"
 
 
+@pytest.mark.usefixtures("tpu_compiler_env")  # loads libtpu
 def test_pallas_compiles_for_tpu_with_its_cost_estimate():
     """Mosaic compiles the kernels for a v5e chip on this host; XLA's cost analysis counts the kernels'
     own estimates: forward 4, dq 6, dk/dv 8 x B*H*Tq*Tk*D FLOPs over the padded grid."""
