@@ -1,9 +1,13 @@
 """GRPO with exact log-probs: the loop's log-probs are a3jax.score's exact likelihood of the realised
 grouping (and the decoder's own) for fixed, random, confidence and speculative decoding; at ratio 1
 without clipping or KL the GRPO gradient is REINFORCE's; bad configs and bad rewards give named
-errors; a crash mid-run then resume reproduces the uninterrupted run bit for bit."""
+errors; `a3jax rl` killed with SIGKILL mid-run then resumed reproduces the uninterrupted run bit for bit."""
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,9 @@ from a3jax.decode import DecodeSpec
 from a3jax.model import apply_model, numpy_init, token_logprobs
 from a3jax.posttrain import config as rl_config, grpo, loop, policy, rewards, rollout
 from a3jax.score import log_likelihood
+from train_helpers import compile_cache, wait_for  # noqa: F401 (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # byte vocab; a small init_std keeps completions varied (a reward then differs within a group)
 CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -154,46 +161,67 @@ def test_builtin_rewards():
     assert rewards.unit_tests("def add(a, b):\n    return a - b", {"tests": tests}) == 0.0
 
 
-# ----------------------------------------------------------------------------- the loop, crash and resume
+# ----------------------------------------------------------------------------- the loop, kill -9 and resume
+
+# `a3jax rl ARGS` pausing after every RL step (a hook: a pause changes no result), so that the test
+# kills the run reliably between two checkpoints
+_PAUSED_RL = ("import sys, time; from a3jax.posttrain.cli import cli_main; pause = float(sys.argv[1]); "
+              "sys.exit(cli_main(sys.argv[2:], hooks=[lambda step, rec: time.sleep(pause)]))")
 
 
-class Crash(Exception):
-    pass
+def _spawn_rl(args, cache_env, pause, log_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, **cache_env)
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-c", _PAUSED_RL, str(pause), *args], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
-def _crash_after(n):
-    def hook(step, rec):
-        if step == n:
-            raise Crash
-    return hook
+def _steps_logged(run_dir):
+    try:
+        return [json.loads(ln)["step"] for ln in open(os.path.join(run_dir, "metrics.jsonl")) if ln.strip()]
+    except (OSError, ValueError):  # not there yet, or a line half written
+        return []
 
 
-def test_crash_mid_run_then_resume_equals_the_uninterrupted_run(ckpt, tmp_path):
-    full = rl_config.load(None, _overrides(ckpt, tmp_path, run_dir=str(tmp_path / "full")))
+def _exact_metrics(run_dir):
+    timing = ("rollout_tokens_per_s", "update_tokens_per_s")
+    return [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.slow  # three runs, two of them fresh processes (about 25 s on 2 cores)
+def test_kill9_mid_run_then_resume_equals_the_uninterrupted_run(ckpt, tmp_path, compile_cache):
+    args = _overrides(ckpt, tmp_path, steps=4, checkpoint_every=2)
+    full = rl_config.load(None, args + [f"run_dir={tmp_path / 'full'}"])
     recs = loop.run(full, log=lambda *_: None)
-    assert len(recs) == 3 and all(np.isfinite(r["kl"]) for r in recs)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(np.isfinite(r["kl"]) for r in recs)
     assert any(r["reward_std"] > 0 for r in recs)  # the rewards differ within groups: gradients flow
     assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0  # the policy moved away from the reference
-    cut = dataclasses.replace(full, run_dir=str(tmp_path / "cut"))
-    with pytest.raises(Crash):
-        loop.run(cut, hooks=[_crash_after(2)], log=lambda *_: None)
-    again = loop.run(cut, log=lambda *_: None)
-    assert [r["step"] for r in again] == [3]
-
-    def strip(path):
-        timing = ("rollout_tokens_per_s", "update_tokens_per_s")
-        return [{k: v for k, v in json.loads(ln).items() if k not in timing} for ln in open(path)]
-
-    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")
-    assert (tmp_path / "full" / "rollouts.jsonl").read_text() == (tmp_path / "cut" / "rollouts.jsonl").read_text()
-    from a3jax.checkpoint import load_params
-    _, a = load_params(str(tmp_path / "full" / "final"))
-    _, b = load_params(str(tmp_path / "cut" / "final"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     line = json.loads((tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()[0])
     assert set(line) == {"step", "prompt", "completion", "reward", "logprob", "decoding"}
     assert line["decoding"]["order"] == "random" and line["decoding"]["estimator"] == "exact"
+
+    cut = tmp_path / "cut"
+    ck = lambda s: (cut / "checkpoints" / str(s)).is_dir()  # noqa: E731 (a committed Orbax step)
+    # 1) kill -9 once checkpoint 2 is committed and step 3 is done (it pauses 1 s after each step)
+    proc = _spawn_rl(args + [f"run_dir={cut}"], compile_cache, 1.0, tmp_path / "log1.txt")
+    wait_for(lambda: ck(2) and max(_steps_logged(cut) or [0]) >= 3, proc, what="checkpoint 2 and step 3")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not ck(4), "the kill came too late: the run had finished"
+    assert not (cut / "final").exists() and max(_steps_logged(cut)) == 3  # step 3 is lost and will be redone
+    # 2) the same command again resumes from checkpoint 2 and runs to the end
+    proc = _spawn_rl(args + [f"run_dir={cut}"], compile_cache, 0.0, tmp_path / "log2.txt")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "log2.txt").read_text()
+    assert f"resumed from {cut}/checkpoints/2" in (tmp_path / "log2.txt").read_text()
+    # every deterministic metric, the rollout log and the final params equal the uninterrupted run's
+    assert _exact_metrics(cut) == _exact_metrics(tmp_path / "full")
+    assert (cut / "rollouts.jsonl").read_text() == (tmp_path / "full" / "rollouts.jsonl").read_text()
+    from a3jax.checkpoint import load_params
+    _, a = load_params(str(tmp_path / "full" / "final"))
+    _, b = load_params(str(cut / "final"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ----------------------------------------------------------------------------- the mdlm arm
