@@ -19,6 +19,7 @@ from a3jax.config import ConfigError, ModelConfig
 from a3jax.decode import DecodeSpec
 from a3jax.model import apply_model, numpy_init, token_logprobs
 from a3jax.posttrain import config as rl_config, grpo, loop, policy, rewards, rollout
+from a3jax.sandbox import probe
 from a3jax.score import log_likelihood
 from train_helpers import compile_cache, wait_for  # noqa: F401 (fixture)
 
@@ -100,7 +101,8 @@ def test_group_advantages_are_normalised_within_each_group():
 def _data(tmp_path, n=6):
     p = tmp_path / "prompts.jsonl"
     rng = np.random.default_rng(0)
-    p.write_text("".join(json.dumps({"prompt": "".join(rng.choice(list("abcxyz"), 3)), "answer": "abc"}) + "\n"
+    p.write_text("".join(json.dumps({"prompt": "".join(rng.choice(list("abcxyz"), 3)), "answer": "abc",
+                                    "tests": "assert True"}) + "\n"
                          for _ in range(n)))
     return str(p)
 
@@ -159,6 +161,20 @@ def test_builtin_rewards():
     tests = "assert add(2, 3) == 5"
     assert rewards.unit_tests("def add(a, b):\n    return a + b", {"tests": tests}) == 1.0
     assert rewards.unit_tests("def add(a, b):\n    return a - b", {"tests": tests}) == 0.0
+
+
+def test_unit_tests_reward_runs_in_the_sandbox():
+    # passing needs the program to run to its end: an exit(0) before the failing tests is no pass (a
+    # bare `python -c` would exit 0), nor a loop stopped at the deadline
+    assert rewards.unit_tests("import os\nos._exit(0)", {"tests": "assert False"}) == 0.0
+    assert rewards.unit_tests("while True:\n    pass", {"tests": ""}, timeout_s=1, cpu_s=1) == 0.0
+    r = rewards.build([("unit_tests", 1.0, {"field": "tests", "timeout_s": 3})])[0]
+    iso = rewards.isolation(r)
+    assert iso["mode"] == probe(sys.executable)[0] and iso["timeout_s"] == 3
+    assert rewards.isolation(rewards.build([("regex", 1.0, {"pattern": "a"})])[0]) is None
+    for bad in ({"timeout_s": -1}, {"seconds": 3}, {"mode": "chroot"}):
+        with pytest.raises(rewards.RewardError, match="reward 'unit_tests': bad sandbox args"):
+            rewards.build([("unit_tests", 1.0, bad)])
 
 
 # ----------------------------------------------------------------------------- the loop, kill -9 and resume
@@ -252,8 +268,15 @@ def test_mdlm_arm_one_step_estimate_and_loop(tmp_path):
     a, b = (np.asarray(masked(params, batch, jax.random.PRNGKey(k), policy.sampled(1.0))) for k in (1, 2))
     assert not np.allclose(a, b), "prompt masking draws from the key"
     save_params(str(tmp_path / "mdlm"), MDLM, params)
-    cfg = rl_config.load(None, _overrides(str(tmp_path / "mdlm"), tmp_path, steps=1))
-    recs = loop.run(cfg, log=lambda *_: None)
-    assert len(recs) == 1 and np.isfinite(recs[0]["loss"])
+    # with a unit_tests reward too: the metrics say once (step 0) how its programs are isolated
+    cfg = rl_config.load(None, _overrides(str(tmp_path / "mdlm"), tmp_path, steps=1, rewards=(
+        "[{name: regex, args: {pattern: '[a-z]'}}, {name: unit_tests, weight: 0.5, args: {timeout_s: 2}}]")))
+    logged = []
+    recs = loop.run(cfg, log=logged.append)
+    assert [r["step"] for r in recs] == [0, 1] and np.isfinite(recs[1]["loss"])
+    iso = recs[0]["reward_isolation"]["unit_tests"]
+    assert iso["mode"] == probe(sys.executable)[0] and iso["timeout_s"] == 2
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0]) == recs[0]
+    assert sum("reward unit_tests: programs run in the sandbox" in ln for ln in logged) == 1
     line = json.loads((tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()[0])
     assert line["decoding"]["estimator"] == "one_step"

@@ -9,7 +9,9 @@ uninterrupted run bit for bit.
 RUN_DIR/
     rl.yaml            the config
     checkpoints/<n>/   Orbax: TrainState (params, optimizer state, update count, rng) after RL step n
-    metrics.jsonl      one line per RL step: reward mean/std, KL, clip fraction, entropy, tokens/s, ...
+    metrics.jsonl      one line per RL step: reward mean/std, KL, clip fraction, entropy, tokens/s, ...;
+                       step 0: eval accuracy before any update, and the sandbox isolation of rewards
+                       that run code (unit_tests)
     rollouts.jsonl     prompt, completion, reward, log-prob, decoding setting (first sample per group, capped)
     final/             params checkpoint of the last step (Engine.load, a3jax generate)
 """
@@ -225,8 +227,13 @@ class Runner:
         _truncate(self.metrics_path, start)
         self._logged = _truncate(self.rollouts_path, start)
         records = []
-        if self.eval_examples and start == 0:
-            rec = dict(step=0, eval_accuracy=self.evaluate())
+        # how the rewards run untrusted code (the sandbox's isolation mode and limits), said once
+        sandboxed = {r.name: iso for r in self.rewards if (iso := rewards_lib.isolation(r)) is not None}
+        for name, iso in sandboxed.items():
+            self.log(f"reward {name}: programs run in the sandbox, isolation {iso['mode']!r}")
+        if (self.eval_examples or sandboxed) and start == 0:  # the step-0 record: the run before any update
+            rec = dict(step=0, **({"reward_isolation": sandboxed} if sandboxed else {}),
+                       **({"eval_accuracy": self.evaluate()} if self.eval_examples else {}))
             self._write(rec)
             records.append(rec)
         for step in range(start, c.steps):
