@@ -13,14 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from a3jax.checkpoint import save_params
-from a3jax.config import ConfigError, ModelConfig
+from a3jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig
 from a3jax.decode import DecodeSpec
-from a3jax.model import apply_model, numpy_init, token_logprobs
+from a3jax.model import apply_model, numpy_init, param_shapes, param_shardings, token_logprobs
 from a3jax.posttrain import config as rl_config, grpo, loop, policy, rewards, rollout
 from a3jax.sandbox import probe
 from a3jax.score import log_likelihood
+from a3jax.sharding import activate, make_mesh, rules_of
+from a3jax.train.state import create_state, init_state, make_optimizer, state_shardings
 from train_helpers import compile_cache, wait_for  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +91,52 @@ def test_grpo_gradient_at_ratio_one_is_reinforce(params):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
+def test_sharded_update_equals_one_device(params):
+    """The update and log-probs pinned to a data x fsdp mesh of the 8 fake devices (params and Adam
+    moments FSDP-sharded like the trainer's, rows over data and fsdp) equal the one-device ones."""
+    roll = rollout.generate_group(CFG, params, PROMPTS[:2], 4, 6, SETTINGS["random:2"], 1.0, 0, 1.0, seed=2,
+                                  buffer_length=16)
+    batch = roll.batch()
+    adv = grpo.group_advantages(np.arange(8.0) % 3, 4)
+    est, hp, key, samp = policy.estimator_for(CFG), grpo.Hyper(), jax.random.PRNGKey(0), policy.sampled(1.0)
+    opt, _ = make_optimizer(OptimizerConfig(learning_rate=0.01, warmup_steps=0, schedule="constant"), 2)
+    ref_params = numpy_init(CFG, 1)
+
+    def two_updates(state, logprobs, update, put):
+        b = put(batch, "rows")
+        old, ref = logprobs(state.params, b, key, samp), logprobs(ref_params, b, key, samp)
+        ms = []
+        for _ in range(2):  # the second step's ratio differs from 1: clipping and the Adam moments matter
+            state, m = update(state, b, put(adv, "vector"), old, ref, key, samp)
+            ms.append(m)
+        return state, old, jax.device_get(ms)
+
+    one = two_updates(init_state(jax.tree.map(jnp.copy, params), opt, 0),  # a copy: the state is donated
+                      grpo.make_logprobs(CFG, est, hp), grpo.make_update(CFG, est, opt, hp),
+                      lambda x, _: jax.tree.map(jnp.asarray, x))
+    mesh_cfg = MeshConfig(data=2, fsdp=4)
+    mesh, rules = make_mesh(mesh_cfg), rules_of(mesh_cfg)
+    place = grpo.placement(mesh, rules, state_shardings(opt, param_shardings(CFG, mesh, rules), param_shapes(CFG),
+                                                        mesh))
+    with activate(mesh, rules):
+        ref_params = jax.device_put(ref_params, place.state.params)
+        sharded = two_updates(create_state(params, opt, 0, place.state), grpo.make_logprobs(CFG, est, hp, place),
+                              grpo.make_update(CFG, est, opt, hp, place),
+                              lambda x, kind: jax.device_put(x, getattr(place, kind)))
+    w = sharded[0].params["layers"]["w_gate"]
+    assert w.sharding.spec == place.state.params["layers"]["w_gate"].spec and len(w.addressable_shards) == 8
+    assert w.addressable_shards[0].data.shape[1] == CFG.hidden_size // 4  # [L, E/fsdp, M]
+    assert sharded[1].sharding.spec == P(("data", "fsdp"), None)
+    assert one[2][1]["clip_frac"] > 0 or one[2][1]["ratio_mean"] != 1.0
+    np.testing.assert_allclose(np.asarray(sharded[1]), np.asarray(one[1]), rtol=1e-5, atol=1e-5)
+    for a, b in zip(one[2], sharded[2]):
+        for k in ("loss", "kl", "grad_norm", "clip_frac", "entropy"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # Adam normalises the gradient: a reduction-order difference moves a param by a fraction of lr
+    for x, y in zip(jax.tree.leaves(one[0]), jax.tree.leaves(sharded[0]), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=5e-5)
+
+
 def test_group_advantages_are_normalised_within_each_group():
     a = grpo.group_advantages([1, 0, 0, 0, 5, 5, 5, 7], 4)
     np.testing.assert_allclose(a[:4].mean(), 0, atol=1e-6)
@@ -109,7 +158,7 @@ def _data(tmp_path, n=6):
 
 def _overrides(ckpt, tmp_path, **kw):
     ov = dict(init_from=ckpt, prompts=_data(tmp_path), run_dir=str(tmp_path / "run"), steps=3, prompts_per_step=2,
-              group_size=3, inner_steps=2, max_new_tokens=6, checkpoint_every=1, buffer_length=16,
+              group_size=4, inner_steps=2, max_new_tokens=6, checkpoint_every=1, buffer_length=16,
               rewards="[{name: regex, args: {pattern: '[a-z]'}}]", **{"decode.order": "random",
                                                                       "decode.group_size": 2,
                                                                       "optimizer.learning_rate": 0.01})
@@ -124,6 +173,7 @@ def _overrides(ckpt, tmp_path, **kw):
     (dict(**{"decode.temperature": 0.0}), "decode.temperature"),
     (dict(**{"decode.order": "sideways"}), "decode"),
     (dict(surprise=1), "surprise"),
+    (dict(prompts_per_step=3), "3 \\* 4 = 12 rollout rows, which the mesh's batch axes \\(8 devices"),
 ])
 def test_bad_configs_name_the_key(ckpt, tmp_path, kw, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -229,7 +279,9 @@ def test_kill9_mid_run_then_resume_equals_the_uninterrupted_run(ckpt, tmp_path, 
     # 2) the same command again resumes from checkpoint 2 and runs to the end
     proc = _spawn_rl(args + [f"run_dir={cut}"], compile_cache, 0.0, tmp_path / "log2.txt")
     assert proc.wait(timeout=300) == 0, (tmp_path / "log2.txt").read_text()
-    assert f"resumed from {cut}/checkpoints/2" in (tmp_path / "log2.txt").read_text()
+    out = (tmp_path / "log2.txt").read_text()
+    assert f"resumed from {cut}/checkpoints/2" in out
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out  # the default mesh: FSDP over the 8 devices
     # every deterministic metric, the rollout log and the final params equal the uninterrupted run's
     assert _exact_metrics(cut) == _exact_metrics(tmp_path / "full")
     assert (cut / "rollouts.jsonl").read_text() == (tmp_path / "full" / "rollouts.jsonl").read_text()
