@@ -68,10 +68,10 @@ def test_loop_logprobs_are_the_exact_likelihood_of_the_realised_grouping(params,
 
 
 def test_grpo_gradient_at_ratio_one_is_reinforce(params):
-    roll = rollout.generate_group(CFG, params, PROMPTS[:2], 3, 6, SETTINGS["random:2"], 1.0, 0, 1.0, seed=1,
+    roll = rollout.generate_group(CFG, params, PROMPTS[:2], 4, 6, SETTINGS["random:2"], 1.0, 0, 1.0, seed=1,
                                   buffer_length=16)
     batch = {k: jnp.asarray(v) for k, v in roll.batch().items()}
-    adv = jnp.asarray([1.0, -0.5, 0.25, -2.0, 0.75, 0.5])
+    adv = jnp.asarray([1.0, -0.5, 0.25, -2.0, 0.75, 0.5, -1.0, 0.3])
     est = policy.estimator_for(CFG)
     hp = grpo.Hyper(clip_eps=0.0, kl_beta=0.0)
     old = grpo.make_logprobs(CFG, est, hp)(params, batch, jax.random.PRNGKey(0), policy.sampled(1.0))
