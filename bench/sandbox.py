@@ -1,4 +1,4 @@
-"""Throughput of the HumanEval executor: programs per second through a3jax.eval.sandbox.
+"""Throughput of the HumanEval executor: programs per second through a3jax.sandbox.
 
     python bench/sandbox.py [--workers 1 2] [--repeat 2] [--out bench/results/sandbox.json]
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from a3jax.eval import humaneval  # noqa: E402
-from a3jax.eval.sandbox import Limits, Sandbox  # noqa: E402
+from a3jax.sandbox import Limits, Sandbox  # noqa: E402
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ from a3jax.decode.engine import Engine
 from a3jax.decode.spec import DecodeSpec
 from a3jax.eval import code_infill as ci
 from a3jax.eval import humaneval
-from a3jax.eval.sandbox import Limits, Sandbox
+from a3jax.sandbox import Limits, Sandbox
 from test_decode_common import TINY_BYTE, tiny
 
 SANDBOX = Limits(timeout_s=5, cpu_s=5)

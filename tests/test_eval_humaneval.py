@@ -7,7 +7,7 @@ import json
 import pytest
 
 from a3jax.eval import humaneval
-from a3jax.eval.sandbox import Limits, Sandbox
+from a3jax.sandbox import Limits, Sandbox
 
 
 @pytest.fixture(scope="module")

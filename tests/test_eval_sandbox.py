@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from a3jax.eval.sandbox import MODES, Limits, Sandbox, probe
+from a3jax.sandbox import MODES, Limits, Sandbox, probe
 
 LIMITS = Limits(timeout_s=3, cpu_s=2, memory_mb=512, nproc=32, fsize_mb=1)
 

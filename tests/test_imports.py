@@ -8,7 +8,7 @@ PKG = os.path.join(ROOT, "a3jax")
 
 # docs/design.md, "What each part owns and what it may import".
 TIERS = [
-    {"config", "distributed", "fs"},
+    {"config", "distributed", "fs", "sandbox"},
     {"masks", "layout", "sharding"},
     {"model"},
     {"objectives"},

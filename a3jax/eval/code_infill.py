@@ -26,7 +26,7 @@ from a3jax.decode.engine import Engine
 from a3jax.decode.spec import DecodeSpec, SamplingParams
 from a3jax.decode.text import MASK_RE
 from a3jax.eval.humaneval import InfillTask
-from a3jax.eval.sandbox import Sandbox
+from a3jax.sandbox import Sandbox
 
 LENGTHS = ("given", "budget")
 _MARGIN = 4  # tokens kept free when a decoded-and-re-encoded context may grow a little

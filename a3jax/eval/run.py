@@ -8,7 +8,7 @@ from a3jax.checkpoint import load_params
 from a3jax.decode.engine import Engine
 from a3jax.decode.text import load_tok
 from a3jax.eval import code_infill, humaneval, story, suite
-from a3jax.eval.sandbox import Limits, Sandbox
+from a3jax.sandbox import Limits, Sandbox
 from a3jax.eval.tasks import A3Evaluator, eval_infill, run_task
 
 

@@ -7,7 +7,9 @@ import sys
 from a3jax.config import ConfigError, split_config_args
 
 
-def cli_main(argv) -> int:
+def cli_main(argv, hooks=()) -> int:
+    """`a3jax rl`; hooks (callables (rl_step, metrics record) run after every RL step) go to the loop
+    (a program that wraps the CLI adds them)."""
     p = argparse.ArgumentParser(prog="a3jax rl", description="GRPO with exact log-probs (A3) or the one-step "
                                 "estimate (mdlm): a3jax rl CONFIG.yaml key=value ... (configs/rl/, "
                                 "docs/post-training.md). Resumes from RUN_DIR/checkpoints when present.")
@@ -20,7 +22,7 @@ def cli_main(argv) -> int:
     try:
         path, overrides = split_config_args(ns.args)
         cfg = config_lib.load(path, overrides)
-        loop.run(cfg)
+        loop.run(cfg, hooks=hooks)
     except (ConfigError, rewards.RewardError, loop.DataError, PolicyError, RolloutError) as e:
         print(f"a3jax rl: {e}", file=sys.stderr)
         return 1

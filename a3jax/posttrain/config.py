@@ -7,10 +7,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import jax
+import numpy as np
+
 from a3jax import config as config_lib
-from a3jax.config import ConfigError, OptimizerConfig
+from a3jax.config import ConfigError, MeshConfig, OptimizerConfig
 from a3jax.decode.spec import DecodeError, DecodeSpec
 from a3jax.posttrain import rewards as rewards_lib
+from a3jax.sharding import MESH_AXES, mesh_shape
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class RLConfig:
                                                  weight_decay=0.0)
     checkpoint_every: int = 10
     max_to_keep: int = 3
+    # the device mesh of the rollouts and updates, as `a3jax train`'s: params (and optimizer state)
+    # sharded by the model's logical axes (FSDP by default), rollout rows over the batch axes (data, fsdp)
+    mesh: MeshConfig = MeshConfig()
     rollout_log_cap: int = 2000  # rollouts.jsonl lines at most (the first sample of each group is logged)
 
     def reward_specs(self) -> list:
@@ -96,11 +103,23 @@ class RLConfig:
                 rewards_lib.resolve(r.name)
             except rewards_lib.RewardError as e:
                 raise bad(f"rewards[{i}].name", str(e)) from None
+        self.check_mesh(where, jax.device_count())
         try:
             self.decode.spec()
         except DecodeError as e:
             raise bad("decode", str(e)) from None
         self.optimizer.validate(f"{where}: optimizer")
+
+    def check_mesh(self, where: str, num_devices: int) -> None:
+        """The mesh fits the devices and its batch axes divide the rollout rows (prompts_per_step * G)."""
+        sizes = dict(zip(MESH_AXES, mesh_shape(self.mesh, num_devices)))
+        axes = dict(self.mesh.rules).get("batch") or ()
+        n = int(np.prod([sizes.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes)]))
+        rows = self.prompts_per_step * self.group_size
+        if rows % n:
+            raise ConfigError(f"{where}: prompts_per_step * group_size = {self.prompts_per_step} * {self.group_size} "
+                              f"= {rows} rollout rows, which the mesh's batch axes ({n} devices: mesh "
+                              f"{sizes}) do not divide; change one of them or the mesh")
 
 
 def load(path: Optional[str] = None, overrides=()) -> RLConfig:

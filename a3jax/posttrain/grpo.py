@@ -3,7 +3,7 @@ reference, on per-token log-probs from a3jax.posttrain.policy (exact for A3 unde
 
     adv = group_advantages(rewards, G)                       # (r - mean_group) / (std_group + eps)
     loss, aux = grpo_loss(cfg, est, params, batch, adv, old_lp, ref_lp, key, sampled, hp)
-    update = make_update(cfg, est, optimizer, hp)            # jitted; state donated
+    update = make_update(cfg, est, optimizer, hp, placement)  # jitted; state donated
     state, metrics = update(state, batch, adv, old_lp, ref_lp, key, sampled)
 
 The objective (DeepSeekMath's GRPO, per-sequence token mean):
@@ -17,13 +17,16 @@ REINFORCE with the group baseline, on the exact log P of each completion.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from a3jax.posttrain.policy import Estimator, Sampled
+from a3jax.sharding import batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,19 +72,40 @@ def grpo_loss(cfg, est: Estimator, params, batch, adv, old_lp, ref_lp, key, samp
     return -jnp.mean(per_seq), aux
 
 
-def make_logprobs(cfg, est: Estimator, hp: Hyper):
+class Placement(NamedTuple):
+    """Where the jitted functions put their arguments, like the trainer's step: the TrainState's
+    shardings (a3jax.train.state.state_shardings: params by the model's logical axes, e.g. FSDP), the
+    rows of a batch [N, T] and of per-row vectors [N] over the batch axes (data, fsdp), scalars and
+    keys replicated. Call the functions inside `a3jax.sharding.activate(mesh, rules)`."""
+    state: Any
+    rows: NamedSharding
+    vector: NamedSharding
+    replicated: NamedSharding
+
+
+def placement(mesh, rules, state_shardings) -> Placement:
+    return Placement(state_shardings, batch_sharding(mesh, rules, 2), batch_sharding(mesh, rules, 1),
+                     NamedSharding(mesh, P()))
+
+
+def make_logprobs(cfg, est: Estimator, hp: Hyper, place: Optional[Placement] = None):
     """jit: (params, batch, key, sampled) -> per-token log-probs [N, T] (0 off the target): what the
-    ratio's old log-probs and the reference's are computed with."""
+    ratio's old log-probs and the reference's are computed with. place: pinned shardings (None: the
+    default device)."""
     def fn(params, batch, key, samp):
         lp, _ = est.fn(cfg, params, batch, key, samp, hp.mask_prob)
         return jnp.where(batch["target"], lp, 0.0)
 
-    return jax.jit(fn)
+    if place is None:
+        return jax.jit(fn)
+    rep = place.replicated
+    return jax.jit(fn, in_shardings=(place.state.params, place.rows, rep, rep), out_shardings=place.rows)
 
 
-def make_update(cfg, est: Estimator, optimizer, hp: Hyper):
+def make_update(cfg, est: Estimator, optimizer, hp: Hyper, place: Optional[Placement] = None):
     """jit: (TrainState, batch, adv, old_lp, ref_lp, key, sampled) -> (TrainState, metrics). A
-    non-finite loss or gradient keeps params and optimizer state (metrics['nonfinite'] = 1)."""
+    non-finite loss or gradient keeps params and optimizer state (metrics['nonfinite'] = 1). place:
+    pinned shardings in and out (None: the default device)."""
     def update(state, batch, adv, old_lp, ref_lp, key, samp):
         (loss, aux), grads = jax.value_and_grad(
             lambda p: grpo_loss(cfg, est, p, batch, adv, old_lp, ref_lp, key, samp, hp), has_aux=True)(state.params)
@@ -94,4 +118,8 @@ def make_update(cfg, est: Estimator, optimizer, hp: Hyper):
                                   step=state.step + 1)
         return new_state, dict(loss=loss, grad_norm=gnorm, nonfinite=(~finite).astype(jnp.int32), **aux)
 
-    return jax.jit(update, donate_argnums=(0,))
+    if place is None:
+        return jax.jit(update, donate_argnums=(0,))
+    rows, rep = place.rows, place.replicated
+    return jax.jit(update, in_shardings=(place.state, rows, place.vector, rows, rows, rep, rep),
+                   out_shardings=(place.state, rep), donate_argnums=(0,))

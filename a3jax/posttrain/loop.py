@@ -9,7 +9,9 @@ uninterrupted run bit for bit.
 RUN_DIR/
     rl.yaml            the config
     checkpoints/<n>/   Orbax: TrainState (params, optimizer state, update count, rng) after RL step n
-    metrics.jsonl      one line per RL step: reward mean/std, KL, clip fraction, entropy, tokens/s, ...
+    metrics.jsonl      one line per RL step: reward mean/std, KL, clip fraction, entropy, tokens/s, ...;
+                       step 0: eval accuracy before any update, and the sandbox isolation of rewards
+                       that run code (unit_tests)
     rollouts.jsonl     prompt, completion, reward, log-prob, decoding setting (first sample per group, capped)
     final/             params checkpoint of the last step (Engine.load, a3jax generate)
 """
@@ -32,7 +34,9 @@ from a3jax.checkpoint import copy_tokenizer_files, load_params, save_params, tok
 from a3jax.decode import text as text_lib
 from a3jax.posttrain import config as config_lib
 from a3jax.posttrain import grpo, policy, rewards as rewards_lib, rollout as rollout_lib
-from a3jax.train.state import init_state, make_optimizer
+from a3jax.model import param_shapes, param_shardings
+from a3jax.sharding import activate, make_mesh, rules_of
+from a3jax.train.state import create_state, make_optimizer, state_shardings
 
 
 class DataError(ValueError):
@@ -83,11 +87,16 @@ def _truncate(path: str, last_step: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model_cfg, est, opt_cfg, total_steps: int, hp):
-    """(optimizer, schedule, update, logprobs), shared by runs of one setting in a process (one compile)."""
+def _compiled(model_cfg, est, opt_cfg, total_steps: int, hp, mesh_cfg):
+    """(placement, optimizer, schedule, update, logprobs), shared by runs of one setting in
+    a process (one compile). The mesh and the shardings are the trainer's: params (and the optimizer
+    state) by the model's logical axes, rollout rows over the batch axes."""
+    mesh, rules = make_mesh(mesh_cfg), rules_of(mesh_cfg)
     optimizer, schedule = make_optimizer(opt_cfg, total_steps)
-    return (optimizer, schedule, grpo.make_update(model_cfg, est, optimizer, hp),
-            grpo.make_logprobs(model_cfg, est, hp))
+    ssh = state_shardings(optimizer, param_shardings(model_cfg, mesh, rules), param_shapes(model_cfg), mesh)
+    place = grpo.placement(mesh, rules, ssh)
+    return (place, optimizer, schedule, grpo.make_update(model_cfg, est, optimizer, hp, place),
+            grpo.make_logprobs(model_cfg, est, hp, place))
 
 
 class Runner:
@@ -95,7 +104,9 @@ class Runner:
 
     def __init__(self, cfg: config_lib.RLConfig, log: Callable = print):
         self.cfg, self.log = cfg, log
-        self.model_cfg, params = load_params(cfg.init_from)
+        self.mesh, self.rules = make_mesh(cfg.mesh), rules_of(cfg.mesh)
+        self.model_cfg, params = load_params(cfg.init_from, self.mesh, self.rules)  # placed like the trainer's
+        log(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} devices")
         self.est = policy.estimator_for(self.model_cfg)
         self.tok = text_lib.load_tok(cfg.tokenizer, cfg.init_from)
         self.rewards = rewards_lib.build(cfg.reward_specs())
@@ -110,10 +121,11 @@ class Runner:
         rollout_lib.check_spec(self.spec)
         self.samp = policy.sampled(cfg.decode.temperature, cfg.decode.top_k, cfg.decode.top_p)
         self.hp = grpo.Hyper(cfg.clip_eps, cfg.kl_beta, cfg.mask_prob)
-        self.optimizer, self.schedule, self.update, self.logprobs = _compiled(
-            self.model_cfg, self.est, cfg.optimizer, cfg.steps * cfg.inner_steps, self.hp)
-        self.state = init_state(params, self.optimizer, cfg.seed)
-        self.ref_params = jax.tree.map(jnp.copy, self.state.params)  # frozen; the state's buffers are donated
+        self.place, self.optimizer, self.schedule, self.update, self.logprobs = _compiled(
+            self.model_cfg, self.est, cfg.optimizer, cfg.steps * cfg.inner_steps, self.hp, cfg.mesh)
+        self.state = create_state(params, self.optimizer, cfg.seed, self.place.state)
+        # frozen, placed like the policy (the state's buffers are donated)
+        self.ref_params = jax.tree.map(jnp.copy, self.state.params)
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(cfg.run_dir, "checkpoints")),
                                           options=ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep,
@@ -131,7 +143,7 @@ class Runner:
         step = self.mngr.latest_step()
         if step is None:
             return 0
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state = self.mngr.restore(step, args=ocp.args.StandardRestore(target))
         self.log(f"resumed from {self.cfg.run_dir}/checkpoints/{step}")
         return int(step)
@@ -168,8 +180,8 @@ class Runner:
         roll = self.rollout([self.prompt_ids[i] for i in idx], c.group_size, c.seed * 1_000_003 + step)
         t_roll = time.perf_counter() - t0
         rewards = self.score(examples, roll.completions, c.group_size)
-        adv = jnp.asarray(grpo.group_advantages(rewards, c.group_size, c.scale_rewards))
-        batch = {k: jnp.asarray(v) for k, v in roll.batch().items()}
+        adv = jax.device_put(grpo.group_advantages(rewards, c.group_size, c.scale_rewards), self.place.vector)
+        batch = jax.device_put(roll.batch(), self.place.rows)
         base = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
         keys = [jax.random.fold_in(base, mu) for mu in range(c.inner_steps)]
         # the old policy's and the reference's log-probs: once when exact, per key for an estimate
@@ -221,12 +233,22 @@ class Runner:
         c = self.cfg
         with open(os.path.join(c.run_dir, "rl.yaml"), "w") as f:
             yaml.safe_dump(config_lib.to_dict(c), f, sort_keys=False)
+        with activate(self.mesh, self.rules):  # activation and cache constraints resolve on the mesh
+            return self._run(hooks)
+
+    def _run(self, hooks: Sequence[Callable]) -> list:
+        c = self.cfg
         start = self.restore()
         _truncate(self.metrics_path, start)
         self._logged = _truncate(self.rollouts_path, start)
         records = []
-        if self.eval_examples and start == 0:
-            rec = dict(step=0, eval_accuracy=self.evaluate())
+        # how the rewards run untrusted code (the sandbox's isolation mode and limits), said once
+        sandboxed = {r.name: iso for r in self.rewards if (iso := rewards_lib.isolation(r)) is not None}
+        for name, iso in sandboxed.items():
+            self.log(f"reward {name}: programs run in the sandbox, isolation {iso['mode']!r}")
+        if (self.eval_examples or sandboxed) and start == 0:  # the step-0 record: the run before any update
+            rec = dict(step=0, **({"reward_isolation": sandboxed} if sandboxed else {}),
+                       **({"eval_accuracy": self.evaluate()} if self.eval_examples else {}))
             self._write(rec)
             records.append(rec)
         for step in range(start, c.steps):

@@ -5,8 +5,11 @@ Built-ins (by name):
                   The answer is the first group of `pattern` searched in the completion (default: the
                   completion's first line), both stripped.
     regex         1.0 if re.search(pattern, completion) matches, else 0.0.
-    unit_tests    1.0 if `python -c completion + example[field]` (default field 'tests') exits 0 within
-                  timeout seconds in a fresh subprocess (isolated mode, throwaway working directory), else 0.0.
+    unit_tests    1.0 if the program `completion + example[field]` (default field 'tests') runs to its end
+                  and exits 0 in the sandbox (a3jax.sandbox: its own `python -I`, resource limits,
+                  namespaces where the platform allows), else 0.0. Its other args are the sandbox's
+                  Limits (timeout_s, cpu_s, memory_mb, nproc, fsize_mb) and `mode` (auto | uid |
+                  namespaces | guard; `isolation` reports the mode in effect).
 Any other name is 'package.module:function' (imported when the config is loaded).
 
 A reward that raises or returns a non-finite value stops the run with RewardError naming the reward and
@@ -15,13 +18,13 @@ the example: a silent 0 would teach the policy from a bug.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import re
-import subprocess
-import sys
-import tempfile
-from typing import Callable
+from typing import Callable, Optional
+
+from a3jax.sandbox import Limits, Sandbox
 
 
 class RewardError(ValueError):
@@ -45,17 +48,19 @@ def regex(completion: str, example: dict, pattern: str = "") -> float:
     return float(re.search(pattern, completion) is not None)
 
 
-def unit_tests(completion: str, example: dict, field: str = "tests", timeout: float = 5.0) -> float:
+@functools.lru_cache(maxsize=8)
+def unit_tests_sandbox(timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 2048, nproc: int = 64,
+                       fsize_mb: int = 16, mode: str = "auto") -> Sandbox:
+    """The unit_tests reward's sandbox for its args (one per setting: the platform is probed once)."""
+    return Sandbox(Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, nproc=nproc, fsize_mb=fsize_mb),
+                   workers=1, mode=mode)
+
+
+def unit_tests(completion: str, example: dict, field: str = "tests", **limits) -> float:
     if field not in example:
         raise KeyError(f"the example has no field {field!r} (unit_tests runs it after the completion)")
     program = completion + "\n" + str(example[field]) + "\n"
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            r = subprocess.run([sys.executable, "-I", "-c", program], cwd=d, capture_output=True,
-                               timeout=float(timeout), stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return 0.0
-    return float(r.returncode == 0)
+    return float(unit_tests_sandbox(**limits).run(program).passed)
 
 
 BUILTIN = {"exact_match": exact_match, "regex": regex, "unit_tests": unit_tests}
@@ -87,8 +92,27 @@ class Reward:
 
 
 def build(specs) -> list:
-    """[(name, weight, args dict)] -> [Reward], each name resolved now (a bad name fails before any work)."""
-    return [Reward(n, resolve(n), float(w), dict(a)) for n, w, a in specs]
+    """[(name, weight, args dict)] -> [Reward], each name resolved now and the sandbox of unit_tests set up
+    (a bad name or sandbox setting fails before any work)."""
+    out = [Reward(n, resolve(n), float(w), dict(a)) for n, w, a in specs]
+    for r in out:
+        if r.fn is unit_tests:
+            try:
+                unit_tests_sandbox(**_limits(r.args))
+            except (TypeError, ValueError) as e:
+                raise RewardError(f"reward {r.name!r}: bad sandbox args {r.args} ({e})") from None
+    return out
+
+
+def isolation(reward: Reward) -> Optional[dict]:
+    """How a reward runs untrusted code (the sandbox's mode and limits), or None when it runs none."""
+    if reward.fn is not unit_tests:
+        return None
+    return unit_tests_sandbox(**_limits(reward.args)).isolation
+
+
+def _limits(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k != "field"}
 
 
 def score(rewards: list, completion: str, example: dict, index: int) -> float:
