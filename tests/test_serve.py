@@ -325,3 +325,44 @@ def test_the_content_lane_of_an_ar_model_equals_the_engine(temperature):
     for i, w in enumerate(want):
         assert got[i][0] == [int(x) for x in w.tokens], prompts[i]
         np.testing.assert_allclose(got[i][1], w.logprobs, atol=1e-4)
+
+
+def test_what_the_engine_refuses_is_400_and_a_failure_inside_it_is_500(live, monkeypatch):
+    """Requests no lane runs are jobs on the Engine: a setting the Engine refuses answers 400 with its
+    message and the field, before any byte of a stream; a failure inside decoding answers 500; the
+    server serves on after both."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 1.0, "seed": 1, "n": 3,
+            "order": "random"}
+    monkeypatch.setattr(live.engine, "slots", 2)  # an Engine with fewer rows per call than the lanes' slots
+    for stream in (False, True):
+        r = httpx.post(live.url + "/v1/completions", json={**body, "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "n" and "num_samples=3" in err["message"] and "2 slots" in err["message"], err
+    monkeypatch.setattr(live.engine, "slots", 4)
+    monkeypatch.setattr(live.engine, "params", None)  # the model's weights gone: decoding itself fails
+    for stream in (False, True):
+        r = httpx.post(live.url + "/v1/completions", json={**body, "stream": stream})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    monkeypatch.undo()
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    out = live.client().completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                           extra_body={"order": "random"})
+    assert out.choices[0].text == engine_text(live, ["Hello"], 5, DecodeSpec(order="random"))[0].text
+
+
+def test_an_infill_order_is_one_group_id_per_blank_token(live):
+    text = "ab[MASK:3]cd"
+    r = httpx.post(live.url + "/v1/infill", json={"text": text, "order": [2, 1, 0]})
+    assert r.status_code == 200, r.text
+    # the Engine's own layout: BOS a b at 0-2, the blank at 3-5, in a buffer of its first bucket (32)
+    groups = np.zeros(32, np.int64)
+    groups[3:6] = [2, 1, 0]  # right to left, one token per step
+    want, = live.engine.infill(text, spec=DecodeSpec(order=groups))
+    assert r.json()["choices"][0]["text"] == want.text and r.json()["choices"][0]["steps"] == 3
+    for body, param in [({"text": text, "order": [0, 1]}, "order"),
+                        ({"text": "ab[MASK:0]cd"}, "text"),
+                        ({"model": "tiny", "prompt": "ab", "order": [0, 1, 2]}, "order")]:
+        path = "/v1/completions" if "prompt" in body else "/v1/infill"
+        r = httpx.post(live.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
