@@ -149,6 +149,37 @@ def modes(engine, slots: int, max_len: int, concurrency, requests_of, max_tokens
     return rows, {c: by[("continuous", c)] / by[("one at a time", c)] for c in concurrency}
 
 
+def lane_costs(engine, slots: int, max_len: int, repeats: int = 10) -> dict:
+    """What bounds batching: the ms of one lane step with 1 row and with `slots` rows (every row
+    active), and of one admission (a row's prefill), timed on lanes built here (the server's kind)."""
+    from a3jax.decode import api
+    from a3jax.serve.slots import Lane, base_key
+    kind = "query" if api.model_decoder(engine.cfg) == "a3" else "content"
+    prompt = [max(engine.cfg.bos_token_id, 0)] + [5] * 7
+    out = {}
+    for s in (1, slots):
+        lane = Lane(engine.cfg, engine.params, kind, 1, s, max_len)
+        for i in range(s):
+            lane.admit(i, prompt, max_len - len(prompt), base_key(0), 0.0, 0, 1.0)
+        lane.step()  # compiles
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            lane.step()
+        out[f"step_{s}_rows_ms"] = (time.perf_counter() - t0) / repeats * 1e3
+        if s == slots:
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                lane.release(0)
+                lane.admit(0, prompt, max_len - len(prompt), base_key(0), 0.0, 0, 1.0)
+            np.asarray(lane.tokens)  # admissions are asynchronous until their result is read
+            out["admit_ms"] = (time.perf_counter() - t0) / repeats * 1e3
+    out["batching_bound"] = slots * out["step_1_rows_ms"] / out[f"step_{slots}_rows_ms"]
+    print(f"lane: one step {out['step_1_rows_ms']:.1f} ms with 1 row, {out[f'step_{slots}_rows_ms']:.1f} ms with "
+          f"{slots} rows (at most {out['batching_bound']:.2f}x from batching); one admission "
+          f"{out['admit_ms']:.1f} ms", flush=True)
+    return out
+
+
 def table(rows) -> None:
     print("| mode | slots | concurrency | requests | generated tok/s | p50 latency s | p99 latency s |")
     print("|---|---|---|---|---|---|---|")
@@ -184,7 +215,8 @@ def part_demo(args) -> dict:
     print(f"short request ({args.short} tokens): alone p50 {sbl['alone_p50_s']:.3f}s p99 {sbl['alone_p99_s']:.3f}s; "
           f"beside {args.slots - 1} requests of {8 * args.short} tokens p50 {sbl['beside_p50_s']:.3f}s "
           f"p99 {sbl['beside_p99_s']:.3f}s ({sbl['beside_p99_s'] / sbl['alone_p99_s']:.2f}x)\n")
-    return dict(model=model, max_len=args.max_len, rows=rows, speedup=ratios, short_beside_long=sbl)
+    return dict(model=model, max_len=args.max_len, rows=rows, speedup=ratios, short_beside_long=sbl,
+                lane=lane_costs(engine, args.slots, args.max_len))
 
 
 def part_smollm2(args) -> dict:
@@ -212,7 +244,8 @@ def part_smollm2(args) -> dict:
     print("\ncontinuous / one at a time, tokens/s: " + ", ".join(f"C={c}: {v:.2f}x" for c, v in ratios.items()))
     print()
     return dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, converted; objective ar: the content-stream lane)",
-                max_len=args.smollm2_max_len, rows=rows, speedup=ratios)
+                max_len=args.smollm2_max_len, rows=rows, speedup=ratios,
+                lane=lane_costs(engine, args.slots, args.smollm2_max_len))
 
 
 def part_infill(args) -> dict:

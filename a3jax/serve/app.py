@@ -414,7 +414,7 @@ def create_app(engine: Engine, opts: Optional[ServeOptions] = None) -> FastAPI:
             if bad:
                 raise HTTPError(500, f"decoding failed: {bad[0].error}")
             if any(c.finish == "timeout" for c in choices):
-                raise HTTPError(504, f"the request took longer than {opts.timeout:g} s")
+                raise HTTPError(504, f"the request took longer than {srv.opts.timeout:g} s")
             body = [choice_body(c, c.text, c.finish, False) for c in choices]
             if kind != "chat" and echo:
                 for b, c in zip(body, choices):
