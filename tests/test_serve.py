@@ -3,6 +3,7 @@ and httpx. Greedy and seeded outputs are checked against Engine.generate (the or
 against OpenAI's, bad requests against their status codes, and continuous batching against many
 concurrent clients."""
 import concurrent.futures
+import dataclasses
 import json
 import re
 import socket
@@ -207,7 +208,7 @@ def test_serving_compiles_nothing_after_warm_up(live):
 def test_many_concurrent_requests_each_equal_their_sequential_result(live):
     rng = np.random.default_rng(0)
     words = ["a", "The quick brown fox", "0123", "Hello there, friend", "zz", "def f(x):", "!"]
-    jobs = [(words[i % len(words)] + str(i), int(rng.integers(2, 40))) for i in range(48)]
+    jobs = [(words[i % len(words)] + str(i), int(rng.integers(2, 40))) for i in range(64)]
     longest = max(m for _, m in jobs)
     want = {p: w for p, w in zip([p for p, _ in jobs], engine_text(live, [p for p, _ in jobs], longest))}
     client = live.client(timeout=120)
@@ -216,7 +217,7 @@ def test_many_concurrent_requests_each_equal_their_sequential_result(live):
         p, m = job
         return client.completions.create(model="tiny", prompt=p, max_tokens=m, temperature=0).choices[0].text
 
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
         got = list(pool.map(one, jobs))
     tok = live.engine.tokenizer
     for (p, m), text in zip(jobs, got):
@@ -303,8 +304,6 @@ def test_infill_and_score_endpoints_equal_the_engine(live):
 def test_the_content_lane_of_an_ar_model_equals_the_engine(temperature):
     """An ar model decodes in the content-stream lane: each slot's tokens and log-probs equal
     Engine.generate's (greedy, and sampled with the same seed), rows admitted at different steps."""
-    import dataclasses
-
     from a3jax.serve.slots import Lane, base_key
     cfg, params = tiny(TINY_BYTE)
     cfg = dataclasses.replace(cfg, objective="ar")
@@ -325,3 +324,59 @@ def test_the_content_lane_of_an_ar_model_equals_the_engine(temperature):
     for i, w in enumerate(want):
         assert got[i][0] == [int(x) for x in w.tokens], prompts[i]
         np.testing.assert_allclose(got[i][1], w.logprobs, atol=1e-4)
+
+
+def test_what_the_engine_refuses_is_400_and_a_failure_inside_it_is_500(live, monkeypatch):
+    """Requests no lane runs are jobs on the Engine: a setting the Engine refuses answers 400 with its
+    message and the field, before any byte of a stream; a failure inside decoding answers 500; the
+    server serves on after both."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 1.0, "seed": 1, "n": 3,
+            "order": "random"}
+    monkeypatch.setattr(live.engine, "slots", 2)  # an Engine with fewer rows per call than the lanes' slots
+    for stream in (False, True):
+        r = httpx.post(live.url + "/v1/completions", json={**body, "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "n" and "num_samples=3" in err["message"] and "2 slots" in err["message"], err
+    monkeypatch.setattr(live.engine, "slots", 4)
+    monkeypatch.setattr(live.engine, "params", None)  # the model's weights gone: decoding itself fails
+    for stream in (False, True):
+        r = httpx.post(live.url + "/v1/completions", json={**body, "stream": stream})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    monkeypatch.undo()
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    out = live.client().completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                           extra_body={"order": "random"})
+    assert out.choices[0].text == engine_text(live, ["Hello"], 5, DecodeSpec(order="random"))[0].text
+
+
+def test_an_infill_order_is_one_group_id_per_blank_token(live):
+    text = "ab[MASK:3]cd"
+    r = httpx.post(live.url + "/v1/infill", json={"text": text, "order": [2, 1, 0]})
+    assert r.status_code == 200, r.text
+    # the Engine's own layout: BOS a b at 0-2, the blank at 3-5, in a buffer of its first bucket (32)
+    groups = np.zeros(32, np.int64)
+    groups[3:6] = [2, 1, 0]  # right to left, one token per step
+    want, = live.engine.infill(text, spec=DecodeSpec(order=groups))
+    assert r.json()["choices"][0]["text"] == want.text and r.json()["choices"][0]["steps"] == 3
+    for body, param in [({"text": text, "order": [0, 1]}, "order"),
+                        ({"text": "ab[MASK:0]cd"}, "text"),
+                        ({"model": "tiny", "prompt": "ab", "order": [0, 1, 2]}, "order")]:
+        path = "/v1/completions" if "prompt" in body else "/v1/infill"
+        r = httpx.post(live.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_a_request_past_its_deadline_is_cut_off_and_frees_its_slot(live, monkeypatch):
+    srv = live.app.state.server
+    monkeypatch.setattr(srv, "opts", dataclasses.replace(srv.opts, timeout=0.05))
+    before = metric(live, "a3jax_sequences_finished_total", reason="timeout")
+    body = {"model": "tiny", "prompt": "x", "max_tokens": MAX_LEN - 16, "temperature": 0}
+    r = httpx.post(live.url + "/v1/completions", json=body)
+    assert r.status_code == 504 and "0.05 s" in r.json()["error"]["message"], r.text
+    with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}) as r:
+        last = [json.loads(e[6:]) for e in r.iter_lines() if e.startswith("data: {")][-1]
+    assert last["choices"][0]["finish_reason"] == "timeout"
+    monkeypatch.undo()
+    assert metric(live, "a3jax_sequences_finished_total", reason="timeout") >= before + 2
+    assert httpx.get(live.url + "/health").json()["slots_busy"] == 0

@@ -69,8 +69,9 @@ def error_response(status: int, message: str, param=None, headers=None) -> JSONR
 
 
 def _param_of(message: str) -> Optional[str]:
-    """The request field a DecodeSpec / SamplingParams error names ('DecodeSpec.group_size' -> 'group_size')."""
-    m = re.match(r"(?:DecodeSpec|SamplingParams)\.(\w+)", message)
+    """The request field a DecodeSpec / SamplingParams error names ('DecodeSpec.group_size' -> 'group_size');
+    the first one a message names when it names several."""
+    m = re.search(r"(?:DecodeSpec|SamplingParams)\.(\w+)", message)
     names = {"num_samples": "n", "stream": "model_stream"}
     return names.get(m.group(1), m.group(1)) if m else None
 
@@ -160,6 +161,10 @@ class Server:
     def decode_args(self, req, what: str, num_samples: int = 1, max_new: Optional[int] = None):
         """(spec, sampling, decoder) of a request; errors name the request field."""
         seed = req.seed if req.seed is not None else (secrets.randbits(31) if req.temperature > 0 else 0)
+        if what == "generation" and not isinstance(req.order, str):
+            # the Engine lays a user order over its padded buffer, which a client does not see
+            raise HTTPError(400, f"order={req.order!r}: a list of group ids (one per blank token) is taken by "
+                                 f"/v1/infill; a completion takes an order name", "order")
         try:
             spec = DecodeSpec(order=req.order, group_size=req.group_size, speculative=req.speculative,
                               threshold=req.threshold, stream=req.model_stream)
@@ -206,7 +211,21 @@ class Server:
             raise HTTPError(400, f"{rows} prompts x n={n} = {n * rows} sequences exceed the queue of "
                                  f"{self.opts.max_queue}", "n")
 
+    def infill_order(self, text: str, groups: list) -> np.ndarray:
+        """A client's group ids, one per blank token in text order, laid over the buffer Engine.infill
+        decodes the text in (its bucket; the ids at known positions are never read)."""
+        ids, known, _ = text_lib.parse_masked(text, self.tok)
+        blanks = np.flatnonzero(~known)
+        if len(groups) != len(blanks):
+            raise HTTPError(400, f"order has {len(groups)} group ids; the text has {len(blanks)} blank tokens "
+                                 f"(one id each)", "order")
+        order = np.zeros(self.engine.bucket(len(ids)), np.int64)
+        order[blanks] = groups
+        return order
+
     async def run_job(self, fn):
+        """fn() on the scheduler thread. What the Engine refuses (ValueError: its checks name the setting)
+        is the request's fault, 400; any other exception is the server's, 500 (the scheduler goes on)."""
         try:
             fut = self.scheduler.submit_job(fn)
         except QueueFull as e:
@@ -216,13 +235,14 @@ class Server:
         except asyncio.TimeoutError:
             fut.cancel()
             raise HTTPError(504, f"the request took longer than {self.opts.timeout:g} s") from None
-        except (DecodeError, ObjectiveError, ValueError) as e:
+        except ValueError as e:  # DecodeError, ObjectiveError, a bad grouping: the Engine's checks
             raise HTTPError(400, str(e), _param_of(str(e))) from None
 
     # ------------------------------------------------------------------ generation
 
-    def start_generation(self, prompts: list, max_new: int, spec, sp, decoder, stops) -> tuple:
-        """(choices, events queue, job future or None): lanes when the spec fits one, else a Job."""
+    async def start_generation(self, prompts: list, max_new: int, spec, sp, decoder) -> tuple:
+        """(choices, events queue): lanes when the spec fits one, else a Job on the Engine, awaited here so
+        that its errors get their status (400 for what the Engine refuses) before any byte is sent."""
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
         n = sp.num_samples
@@ -246,35 +266,16 @@ class Server:
                 self.scheduler.submit(seqs)
             except QueueFull as e:
                 raise HTTPError(429, str(e), headers={"Retry-After": str(self.opts.retry_after)}) from None
-            return choices, events, None
+            return choices, events
         # the Engine, as a batch of its own
-        choices = [_Choice(i, None) for i in range(len(prompts) * n)]
-
-        def job():
-            return self.engine.generate(prompts, max_new, dataclasses.replace(spec), sp)
-
-        try:
-            fut = self.scheduler.submit_job(job)
-        except QueueFull as e:
-            raise HTTPError(429, str(e), headers={"Retry-After": str(self.opts.retry_after)}) from None
-
-        def done(f):
-            def deliver():
-                if f.cancelled():
-                    return
-                if f.exception() is not None:
-                    for c in choices:
-                        events.put_nowait((c.index, "error", f"{type(f.exception()).__name__}: {f.exception()}"))
-                    return
-                for c, comp in zip(choices, f.result()):
-                    eos_hit = len(comp.tokens) and int(comp.tokens[-1]) == self.engine.cfg.eos_token_id
-                    events.put_nowait((c.index, "tokens", ([int(x) for x in comp.tokens],
-                                                           [float(x) for x in comp.logprobs])))
-                    events.put_nowait((c.index, "done", "stop" if eos_hit else "length"))
-            loop.call_soon_threadsafe(deliver)
-
-        fut.add_done_callback(done)
-        return choices, events, fut
+        comps = await self.run_job(lambda: self.engine.generate(prompts, max_new, dataclasses.replace(spec), sp))
+        choices = [_Choice(i, None) for i in range(len(comps))]
+        self.metrics.generated(sum(len(comp.tokens) for comp in comps))
+        for c, comp in zip(choices, comps):
+            eos_hit = len(comp.tokens) and int(comp.tokens[-1]) == self.engine.cfg.eos_token_id
+            events.put_nowait((c.index, "tokens", ([int(x) for x in comp.tokens], [float(x) for x in comp.logprobs])))
+            events.put_nowait((c.index, "done", "stop" if eos_hit else "length"))
+        return choices, events
 
     def apply(self, c: _Choice, ev: str, payload, stops: list) -> None:
         """Folds one scheduler event into its choice (text, stop strings, finish reason)."""
@@ -386,7 +387,7 @@ def create_app(engine: Engine, opts: Optional[ServeOptions] = None) -> FastAPI:
         srv.check_n(n, len(prompts))
         srv.check_lengths(prompts, max_new)
         srv.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-        choices, events, _ = srv.start_generation(prompts, max_new, spec, sp, decoder, stops)
+        choices, events = await srv.start_generation(prompts, max_new, spec, sp, decoder)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -413,7 +414,7 @@ def create_app(engine: Engine, opts: Optional[ServeOptions] = None) -> FastAPI:
             if bad:
                 raise HTTPError(500, f"decoding failed: {bad[0].error}")
             if any(c.finish == "timeout" for c in choices):
-                raise HTTPError(504, f"the request took longer than {opts.timeout:g} s")
+                raise HTTPError(504, f"the request took longer than {srv.opts.timeout:g} s")
             body = [choice_body(c, c.text, c.finish, False) for c in choices]
             if kind != "chat" and echo:
                 for b, c in zip(body, choices):
@@ -519,6 +520,8 @@ def create_app(engine: Engine, opts: Optional[ServeOptions] = None) -> FastAPI:
             text = f"{req.prefix or ''}[MASK:{req.length}]{req.suffix or ''}"
         if not text_lib.MASK_RE.search(text):
             raise HTTPError(400, "text has no blank: mark each one as [MASK:n] (n = tokens to fill)", "text")
+        if any(int(n) < 1 for n in text_lib.MASK_RE.findall(text)):
+            raise HTTPError(400, "text has a blank [MASK:0]: a blank fills at least one token", "text")
         spec, sp, _ = srv.decode_args(req, "infilling", req.n)
         srv.check_n(req.n, 1)
         started = time.monotonic()
@@ -527,6 +530,8 @@ def create_app(engine: Engine, opts: Optional[ServeOptions] = None) -> FastAPI:
         if len(ids) + blanks > srv.max_len:
             raise HTTPError(400, f"text of {len(ids) + blanks} tokens (blanks included) exceeds the context of "
                                  f"{srv.max_len}", "text")
+        if not isinstance(req.order, str):
+            spec = dataclasses.replace(spec, order=srv.infill_order(text, req.order))
         rows = await srv.run_job(lambda: srv.engine.infill([text], spec=spec, sampling=sp))
         srv.metrics.latency.labels("/v1/infill").observe(time.monotonic() - started)
         srv.metrics.generated(blanks * len(rows))

@@ -25,7 +25,7 @@ class DecodeFields(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0 = off)")
     seed: Optional[int] = None
-    order: Order = Field("left_to_right", description="extension: a3jax.decode order, or group ids per blank")
+    order: Order = Field("left_to_right", description="extension: an a3jax.decode order name, or (infill) one group id per blank token")
     group_size: Optional[int] = Field(None, ge=1, description="extension: tokens committed per step")
     speculative: int = Field(0, ge=0, description="extension: self-speculative draft block (0 = off)")
     threshold: Optional[float] = Field(None, gt=0.0, le=1.0, description="extension: dynamic orders")

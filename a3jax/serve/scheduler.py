@@ -210,6 +210,8 @@ class Scheduler:
                 q.remove(seq)
                 seq.cancel("timeout")
                 seq.sink("done", seq.cancelled)
+                if self.metrics is not None:
+                    self.metrics.finished.labels(seq.cancelled).inc()
 
     def _take_admissions(self) -> list:
         out = []
