@@ -175,6 +175,23 @@ def test_engine_infill_compiles_nothing_new_within_a_bucket(engine, spec):
             np.testing.assert_allclose(f.logprobs, logprobs, atol=1e-5, err_msg=text)
 
 
+def test_engine_infill_lays_a_user_order_over_its_buffer(engine):
+    """A grouping given per position of the text (the buffer is a longer bucket) decodes as the plain
+    call on the unpadded row; one of the wrong length is an error that says so."""
+    text = "ab[MASK:5]cd"
+    ids, known, _ = parse_masked(text, engine.tokenizer)
+    order = np.zeros(len(ids), np.int64)
+    order[~known] = [2, 0, 2, 1, 0]  # steps: {1, 4}, then {3}, then {0, 2}
+    spec = DecodeSpec(order=order)
+    got, = engine.infill(text, spec=spec)
+    (tokens, logprobs), = _unpadded_infill(engine, [text], spec)
+    np.testing.assert_array_equal(got.tokens, tokens)
+    np.testing.assert_allclose(got.logprobs, logprobs, atol=1e-5)
+    assert got.steps == 3
+    with pytest.raises(ValueError, match=r"user grouping has shape \(3,\)"):
+        infill(engine.cfg, engine.params, ids[None], known[None], DecodeSpec(order=np.array([0, 1, 2])))
+
+
 def test_engine_score_runs_fixed_batches(engine):
     """Another number of texts and other lengths in one length bucket compile nothing new; each
     score is the exact log-likelihood of the text's own unpadded row."""

@@ -145,7 +145,7 @@ class Engine:
             rows = seqs[a:b] + [filler] * (per - (b - a))
             seed = _chunk_seeds(sp, a, b, len(rows))
             t = self.bucket(max(len(s) for s in rows) + max_new_tokens)
-            res = api.generate(self.cfg, self.params, rows, max_new_tokens, spec,
+            res = api.generate(self.cfg, self.params, rows, max_new_tokens, _lay_order(spec, a, b, per, t),
                                dataclasses.replace(sp, seed=seed), buffer_length=t)
             for r in range((b - a) * n):
                 i = a + r // n
@@ -191,8 +191,8 @@ class Engine:
             for j, (ids, k) in enumerate(chunk):
                 tokens[j, :len(ids)], kn[j, :len(ids)], valid[j, :len(ids)] = ids, k, True
             seed = _chunk_seeds(sp, a, b, len(chunk))
-            res = api.infill(self.cfg, self.params, tokens, kn, spec, dataclasses.replace(sp, seed=seed), valid,
-                             fixed_shapes=True)
+            res = api.infill(self.cfg, self.params, tokens, kn, _lay_order(spec, a, b, per, t),
+                             dataclasses.replace(sp, seed=seed), valid, fixed_shapes=True)
             for r in range((b - a) * sp.num_samples):
                 i = a + r // sp.num_samples
                 n_i = len(rows[i][0])
@@ -218,6 +218,22 @@ class Engine:
                            stream=stream)
         return [Scored(t, r["tokens"], r["log_likelihood"], r["nll_per_token"], r["ppl"], r["bits_per_byte"])
                 for t, r in zip(texts, rows)]
+
+
+def _lay_order(spec: DecodeSpec, a: int, b: int, rows: int, t: int) -> DecodeSpec:
+    """The spec with a user-given grouping (group ids per position: [T] for every request, or one row
+    per request [N, T]) laid over a chunk's buffer: requests a..b, `rows` rows, `t` positions (the
+    padding's ids are never read: padding is not blank)."""
+    if isinstance(spec.order, str):
+        return spec
+    order = np.asarray(spec.order)
+    if order.shape[-1] > t:
+        raise DecodeError(f"DecodeSpec.order has {order.shape[-1]} group ids per row, more than the row's "
+                          f"{t} positions")
+    if order.ndim == 2 and order.shape[0] != 1:
+        order = order[a:b]
+        order = np.concatenate([order, np.zeros((rows - len(order), order.shape[1]), order.dtype)])
+    return dataclasses.replace(spec, order=np.pad(order, [(0, 0)] * (order.ndim - 1) + [(0, t - order.shape[-1])]))
 
 
 def _chunk_seeds(sp: SamplingParams, a: int, b: int, rows: int):

@@ -67,9 +67,9 @@ def fixed_steps(kind: str, name: str, user, blank: np.ndarray, group_size: int, 
     int, or one per row [B] (the random order's permutation of row r comes from seed[r])."""
     b, t = blank.shape
     if kind == "user":
-        g = np.broadcast_to(user, (b, t)) if user.ndim == 1 or user.shape[0] == 1 else user
-        if g.shape != (b, t):
+        if user.shape[-1] != t or (user.ndim == 2 and user.shape[0] not in (1, b)):
             raise OrderError(f"user grouping has shape {user.shape} but tokens have shape {(b, t)}")
+        g = np.broadcast_to(user, (b, t))
         steps = np.full((b, t), -1, np.int64)
         for r in range(b):  # host-side preparation: dense rank of the row's blank group values
             _, inv = np.unique(g[r][blank[r]], return_inverse=True)

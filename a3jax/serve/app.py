@@ -212,14 +212,14 @@ class Server:
                                  f"{self.opts.max_queue}", "n")
 
     def infill_order(self, text: str, groups: list) -> np.ndarray:
-        """A client's group ids, one per blank token in text order, laid over the buffer Engine.infill
-        decodes the text in (its bucket; the ids at known positions are never read)."""
+        """A client's group ids, one per blank token in text order, as one id per token of the text
+        (the ids at known positions are never read)."""
         ids, known, _ = text_lib.parse_masked(text, self.tok)
         blanks = np.flatnonzero(~known)
         if len(groups) != len(blanks):
             raise HTTPError(400, f"order has {len(groups)} group ids; the text has {len(blanks)} blank tokens "
                                  f"(one id each)", "order")
-        order = np.zeros(self.engine.bucket(len(ids)), np.int64)
+        order = np.zeros(len(ids), np.int64)
         order[blanks] = groups
         return order
 
