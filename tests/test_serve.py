@@ -7,6 +7,8 @@ import dataclasses
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -227,15 +229,27 @@ def test_many_concurrent_requests_each_equal_their_sequential_result(live):
     assert httpx.get(live.url + "/health").json()["slots_busy"] == 0
 
 
-def test_a_client_gone_mid_stream_frees_its_slot(live):
+# A streaming client in its own process, printing each event line as it arrives.
+STREAM_CLIENT = """
+import json, sys, httpx
+with httpx.stream("POST", sys.argv[1], json=json.loads(sys.argv[2]), timeout=60) as r:
+    for line in r.iter_lines():
+        if line:
+            print(line, flush=True)
+"""
+
+
+def test_a_client_killed_mid_stream_frees_its_slot(live):
     before = metric(live, "a3jax_sequences_finished_total", reason="cancelled")
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": MAX_LEN - 10, "temperature": 0, "stream": True,
-            "extra_body": None}
-    body.pop("extra_body")
-    with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:
-        first = next(line for line in r.iter_lines() if line)
-        assert first.startswith("data: ")
-    # the connection is closed: the server cancels the sequence and frees the slot
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": MAX_LEN - 10, "temperature": 0, "stream": True}
+    client = subprocess.Popen([sys.executable, "-c", STREAM_CLIENT, live.url + "/v1/completions", json.dumps(body)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().startswith("data: ")
+    finally:
+        client.kill()  # SIGKILL mid-stream: the kernel closes its socket, nobody says goodbye
+        client.wait()
+    # the server notices the dead connection, cancels the sequence and frees the slot
     t0 = time.monotonic()
     while metric(live, "a3jax_sequences_finished_total", reason="cancelled") <= before:
         assert time.monotonic() - t0 < 20, "the cancelled stream's slot was not freed"
