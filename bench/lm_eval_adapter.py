@@ -186,8 +186,8 @@ def main():
         tasks = make_tasks(d, a.mc, a.gen, a.max_gen)
         # lm-eval builds each task's dataset on its first load: done once here, untimed, so that neither
         # model's timed run pays it
-        from lm_eval.tasks import TaskManager, get_task_dict
-        get_task_dict(["bench_mc", "bench_gen"], TaskManager(include_path=tasks))
+        from lm_eval.tasks import TaskManager
+        TaskManager(include_path=tasks).load(["bench_mc", "bench_gen"])
         results = {}
         for name, make in (("a3jax", ours), ("hf", theirs)):
             t = time.perf_counter()
