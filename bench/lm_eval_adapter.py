@@ -10,7 +10,8 @@ byte-level tokenizer; both sides read the same directory. --model smollm2: the p
 (SmolLM2-135M-Instruct's GGUF where `make install` put it), converted by `a3jax convert gguf-to-a3`;
 a3jax loads that checkpoint (its own tokenizer) as `--model_args ckpt=...` would, and lm-eval's `hf`
 model loads the same weights exported by `a3jax convert a3-to-hf` (model and tokenizer from that
-local directory: nothing is downloaded).
+local directory: nothing is downloaded). An untimed one-document run with the hf model goes first:
+lm-eval builds the task datasets and imports its metrics on a process's first evaluation.
 """
 from __future__ import annotations
 
@@ -184,15 +185,19 @@ def main():
         os.environ["HF_DATASETS_CACHE"] = os.path.join(d, "datasets")  # before `datasets` is imported
         ours, theirs = (tiny_models if a.model == "tiny" else smollm2_models)(d, a)
         tasks = make_tasks(d, a.mc, a.gen, a.max_gen)
-        # lm-eval builds each task's dataset on its first load: done once here, untimed, so that neither
-        # model's timed run pays it
-        from lm_eval.tasks import TaskManager
-        TaskManager(include_path=tasks).load(["bench_mc", "bench_gen"])
         results = {}
-        for name, make in (("a3jax", ours), ("hf", theirs)):
+        for name, make in (("warm-up", theirs), ("a3jax", ours), ("hf", theirs)):
             t = time.perf_counter()
             lm = make()
             load = time.perf_counter() - t
+            if name == "warm-up":
+                # untimed, one document per task: lm-eval builds the datasets and imports its metrics
+                # on the first evaluation of a process, which neither timed run should pay
+                from lm_eval import simple_evaluate
+                from lm_eval.tasks import TaskManager
+                simple_evaluate(model=lm, tasks=["bench_mc", "bench_gen"], limit=1, bootstrap_iters=0,
+                                task_manager=TaskManager(include_path=tasks))
+                continue
             res, lls, gens = run(lm, tasks)
             results[name] = dict(res, load_s=load, lls=lls, gens=gens)
             del lm
