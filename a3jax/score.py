@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -193,10 +194,11 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int = 0, samples: int = MDLM_SAMPLES,
-               seed: int = 0, stream: str = "query"):
+               seed: int = 0, stream: str = "query", length: Optional[int] = None):
     """rows: [(ids, groups, target mask)] -> [(sum of log p over the target, every target token the
     greedy choice?)], one forward pass per batch. Rows are padded into [batch_size, bucket] batches
-    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket. stream="content": the
+    (a3jax.data.rows.pad_rows), so a call compiles once per length bucket; `length` (>= the longest
+    row) pads every batch to that one length instead: one compile per call. stream="content": the
     causal content stream (AR rows only); a model whose scorer is the content stream (ar) always
     scores so. A NELBO-scored model (mdlm) gets (-NELBO from `samples` maskings, greedy with every
     target masked) instead: the groups are ignored (the target is whatever the mask says)."""
@@ -217,7 +219,9 @@ def score_rows(cfg: ModelConfig, params, rows, batch_size: int = 8, pad_id: int 
         longest = max(len(r[0]) for r in chunk)
         if longest > limit:
             raise ScoreError(f"a sequence of {longest} tokens exceeds max_position_embeddings={limit}")
-        lay = rows_lib.pad_rows(chunk, min(bucket(longest), limit), batch_size, pad_id)
+        if length is not None and longest > length:
+            raise ScoreError(f"a sequence of {longest} tokens exceeds length={length}")
+        lay = rows_lib.pad_rows(chunk, length or min(bucket(longest), limit), batch_size, pad_id)
         try:
             validate_inputs(cfg, lay.tokens, lay.positions, lay.groups, lay.segment_ids)
         except InputError as e:
