@@ -219,7 +219,7 @@ def _plot(curves: dict, path: str) -> None:
         rw = [(r["step"], r["reward_mean"]) for r in recs if "reward_mean" in r]
         if rw:
             ax2.plot(*zip(*rw), label=name)
-    ax1.set(xlabel="RL step", ylabel="greedy exact match (held out, rollout setting)", title="eval accuracy")
+    ax1.set(xlabel="RL step", ylabel="greedy accuracy, eval prompts (rollout setting)", title="eval accuracy")
     ax2.set(xlabel="RL step", ylabel="mean reward of the rollouts", title="rollout reward")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
