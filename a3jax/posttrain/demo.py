@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                   date=time.strftime("%Y-%m-%d"), sft_steps=sft_steps, times_s=times, table=table, curves=curves)
     with open(os.path.join(a.out, "demo.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| model | greedy accuracy (mean reward), k=1 | k=4 | mdlm (confidence, 1 per step) |", "|---|---|---|---|"]
+    lines = ["| model | greedy accuracy, k=1 | k=4 | mdlm (confidence, 1 per step) |", "|---|---|---|---|"]
     fmt = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for r in table:
         lines.append(f"| {r['model']} | {fmt(r.get('a3_k1'))} | {fmt(r.get('a3_k4'))} | {fmt(r.get('mdlm_confidence'))} |")
