@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+from a3jax.config import load_config
 from a3jax.posttrain import config as rl_config, rewards
 from a3jax.posttrain.demo import any_answer, make_pairs, pair_answers
 
@@ -60,7 +61,9 @@ def test_sft_data_is_valid_and_covers_several_answers(tmp_path):
             assert len(r["answers"]) >= 2 and all(any_answer(x, r) for x in r["answers"])
 
 
-def test_rl_config_names_the_reward():
+def test_configs_load_and_name_the_reward():
     cfg = rl_config.load(os.path.join(ROOT, "configs", "rl", "pairs.yaml"))
     built = rewards.build([(r.name, r.weight, r.args) for r in cfg.rewards])
     assert [r.fn for r in built] == [any_answer] and cfg.decode.group_size == 1
+    sft = load_config(os.path.join(ROOT, "configs", "sft", "pairs.yaml"))
+    assert sft.train.objective == "a3" and sft.data.format == "sft" and sft.total_steps == 400
