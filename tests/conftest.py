@@ -17,8 +17,9 @@ if "xla_force_host_platform_device_count" not in flags:
 if "xla_backend_optimization_level" not in flags:
     flags += " --xla_backend_optimization_level=0"
 # jaxlib 0.10's MLIR fusion emitters compile elementwise fusions about twice as slowly as its older
-# emitters (the suite's tests run in about half the CPU time without them). Same float semantics; the
-# flag is gone in later jaxlibs (which abort on an unknown flag), so only where it exists.
+# emitters (the suite's tests run in about half the CPU time without them). No fast-math either way,
+# and tests compare runs made under the same flags. The flag is gone in later jaxlibs (which abort on
+# an unknown flag), so only where it exists.
 CPU_ONLY_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 if _jaxlib_version() < (0, 11) and "xla_cpu_use_fusion_emitters" not in flags:
     flags += " " + CPU_ONLY_FLAGS[0]

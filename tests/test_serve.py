@@ -299,6 +299,14 @@ def test_infill_and_score_endpoints_equal_the_engine(live):
     same = httpx.post(live.url + "/v1/infill", json={"prefix": "ab", "suffix": "cd", "length": 3,
                                                      "order": "confidence", "group_size": 1}).json()
     assert same["choices"][0]["text"] == want.text
+    # the parallel settings reach the Engine: a confidence threshold, self-speculative drafts
+    for settings, spec in [({"order": "confidence", "threshold": 0.3}, DecodeSpec(order="confidence", threshold=0.3)),
+                           ({"order": "left_to_right", "speculative": 2}, DecodeSpec(speculative=2))]:
+        r = httpx.post(live.url + "/v1/infill", json={"text": "x[MASK:6]yz", "temperature": 0, **settings})
+        assert r.status_code == 200, r.text
+        want, = live.engine.infill("x[MASK:6]yz", spec=spec)
+        assert r.json()["choices"][0]["text"] == want.text, settings
+        np.testing.assert_allclose(r.json()["choices"][0]["log_likelihood"], float(np.sum(want.logprobs)), rtol=1e-5)
     r = httpx.post(live.url + "/v1/score", json={"input": ["hello world", "abc"], "grouping": "random:4"})
     assert r.status_code == 200, r.text
     for row, w in zip(r.json()["data"], live.engine.score(["hello world", "abc"], grouping="random:4")):
@@ -394,3 +402,27 @@ def test_a_request_past_its_deadline_is_cut_off_and_frees_its_slot(live, monkeyp
     monkeypatch.undo()
     assert metric(live, "a3jax_sequences_finished_total", reason="timeout") >= before + 2
     assert httpx.get(live.url + "/health").json()["slots_busy"] == 0
+
+
+def test_stop_past_its_deadline_cancels_running_and_waiting_sequences():
+    """Shutdown: what is still running when the deadline passes, and what never got a slot, ends with
+    finish reason 'cancelled' (each client hears 'done'), and the scheduler thread exits."""
+    from a3jax.serve.scheduler import Scheduler, Seq
+    from a3jax.serve.slots import Lane
+    cfg, params = tiny(TINY_BYTE)
+    tok = load_tokenizer("byte")
+    scheduler = Scheduler({("query", 1): Lane(cfg, params, "query", 1, 2, 128)}, max_queue=8)
+    ends = {}
+    seqs = [Seq([tok.bos_id] + tok.encode(p), 100, ("query", 1),
+                (lambda i: lambda ev, payload: ends.__setitem__(i, payload) if ev == "done" else None)(i))
+            for i, p in enumerate(["Hello", "ab", "xyz", "The cat"])]  # 2 slots: two wait
+    scheduler.start()
+    scheduler.submit(seqs)
+    t0 = time.monotonic()
+    while scheduler.busy() < 2:
+        assert time.monotonic() - t0 < 60, "the first two sequences were never admitted"
+        time.sleep(0.005)
+    scheduler.stop(timeout=0.0)  # 100 tokens each: nothing can have finished
+    assert not scheduler.thread.is_alive()
+    assert ends == {0: "cancelled", 1: "cancelled", 2: "cancelled", 3: "cancelled"}
+    assert all(s.generated < 100 for s in seqs)
