@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob as _pyglob
 import http.client
+import json
 import os
 import posixpath
 import shutil
@@ -28,7 +29,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Optional
+from typing import Iterator, Optional
 
 import fsspec
 
@@ -289,6 +290,17 @@ def read_bytes(path) -> bytes:
 
 def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
     return read_bytes(path).decode(encoding, errors)
+
+
+def read_jsonl(path, error: type = ValueError) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file (local or gs://); a line that
+    is not JSON raises `error` naming path:line."""
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not JSON ({e})") from None
 
 
 def write_bytes(path, data: bytes) -> None:

@@ -100,6 +100,19 @@ def test_score_cli(byte_ckpt, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_score_cli_names_the_bad_line_of_a_jsonl_file(byte_ckpt, tmp_path, capsys):
+    bad = tmp_path / "texts.jsonl"
+    bad.write_text('{"text": "abc"}\n\n{"text": "x"\n')  # line 3 is cut short
+    assert main(["score", "--ckpt", byte_ckpt, "--file", str(bad)]) == 2
+    assert f"{bad}:3: not JSON" in capsys.readouterr().err
+    bad.write_text('{"text": "abc"}\n["abc"]\n')
+    assert main(["score", "--ckpt", byte_ckpt, "--file", str(bad)]) == 2
+    assert f"{bad}:2: no field 'text'" in capsys.readouterr().err
+    bad.write_text('\n{"text": "abc"}\n')
+    assert main(["score", "--ckpt", byte_ckpt, "--file", str(bad), "--json"]) == 0
+    assert [r["tokens"] for r in json.loads(capsys.readouterr().out)["results"]] == [3]
+
+
 def test_score_cli_content_stream(byte_ckpt, capsys):
     """`a3jax score --stream content` is the content stream's left-to-right log-likelihood of BOS +
     the text (a3jax.score.score_rows with stream='content'), not the query stream's; it takes the

@@ -18,7 +18,6 @@ The held-out split is by key (`path:line`), as for text sources (a3jax.data.sour
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -66,14 +65,10 @@ class SFTRows:
         self.examples, self.skipped = [], 0
         if not fs.isfile(source):
             raise FileNotFoundError(f"data.source {source}: no such SFT JSONL file")
-        for n, line in enumerate(fs.read_text(source).splitlines(), 1):
+        for n, ex in fs.read_jsonl(source, SFTDataError):
             where = f"{source}:{n}"
-            if not line.strip() or not in_split(where, split, heldout_fraction):
+            if not in_split(where, split, heldout_fraction):
                 continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{where}: not JSON ({e})") from None
             ctx, resp = example_texts(ex if isinstance(ex, dict) else {}, template, where)
             c, r = list(tokenizer.encode(ctx)), list(tokenizer.encode(resp))
             if not r:

@@ -23,16 +23,13 @@ from a3jax.score import ScoreError
 def _read_texts(args) -> list[str]:
     texts = list(args.text or [])
     for path in args.file or []:
-        content = fs.read_text(path)  # local or gs://
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(content.splitlines(), 1):
-                if line.strip():
-                    obj = json.loads(line)
-                    if args.field not in obj:
-                        raise ScoreError(f"{path}:{n}: no field {args.field!r}")
-                    texts.append(obj[args.field])
+        if path.endswith(".jsonl"):  # local or gs://
+            for n, obj in fs.read_jsonl(path, ScoreError):
+                if not isinstance(obj, dict) or args.field not in obj:
+                    raise ScoreError(f"{path}:{n}: no field {args.field!r}")
+                texts.append(obj[args.field])
         else:
-            texts.append(content)
+            texts.append(fs.read_text(path))
     return texts
 
 

@@ -19,7 +19,6 @@ BOS is put before a text only when nothing else precedes the first scored token.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import string
@@ -63,13 +62,7 @@ REQUIRED = {"multiple_choice": ("context", "choices", "label"), "infill": ("left
 def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
     """kind -> examples, validated (the error names the file and line)."""
     out: dict[str, list[dict]] = {}
-    for n, line in enumerate(fs.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{n}: not JSON: {e}") from None
+    for n, obj in fs.read_jsonl(path, TaskError):
         try:
             kind = infer_kind(obj)
             missing = [k for k in REQUIRED[kind] if k not in obj]

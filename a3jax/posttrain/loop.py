@@ -47,13 +47,7 @@ def read_examples(path: str, field: str) -> list:
     if not fs.isfile(path):
         raise DataError(f"prompts file not found: {path}")
     out = []
-    for n, line in enumerate(fs.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e})") from None
+    for n, ex in fs.read_jsonl(path, DataError):
         if not isinstance(ex, dict) or not isinstance(ex.get(field), str):
             raise DataError(f"{path}:{n}: needs a string field {field!r} (the prompt)")
         out.append(ex)
