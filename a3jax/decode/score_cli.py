@@ -24,10 +24,10 @@ def _read_texts(args) -> list[str]:
     texts = list(args.text or [])
     for path in args.file or []:
         if path.endswith(".jsonl"):  # local or gs://
-            for n, obj in fs.read_jsonl(path, ScoreError):
-                if not isinstance(obj, dict) or args.field not in obj:
+            for n, rec in fs.read_jsonl(path, ScoreError):
+                if not isinstance(rec, dict) or args.field not in rec:
                     raise ScoreError(f"{path}:{n}: no field {args.field!r}")
-                texts.append(obj[args.field])
+                texts.append(rec[args.field])
         else:
             texts.append(fs.read_text(path))
     return texts

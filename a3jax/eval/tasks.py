@@ -62,19 +62,19 @@ REQUIRED = {"multiple_choice": ("context", "choices", "label"), "infill": ("left
 def load_task(path: str, limit: Optional[int] = None) -> dict[str, list[dict]]:
     """kind -> examples, validated (the error names the file and line)."""
     out: dict[str, list[dict]] = {}
-    for n, obj in fs.read_jsonl(path, TaskError):
+    for n, ex in fs.read_jsonl(path, TaskError):
         try:
-            kind = infer_kind(obj)
-            missing = [k for k in REQUIRED[kind] if k not in obj]
+            kind = infer_kind(ex)
+            missing = [k for k in REQUIRED[kind] if k not in ex]
             if missing:
                 raise TaskError(f"{kind} line lacks {missing}")
-            if kind == "multiple_choice" and not (0 <= int(obj["label"]) < len(obj["choices"])):
-                raise TaskError(f"label {obj['label']} is not an index into {len(obj['choices'])} choices")
-            if kind == "qa" and isinstance(obj["answers"], str):
-                obj["answers"] = [obj["answers"]]
+            if kind == "multiple_choice" and not (0 <= int(ex["label"]) < len(ex["choices"])):
+                raise TaskError(f"label {ex['label']} is not an index into {len(ex['choices'])} choices")
+            if kind == "qa" and isinstance(ex["answers"], str):
+                ex["answers"] = [ex["answers"]]
         except TaskError as e:
             raise TaskError(f"{path}:{n}: {e}") from None
-        out.setdefault(kind, []).append(obj)
+        out.setdefault(kind, []).append(ex)
     if limit:
         out = {k: v[:limit] for k, v in out.items()}
     if not out:
