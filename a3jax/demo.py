@@ -52,7 +52,7 @@ from a3jax.train.trainer import train
 ORDERS = ("left_to_right", "confidence", "random")
 GROUP_SIZES = (1, 2, 4)
 # The settings `make demo` runs on code: the any-order tasks show 2-per-step and the threshold
-# (docs/performance.md has every setting's numbers on code; each costs ~10 s of the budget).
+# (docs/demo.md has every setting's numbers on code; each costs ~10 s of the budget).
 CODE_PARALLEL = ("group:1", "group:4", "speculative:4")
 THRESHOLD = 0.9
 SPECULATIVE = 4

@@ -1,4 +1,4 @@
-"""The sweep behind configs/demo/*.yaml (docs/performance.md, "The demo").
+"""The sweep behind configs/demo/*.yaml (docs/demo.md, "How the configuration was chosen").
 
 Short ar-objective pretraining runs of candidate demo models on the embedded stdlib corpus, each for
 the same number of steps: held-out nats/byte (byte tokenizer: nats/token = nats/byte) against the
