@@ -36,6 +36,7 @@ from a3jax.posttrain import config as config_lib
 from a3jax.posttrain import grpo, policy, rewards as rewards_lib, rollout as rollout_lib
 from a3jax.model import param_shapes, param_shardings
 from a3jax.sharding import activate, make_mesh, rules_of
+from a3jax.train.metrics import read_records
 from a3jax.train.state import create_state, make_optimizer, state_shardings
 
 
@@ -70,13 +71,13 @@ def step_indices(n: int, per_step: int, step: int, seed: int) -> np.ndarray:
 
 
 def _truncate(path: str, last_step: int) -> int:
-    """Keeps the lines of a JSONL log with step <= last_step (a resumed run rewrites the rest); returns
-    the lines kept."""
+    """Keeps the records of a JSONL log with step <= last_step (a resumed run rewrites the rest; a line
+    torn by a kill is dropped, as the trainer's metrics do); returns the records kept."""
     if not os.path.isfile(path):
         return 0
-    keep = [ln for ln in open(path).read().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    keep = [rec for rec in read_records(path) if int(rec.get("step", 0)) <= last_step]
     with open(path, "w") as f:
-        f.write("".join(ln + "\n" for ln in keep))
+        f.write("".join(json.dumps(rec) + "\n" for rec in keep))
     return len(keep)
 
 

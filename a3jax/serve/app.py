@@ -162,7 +162,7 @@ class Server:
         """(spec, sampling, decoder) of a request; errors name the request field."""
         seed = req.seed if req.seed is not None else (secrets.randbits(31) if req.temperature > 0 else 0)
         if what == "generation" and not isinstance(req.order, str):
-            # the Engine lays a user order over its padded buffer, which a client does not see
+            # group ids would have to cover the prompt's and the new tokens' positions: not a client's layout
             raise HTTPError(400, f"order={req.order!r}: a list of group ids (one per blank token) is taken by "
                                  f"/v1/infill; a completion takes an order name", "order")
         try:
