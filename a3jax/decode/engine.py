@@ -114,8 +114,7 @@ class Engine:
 
     def _text(self, ids) -> str:
         """The text of generated ids, the tokenizer's pad and EOS left out."""
-        tok = self._tok()
-        return tok.decode([int(x) for x in ids if int(x) not in (tok.pad_id, tok.eos_id)])
+        return text_lib.completion_text(self._tok(), ids)
 
     def _tok(self):
         if self.tokenizer is None:

@@ -26,6 +26,11 @@ def prompt_ids(tok, text: str, content: bool) -> list:
     return ([tok.bos_id] if bos else []) + ids
 
 
+def completion_text(tok, ids) -> str:
+    """The text of generated ids, the tokenizer's pad and EOS left out."""
+    return tok.decode([int(x) for x in ids if int(x) not in (tok.pad_id, tok.eos_id)])
+
+
 def parse_masked(text: str, tok):
     """Text with [MASK:n] blanks -> (ids, known, spans): ids start with BOS (known); each blank is n
     placeholder tokens (a3jax.data.rows.placeholder_id); spans are the blanks' (start, end) token ranges."""

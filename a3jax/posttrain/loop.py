@@ -158,7 +158,7 @@ class Runner:
     def score(self, examples: list, completions: list, group: int) -> np.ndarray:
         out = []
         for i, ids in enumerate(completions):
-            text = rollout_lib.decode_text(self.tok, ids)
+            text = text_lib.completion_text(self.tok, ids)
             out.append(rewards_lib.score(self.rewards, text, examples[i // group], i // group))
         return np.asarray(out, np.float32)
 
@@ -216,7 +216,7 @@ class Runner:
         for g in range(min(len(examples), max(room, 0))):
             i = g * c.group_size
             lines.append(json.dumps(dict(step=step, prompt=examples[g][c.prompt_field],
-                                         completion=rollout_lib.decode_text(self.tok, roll.completions[i]),
+                                         completion=text_lib.completion_text(self.tok, roll.completions[i]),
                                          reward=float(rewards[i]), logprob=float(seq_lp[i]), decoding=setting)))
         self._logged += len(lines)
         with open(self.rollouts_path, "a") as f:
@@ -282,7 +282,7 @@ def evaluate(model_cfg, params, tok, rewards: list, examples: list, field: str, 
         prompts += [prompts[-1]] * (batch - len(prompts))
         roll = rollout_lib.generate_group(model_cfg, params, prompts, 1, max_new_tokens, spec, 0.0, 0, 1.0, 0, buffer)
         for i, ex in enumerate(chunk):
-            scores.append(rewards_lib.score(rewards, rollout_lib.decode_text(tok, roll.completions[i]), ex, a + i))
+            scores.append(rewards_lib.score(rewards, text_lib.completion_text(tok, roll.completions[i]), ex, a + i))
     return float(np.mean(scores))
 
 

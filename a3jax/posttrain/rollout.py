@@ -102,11 +102,6 @@ def generate_group(cfg, params, prompts: list, group: int, max_new_tokens: int, 
                    int(steps))
 
 
-def decode_text(tok, ids) -> str:
-    """A completion's text, EOS and PAD left out."""
-    return tok.decode([i for i in ids if i not in (tok.eos_id, tok.pad_id)])
-
-
 def default_buffer(longest_prompt: int, max_new_tokens: int, limit: Optional[int] = None) -> int:
     """A buffer holding every prompt + max_new_tokens, rounded up to a multiple of 16."""
     n = -(-(longest_prompt + max_new_tokens) // 16) * 16
