@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -43,7 +44,7 @@ from a3jax.decode.cache import cached_step_logits, prefill
 from a3jax.layout import LAYOUT_KEYS, Layout
 from a3jax.model import KVCache, choose_kernel, dtype_of, param_count, param_shapes, param_shardings
 from a3jax.model.pallas_attention import compile_target
-from a3jax.sharding import activate, batch_sharding, cache_shardings, make_mesh, rules_of
+from a3jax.sharding import abstract_mesh, activate, batch_sharding, cache_shardings, make_mesh, rules_of
 from a3jax.train import metrics as metrics_lib
 from a3jax.train.state import abstract_state, make_optimizer, state_shardings
 from a3jax.train.step import make_train_step
@@ -52,12 +53,20 @@ from a3jax.train.step import make_train_step
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 FAMILY_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
 PROGRAMS = ("train", "prefill", "decode")
+# GPUs to lower for (`--platform cuda --gpu NAME`): the device kind JAX reports for each; the Triton
+# lowering reads the compute capability from it.
+GPU_KINDS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200", "a100": "NVIDIA A100-SXM4-80GB",
+             "b200": "NVIDIA B200", "l4": "NVIDIA L4"}
+GPU_KERNEL_CALL = "__gpu$xla.gpu.triton"  # the custom call a Pallas Triton kernel lowers to
 
 USAGE = """\
 usage: a3jax compile CONFIG.yaml --topology v5p:4x4x4 [options] [key.sub=value ...]
+       a3jax compile CONFIG.yaml --platform cuda [--gpus N] [--gpu h100] [options] [key.sub=value ...]
 
 Compiles the train step (and the cached decode programs) of CONFIG for a TPU slice on this host and
 reports per-device memory, FLOPs and whether it fits the chip's HBM. Needs `pip install libtpu`.
+With --platform cuda it lowers them for N GPUs instead (compiling needs the GPUs): the attention
+kernel `auto` picks there, the Triton kernels in each program, and any lowering error, before a run.
 
 options:
   --topology NAME      TPU slice, FAMILY:SHAPE (v4:2x2x2, v5e:2x2, v5e:4x4, v5p:4x4x4, v6e:4x4, ...)
@@ -67,10 +76,15 @@ options:
   --group-size N       tokens committed and queried per decode step (default: 4)
   --hbm-gib X          HBM per chip, overriding the table (v4 32, v5e 16, v5p 95, v6e 32)
   --json PATH          also write the report as JSON
+  --platform cuda      lower for GPUs instead of compiling for a TPU slice (no --topology)
+  --gpus N             GPUs the mesh spans with --platform (default 1)
+  --gpu NAME           the GPU to lower for: h100, h200, a100, b200, l4 (default h100)
 
-exit status: 0 everything fits; 3 something does not fit; 1 bad config, topology or missing libtpu.
-example:
+exit status: 0 everything fits (with --platform: everything lowers); 3 something does not fit;
+1 bad config, topology, missing libtpu, or a program that does not lower.
+examples:
   a3jax compile configs/pod/llama3.1-8b-v5p.yaml --topology v5p:4x4x4
+  a3jax compile configs/recipe/llama3.2-1b.yaml --platform cuda --gpus 8
 """
 
 
@@ -145,8 +159,20 @@ def _abstract(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def lower_train(cfg, mesh, rules):
-    """(lowered, description) of the real train step over `mesh`."""
+def _lower(fn, args, mesh, rules, platform):
+    """`fn.lower(*args)` for the mesh's own devices, or, with `platform` ('cuda', 'rocm'), a
+    `jax.export.Exported` lowered for that platform without its devices (compiling needs them).
+    Pallas GPU kernels are custom calls without export compatibility guarantees; the export is for
+    inspection on this host, never serialised, so that check is turned off for them."""
+    with activate(mesh, rules):
+        if platform is None:
+            return fn.lower(*args)
+        checks = [jax.export.DisabledSafetyCheck.custom_call(GPU_KERNEL_CALL)]
+        return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
+
+
+def lower_train(cfg, mesh, rules, platform: str | None = None):
+    """(lowered, description) of the real train step over `mesh` (see `_lower` for `platform`)."""
     optimizer, schedule = make_optimizer(cfg.train.optimizer, cfg.total_steps,
                                          [s.steps for s in cfg.data.stages])
     pshapes = param_shapes(cfg.model)
@@ -157,8 +183,7 @@ def lower_train(cfg, mesh, rules):
     state = abstract_state(optimizer, pshapes, ssh)
     gbs, seq = cfg.train.global_batch_size, cfg.data.seq_len
     batch = Layout(*(_abstract((gbs, seq), jnp.int32, bsh) for _ in LAYOUT_KEYS))
-    with activate(mesh, rules):
-        lowered = step_fn.lower(state, batch)
+    lowered = _lower(step_fn, (state, batch), mesh, rules, platform)
     return lowered, {"batch": [gbs, seq], "microbatches": cfg.train.microbatches,
                      "tokens": gbs * seq}
 
@@ -177,19 +202,17 @@ def _serving_params(cfg, mesh, rules):
                         is_leaf=lambda x: isinstance(x, tuple)), psh
 
 
-def lower_prefill(cfg, mesh, rules, b, t):
+def lower_prefill(cfg, mesh, rules, b, t, platform: str | None = None):
     params, psh = _serving_params(cfg, mesh, rules)
     _, cache_sh = _decode_shardings(cfg, mesh, rules, b, t)
     bsh = batch_sharding(mesh, rules)
     fn = jax.jit(lambda p, tok, pos, grp: prefill(cfg.model, p, tok, pos, grp),
                  in_shardings=(psh, bsh, bsh, bsh), out_shardings=cache_sh)
     args = [_abstract((b, t), jnp.int32, bsh) for _ in range(3)]
-    with activate(mesh, rules):
-        lowered = fn.lower(params, *args)
-    return lowered, {"batch": [b, t], "tokens": b * t}
+    return _lower(fn, (params, *args), mesh, rules, platform), {"batch": [b, t], "tokens": b * t}
 
 
-def lower_decode(cfg, mesh, rules, b, t, c):
+def lower_decode(cfg, mesh, rules, b, t, c, platform: str | None = None):
     params, psh = _serving_params(cfg, mesh, rules)
     kv_shape, cache_sh = _decode_shardings(cfg, mesh, rules, b, t)
     bsh = batch_sharding(mesh, rules)
@@ -206,8 +229,7 @@ def lower_decode(cfg, mesh, rules, b, t, c):
                     _abstract((b, t), jnp.int32, cache_sh.groups), _abstract((b, t), jnp.int32, cache_sh.segments))
     args = (_abstract((b, t), jnp.int32, bsh), _abstract((b, c), jnp.int32, bsh), _abstract((b, c), jnp.int32, bsh),
             _abstract((b, c), jnp.bool_, bsh), _abstract((), jnp.int32, rep))
-    with activate(mesh, rules):
-        lowered = fn.lower(params, cache, *args)
+    lowered = _lower(fn, (params, cache, *args), mesh, rules, platform)
     return lowered, {"batch": [b, t], "group_size": c, "cache_bytes_global": 2 * int(_prod(kv_shape)) * jnp.dtype(dt).itemsize}
 
 
@@ -300,6 +322,65 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
     return report
 
 
+def lower_for_gpu(cfg, num_gpus: int = 1, gpu: str = "h100", programs=PROGRAMS, decode_batch: int = 0,
+                  decode_length: int = 0, group_size: int = 4, platform: str = "cuda", log=print) -> dict:
+    """Lowers `programs` of `cfg` for `num_gpus` GPUs of type `gpu` (a GPU_KINDS key) on this host,
+    without them: the mesh is an AbstractMesh, the programs are traced for GPU (`auto` resolves as
+    on a GPU and Pallas kernels lower to Triton instead of interpret mode) and exported with
+    jax.export. Reports, per program, the Triton kernels it holds; a lowering error is a CompileError."""
+    if gpu not in GPU_KINDS:
+        raise CompileError(f"--gpu {gpu!r} is not one of {', '.join(GPU_KINDS)}")
+    if num_gpus < 1:
+        raise CompileError(f"--gpus must be >= 1, got {num_gpus}")
+    for p in programs:
+        if p not in PROGRAMS:
+            raise CompileError(f"--programs: {p!r} is not one of {', '.join(PROGRAMS)}")
+    try:
+        mesh = abstract_mesh(cfg.mesh, num_gpus, GPU_KINDS[gpu])
+    except ValueError as e:
+        raise CompileError(f"mesh: {e}") from e
+    rules = rules_of(cfg.mesh)
+    b = decode_batch or cfg.train.global_batch_size
+    t = decode_length or cfg.data.seq_len
+    report = {"platform": platform, "gpu": gpu, "device_kind": GPU_KINDS[gpu], "devices": num_gpus,
+              "mesh": dict(zip(mesh.axis_names, mesh.axis_sizes)), "params": param_count(cfg.model),
+              "model": {k: getattr(cfg.model, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                          "dtype", "scan_layers", "remat", "attention")},
+              "programs": {}}
+    with compile_target("gpu"):
+        report["attention_kernel"] = choose_kernel(cfg.model, cfg.data.seq_len)
+        log(f"[a3jax compile] lowering for {num_gpus} x {GPU_KINDS[gpu]} ({platform}), mesh {report['mesh']}")
+        for prog in programs:
+            t0 = time.perf_counter()
+            try:
+                if prog == "train":
+                    exported, info = lower_train(cfg, mesh, rules, platform)
+                elif prog == "prefill":
+                    exported, info = lower_prefill(cfg, mesh, rules, b, t, platform)
+                else:
+                    exported, info = lower_decode(cfg, mesh, rules, b, t, group_size, platform)
+            except Exception as e:  # noqa: BLE001 - any lowering failure is the report's answer
+                raise CompileError(f"{prog}: does not lower for {platform}: {type(e).__name__}: {e}") from e
+            text = exported.mlir_module()
+            kernels = re.findall(r'name = "([\w.-]+)", num_stages', text)
+            info.update({"lower_s": round(time.perf_counter() - t0, 2), "stablehlo_bytes": len(text),
+                         "triton_kernels": len(kernels), "kernel_names": sorted(set(kernels))})
+            report["programs"][prog] = info
+            log(f"[a3jax compile] {prog}: lowered in {info['lower_s']} s, {len(kernels)} Triton kernel call(s)")
+    return report
+
+
+def format_gpu_report(rep: dict) -> str:
+    lines = [f"{rep['devices']} x {rep['device_kind']} ({rep['platform']}); mesh {rep['mesh']}",
+             f"model: {rep['params']:,} params, " + ", ".join(f"{k}={v}" for k, v in rep["model"].items())
+             + f"; attention kernel {rep['attention_kernel']}", ""]
+    for name, r in rep["programs"].items():
+        lines.append(f"{name}: batch {r['batch']}, lowered in {r['lower_s']} s, {r['triton_kernels']} Triton "
+                     f"kernel call(s) ({', '.join(r['kernel_names']) or 'none'})")
+    lines += ["", "lowers: yes (compiling needs the GPUs)"]
+    return "\n".join(lines)
+
+
 def _gib(x) -> str:
     if x is None:
         return "-"
@@ -350,7 +431,10 @@ def cli_main(argv) -> int:
         return 0 if argv else 2
     parser = argparse.ArgumentParser(prog="a3jax compile", usage=USAGE, add_help=False)
     parser.add_argument("args", nargs="*")
-    parser.add_argument("--topology", required=True)
+    parser.add_argument("--topology", default="")
+    parser.add_argument("--platform", default="")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--gpu", default="h100")
     parser.add_argument("--programs", default=",".join(PROGRAMS))
     parser.add_argument("--decode-batch", type=int, default=0)
     parser.add_argument("--decode-length", type=int, default=0)
@@ -363,13 +447,19 @@ def cli_main(argv) -> int:
     except ConfigError as e:
         print(f"a3jax compile: {e}", file=sys.stderr)
         return 2
+    programs = tuple(p.strip() for p in ns.programs.split(",") if p.strip())
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    if ns.platform:
+        return _gpu_main(ns, path, overrides, programs, log)
+    if not ns.topology:
+        print("a3jax compile: give --topology (a TPU slice) or --platform cuda (GPUs)", file=sys.stderr)
+        return 2
     _quiet_libtpu_env(ns.topology)
 
     try:
         cfg = load_config(path, overrides)
-        rep = compile_report(cfg, ns.topology, tuple(p.strip() for p in ns.programs.split(",") if p.strip()),
-                             ns.decode_batch, ns.decode_length, ns.group_size, ns.hbm_gib,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        rep = compile_report(cfg, ns.topology, programs, ns.decode_batch, ns.decode_length, ns.group_size,
+                             ns.hbm_gib, log=log)
     except (ConfigError, CompileError) as e:
         print(f"a3jax compile: {e}", file=sys.stderr)
         return 1
@@ -379,6 +469,27 @@ def cli_main(argv) -> int:
     if ns.json:
         fs.write_text(ns.json, json.dumps(rep, indent=2))  # local or gs://
     return 0 if rep["fits"] else 3
+
+
+def _gpu_main(ns, path, overrides, programs, log) -> int:
+    if ns.platform not in ("cuda", "rocm"):
+        print(f"a3jax compile: --platform {ns.platform!r} is not one of cuda, rocm", file=sys.stderr)
+        return 2
+    if ns.topology:
+        print("a3jax compile: --topology (a TPU slice) and --platform (GPUs) exclude each other", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(path, overrides)
+        rep = lower_for_gpu(cfg, ns.gpus, ns.gpu, programs, ns.decode_batch, ns.decode_length, ns.group_size,
+                            ns.platform, log=log)
+    except (ConfigError, CompileError) as e:
+        print(f"a3jax compile: {e}", file=sys.stderr)
+        return 1
+    rep["config"], rep["overrides"] = path, overrides
+    print(format_gpu_report(rep), flush=True)
+    if ns.json:
+        fs.write_text(ns.json, json.dumps(rep, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class ModelConfig:
     block: str = "llama"  # llama (exact pre-norm LLaMA) | reference (reference code's post-norm block)
     query_init: str = "embed_mean"  # embed_mean | normal | zeros
     # Implementation.
-    attention: str = "auto"  # auto | dense | blockwise | pallas
+    attention: str = "auto"  # auto | dense | blockwise | pallas (TPU) | pallas_gpu
     attention_block_size: int = 128  # query/key block size of the blockwise and pallas kernels
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of params: float32 | bfloat16 | float16
@@ -106,7 +106,7 @@ class ModelConfig:
             "rope_type": ("default", "linear", "llama3"),
             "block": ("llama", "reference"),
             "query_init": ("embed_mean", "normal", "zeros"),
-            "attention": ("auto", "dense", "blockwise", "pallas"),
+            "attention": ("auto", "dense", "blockwise", "pallas", "pallas_gpu"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
             "remat": ("none", "full", "dots", "dots_no_batch"),

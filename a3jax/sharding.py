@@ -17,7 +17,7 @@ import contextvars
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from a3jax.config import ConfigError, MeshConfig
 
@@ -65,6 +65,15 @@ def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding
     return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def abstract_mesh(mesh_cfg: MeshConfig, num_devices: int, device_kind: str, platform: str = "gpu"):
+    """The mesh `make_mesh` would build over `num_devices` devices of `device_kind` that this host does
+    not have (lowering for them): axis sizes, names and types only."""
+    shape = mesh_shape(mesh_cfg, num_devices)
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform=platform)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                                     abstract_device=device)
+
+
 def rules_of(mesh_cfg: MeshConfig) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in mesh_cfg.rules)
 
@@ -74,8 +83,11 @@ def activate(mesh, rules):
     """Mesh + logical rules active for tracing: `constrain` (activations, the KV cache) resolves
     against them; outside it `constrain` does nothing."""
     token = _ACTIVE.set((mesh, tuple(rules)))
+    # An AbstractMesh (devices described, not present: lowering for another platform) has no devices
+    # to set; it is entered as the abstract mesh instead.
+    ctx = jax.set_mesh(mesh) if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh(mesh)
     try:
-        with jax.set_mesh(mesh):
+        with ctx:
             yield
     finally:
         _ACTIVE.reset(token)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from a3jax import masks
 from a3jax.model.pallas_attention import pallas_attention, target_platform
+from a3jax.model.pallas_gpu_attention import pallas_gpu_attention
 
 NEG = -1e30
 
@@ -189,13 +190,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(kind: str, q, k, v, q_groups, q_segments, k_groups, k_segments, block_size: int = 128):
-    """Dispatch by kind ('dense' | 'blockwise' | 'pallas'; 'auto' is resolved by the caller, see choose_kernel)."""
+    """Dispatch by kind ('dense' | 'blockwise' | 'pallas' | 'pallas_gpu'; 'auto' is resolved by the
+    caller, see choose_kernel)."""
     if kind == "dense":
         return dense_attention(q, k, v, q_groups, q_segments, k_groups, k_segments)
     if kind == "blockwise":
         return blockwise_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
     if kind == "pallas":  # the fused kernel (a3jax.model.pallas_attention); interpret mode off TPU
         return pallas_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
+    if kind == "pallas_gpu":  # the fused GPU kernel (a3jax.model.pallas_gpu_attention); interpret mode off GPU
+        return pallas_gpu_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
     raise ValueError(f"unknown attention kind {kind!r}")
 
 
@@ -218,11 +222,13 @@ def choose_kernel(cfg, num_keys: int, step_rows: int | None = None) -> str:
     single matmul wins."""
     if cfg.attention != "auto":
         return cfg.attention
-    # TPU: the fused Pallas kernel, for training, prefill and cached steps alike. GPU: the
-    # policy below (blockwise is XLA-fused there too; cuDNN's fused attention cannot take per-example
-    # A3 groups without a dense T x T mask); GPU speed is unmeasured (docs/performance.md).
-    if target_platform() == "tpu":
+    # TPU and GPU: the platform's fused Pallas kernel, for training, prefill and cached steps alike
+    # (cuDNN's fused attention cannot take per-example A3 groups without a dense T x T mask).
+    platform = target_platform()
+    if platform == "tpu":
         return "pallas"
+    if platform == "gpu":
+        return "pallas_gpu"
     if step_rows is not None and step_rows <= DENSE_MAX_STEP_ROWS:
         return "dense"
     return "blockwise" if num_keys >= BLOCKWISE_MIN_KEYS else "dense"

@@ -69,15 +69,16 @@ def target_platform() -> str:
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
+    """x rounded up to a multiple of m."""
     return -(-x // m) * m
 
 
 def block_sizes(tq: int, tk: int, block_q: int = 128, block_k: int = 128) -> tuple[int, int]:
     """(bq, bk) the kernel uses for Tq rows and Tk keys: bq a multiple of 16 no larger than the
     (rounded) rows, bk a multiple of 128."""
-    bq = min(_round_up(max(block_q, 1), SUBLANES), _round_up(tq, SUBLANES))
-    bk = min(_round_up(max(block_k, 1), LANES), _round_up(tk, LANES))
+    bq = min(round_up(max(block_q, 1), SUBLANES), round_up(tq, SUBLANES))
+    bk = min(round_up(max(block_k, 1), LANES), round_up(tk, LANES))
     return bq, bk
 
 
@@ -365,13 +366,14 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------- entry point
 
 
-def _pad_to(x, size, axis):
+def pad_axis(x, size, axis):
+    """x zero-padded at the end of `axis` to `size` (zeros: padding rows/keys get segment 0)."""
     extra = size - x.shape[axis]
     if not extra:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths)  # zeros: padding rows/keys get segment 0
+    return jnp.pad(x, widths)
 
 
 def kernel_ranges(q_groups, q_segments, k_groups, k_segments, bq: int, bk: int):
@@ -387,15 +389,15 @@ def _local_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_
     if h % hkv:
         raise ValueError(f"pallas attention: {h} query heads are not a multiple of {hkv} kv heads")
     bq, bk = block_sizes(tq, tk, block_q, block_k)
-    tqp, tkp = _round_up(tq, bq), _round_up(tk, bk)
+    tqp, tkp = round_up(tq, bq), round_up(tk, bk)
     i32 = lambda x: x.astype(jnp.int32)
-    qg, qs = _pad_to(i32(q_groups), tqp, 1), _pad_to(i32(q_segments), tqp, 1)
-    kg, ks = _pad_to(i32(k_groups), tkp, 1), _pad_to(i32(k_segments), tkp, 1)
+    qg, qs = pad_axis(i32(q_groups), tqp, 1), pad_axis(i32(q_segments), tqp, 1)
+    kg, ks = pad_axis(i32(k_groups), tkp, 1), pad_axis(i32(k_segments), tkp, 1)
     # Per-example ranges: each example skips what its own layout hides.
     lo, hi = kernel_ranges(qg, qs, kg, ks, bq, bk)
-    qt = jnp.swapaxes(_pad_to(q, tqp, 1), 1, 2)  # [B, H, Tq, D]
-    kt = jnp.swapaxes(_pad_to(k, tkp, 1), 1, 2)
-    vt = jnp.swapaxes(_pad_to(v, tkp, 1), 1, 2)
+    qt = jnp.swapaxes(pad_axis(q, tqp, 1), 1, 2)  # [B, H, Tq, D]
+    kt = jnp.swapaxes(pad_axis(k, tkp, 1), 1, 2)
+    vt = jnp.swapaxes(pad_axis(v, tkp, 1), 1, 2)
     o = _fused(qt, kt, vt, qg[:, :, None], qs[:, :, None], kg[:, None, :], ks[:, None, :],
                lo.reshape(-1), hi.reshape(-1), bq, bk)
     return jnp.swapaxes(o, 1, 2)[:, :tq]
@@ -420,12 +422,19 @@ def _axes(spec_entry):
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
 
 
-def pallas_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_q: int = 128, block_k: int = 128):
-    """The fused kernel; same arguments and result as `a3jax.model.attention.dense_attention`."""
-    fn = functools.partial(_local_attention, block_q=block_q, block_k=block_k)
+def run_per_shard(fn, q, k, v, q_groups, q_segments, k_groups, k_segments):
+    """fn(q, k, v, ids...) (an attention kernel on local arrays), run per shard under the active mesh
+    (`a3jax.sharding.activate`): batch over the batch axes, heads over the tensor axis when both head
+    counts divide; otherwise XLA would replicate a kernel's custom call. Without a mesh, just fn."""
     specs = _shard_specs(q, k)
     if specs is None:
         return fn(q, k, v, q_groups, q_segments, k_groups, k_segments)
     mesh, xspec, idspec = specs
     return jax.shard_map(fn, mesh=mesh, in_specs=(xspec, xspec, xspec, idspec, idspec, idspec, idspec),
                          out_specs=xspec, check_vma=False)(q, k, v, q_groups, q_segments, k_groups, k_segments)
+
+
+def pallas_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_q: int = 128, block_k: int = 128):
+    """The fused kernel; same arguments and result as `a3jax.model.attention.dense_attention`."""
+    fn = functools.partial(_local_attention, block_q=block_q, block_k=block_k)
+    return run_per_shard(fn, q, k, v, q_groups, q_segments, k_groups, k_segments)

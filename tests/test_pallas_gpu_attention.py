@@ -1,0 +1,116 @@
+"""`attention: pallas_gpu` (a3jax.model.pallas_gpu_attention): the fused GPU kernel (Pallas, Triton
+backend), run on this CPU in Pallas interpret mode, against the `dense` reference over drawn A3
+layouts (values and gradients; GQA, padding, segments, T not a multiple of the tile, decoding
+shapes, a head dim that is not a power of two); the block ranges its backward walks; and `auto`
+choosing it on a GPU. The same kernel lowered to Triton for CUDA is in tests/test_compile_gpu.py.
+
+On a GPU host (`bench/device_check.sh`) this file runs the kernel compiled, not interpreted."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from a3jax import masks
+from a3jax.config import ConfigError, ModelConfig
+from a3jax.model.attention import choose_kernel
+from a3jax.model.pallas_attention import compile_target
+from a3jax.model.pallas_gpu_attention import kernel_ranges, key_block_ranges, tile_sizes
+from attention_cases import CASES, layouts, run_kernel, visible_blocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+@settings(max_examples=6)
+@given(data=st.data())
+def test_pallas_gpu_equals_dense_fp32(case, data):
+    b, tq, tk = CASES[case][:3]
+    ids = data.draw(layouts(b, tq, tk))
+    seed = data.draw(st.integers(0, 1000))
+    got = run_kernel("pallas_gpu", case, jnp.float32, seed, ids)
+    want = run_kernel("dense", case, jnp.float32, seed, ids)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    # A row that sees no key outputs exactly zero (and passes no gradient).
+    blind = ~np.asarray(masks.visible(*ids, strict=False)).any(-1)  # [b, tq]
+    assert (got[0][blind] == 0).all() and (got[1][blind] == 0).all()
+
+
+@settings(max_examples=4)
+@given(data=st.data())
+def test_pallas_gpu_bf16_is_as_accurate_as_dense_bf16(data):
+    """bf16 inputs, fp32 accumulation (the bar of the TPU kernel's test): the kernel's error against
+    an fp32 computation on the same rounded inputs is at most twice dense-bf16's plus 1e-3."""
+    case = "gqa3_multiblock"
+    b, tq, tk = CASES[case][:3]
+    ids = data.draw(layouts(b, tq, tk))
+    exact = run_kernel("dense", case, jnp.bfloat16, 0, ids, ref_dtype=jnp.float32)
+    got = run_kernel("pallas_gpu", case, jnp.bfloat16, 0, ids)
+    dense = run_kernel("dense", case, jnp.bfloat16, 0, ids)
+    for name, g, dn, x in zip(("out", "dq", "dk", "dv"), got, dense, exact):
+        scale = max(1.0, float(np.abs(x).max()))
+        err_p, err_d = np.abs(g - x).max() / scale, np.abs(dn - x).max() / scale
+        assert err_p <= 2 * err_d + 1e-3 and err_p < 3e-2, (name, err_p, err_d)
+
+
+def test_tile_sizes_are_powers_of_two_of_at_least_16():
+    assert tile_sizes(2048, 2048, 64, 64) == (64, 64)
+    assert tile_sizes(6, 260, 64, 128) == (16, 128)      # a decoding step: 6 rows in a 16-row tile
+    assert tile_sizes(77, 77, 128, 128) == (128, 128)    # one tile, rounded up from 77
+    assert tile_sizes(100, 100, 48, 24) == (64, 32)      # a block that is not a power of two
+
+
+_ranges = jax.jit(kernel_ranges, static_argnums=(4, 5))
+_key_ranges = jax.jit(key_block_ranges, static_argnums=3)
+
+
+def _full_blocks(ids, bq, bk):
+    """[b, nq, nk]: is every (row, key) pair of the block pair visible (rows and keys all real)?"""
+    vis = np.asarray(masks.visible(*ids, strict=False))
+    b, tq, tk = vis.shape
+    vis = np.pad(vis, ((0, 0), (0, -tq % bq), (0, -tk % bk)))
+    return vis.reshape(b, vis.shape[1] // bq, bq, vis.shape[2] // bk, bk).all((2, 4))
+
+
+@settings(max_examples=20)
+@given(data=st.data(), t=st.sampled_from([1, 100, 130, 300]), sort=st.booleans())
+def test_block_ranges_of_both_passes_cover_every_visible_pair(data, t, sort):
+    """The forward/dQ ranges (per query block) and the dK/dV ranges (per key block) each visit every
+    block pair holding a visible key; whatever either runs unmasked is fully visible; with the sorted
+    layout of one segment, both visit exactly the needed pairs."""
+    ids = data.draw(layouts(2, t, t))
+    if sort:  # the generation-order layout: positions sorted by (segment, group), padding last
+        order = np.lexsort((ids[2], np.where(ids[3] == 0, 1 << 20, ids[3])), axis=-1)
+        ids = [np.take_along_axis(x, order, -1) for x in ids]
+    bq, bk = tile_sizes(t, t, 32, 64)
+    pad = lambda x, m: np.pad(x, ((0, 0), (0, -t % m)))
+    lo, mid, hi = _ranges(pad(ids[0], bq), pad(ids[1], bq), pad(ids[2], bk), pad(ids[3], bk), bq, bk)
+    nq, nk = -(-t // bq), -(-t // bk)
+    qlo, qmid, qhi = map(np.asarray, _key_ranges(lo, mid, hi, nk))
+    lo, mid, hi = map(np.asarray, (lo, mid, hi))
+    j, i = np.arange(nk), np.arange(nq)
+    need, full = visible_blocks(ids, bq, bk), _full_blocks(ids, bq, bk)
+    fwd_visit = (lo[..., None] <= j) & (j < hi[..., None])               # [b, nq, nk]
+    fwd_unmasked = (lo[..., None] <= j) & (j < mid[..., None])
+    bwd_visit = np.swapaxes((qlo[..., None] <= i) & (i < qhi[..., None]), 1, 2)
+    bwd_unmasked = np.swapaxes((qmid[..., None] <= i) & (i < qhi[..., None]), 1, 2)
+    for visit, unmasked in ((fwd_visit, fwd_unmasked), (bwd_visit, bwd_unmasked)):
+        assert not (need & ~visit).any()        # never skips a block pair with a visible key
+        assert not (unmasked & ~full).any()     # never drops the mask where a pair is hidden
+    if sort and all(len(np.unique(s[s > 0])) <= 1 for s in ids[3]):
+        assert (fwd_visit == need).all() and (bwd_visit == need).all()
+
+
+def test_auto_picks_pallas_gpu_when_tracing_for_gpu_and_configs_accept_it():
+    cfg = ModelConfig(attention="auto")
+    with compile_target("gpu"):
+        assert choose_kernel(cfg, 4096) == "pallas_gpu"
+        assert choose_kernel(cfg, 4096, step_rows=8) == "pallas_gpu"  # cached decoding steps too
+        assert choose_kernel(ModelConfig(attention="dense"), 4096) == "dense"
+    assert choose_kernel(cfg, 4096) == "blockwise"  # this CPU host
+    ModelConfig(attention="pallas_gpu").validate()
+    with pytest.raises(ConfigError, match="attention"):
+        ModelConfig(attention="triton").validate()
