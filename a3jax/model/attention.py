@@ -199,7 +199,7 @@ def attention(kind: str, q, k, v, q_groups, q_segments, k_groups, k_segments, bl
     if kind == "pallas":  # the fused kernel (a3jax.model.pallas_attention); interpret mode off TPU
         return pallas_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
     if kind == "pallas_gpu":  # the fused GPU kernel (a3jax.model.pallas_gpu_attention); interpret mode off GPU
-        return pallas_gpu_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size, block_size)
+        return pallas_gpu_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_size)
     raise ValueError(f"unknown attention kind {kind!r}")
 
 

@@ -31,6 +31,7 @@ Off a GPU the same kernel runs in Pallas interpret mode (slow: tests and checks)
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,27 @@ def _pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
 
-def tile_sizes(tq: int, tk: int, block_q: int = 64, block_k: int = 64) -> tuple[int, int]:
-    """(bq, bk): powers of two, at least 16, no larger than the (rounded) row and key counts."""
-    fit = lambda block, t: max(MIN_TILE, min(_pow2(block), _pow2(t)))
-    return fit(block_q, tq), fit(block_k, tk)
+class Tiles(NamedTuple):
+    """(rows, keys) tile of each kernel: forward, dQ, dK/dV."""
+    fwd: tuple[int, int]
+    dq: tuple[int, int]
+    dkv: tuple[int, int]
+
+    def rows_multiple(self) -> int:
+        return max(self.fwd[0], self.dq[0], self.dkv[0])
+
+    def keys_multiple(self) -> int:
+        return max(self.fwd[1], self.dq[1], self.dkv[1])
+
+
+def tile_sizes(tq: int, tk: int, block: int = 128) -> Tiles:
+    """The tiles for Tq rows and Tk keys from the block size B (`model.attention_block_size`):
+    forward B x B/2, dQ B x B/4, dK/dV B/4 x B (rows x keys): the shapes of Triton's tuned flash
+    attention for H100 at B = 128, the long side where a tile's accumulator lives. Each side is a
+    power of two, at least 16 (Triton's smallest dot) and no larger than the rounded-up T."""
+    fit = lambda side, t: max(MIN_TILE, min(_pow2(max(side, 1)), _pow2(t)))
+    pair = lambda r, c: (fit(r, tq), fit(c, tk))
+    return Tiles(pair(block, block // 2), pair(block, block // 4), pair(block // 4, block))
 
 
 def key_block_ranges(lo, mid, hi, nk: int):
@@ -144,12 +162,13 @@ def _row_specs(bq, tk, d, g):
     return q, kv, rid, kid, row
 
 
-def _fwd_call(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk, scale):
-    """Padded q [B, Tq, H, D], k/v [B, Tk, Hkv, D], ids [B, T], ranges [B, nq] ->
-    o like q and lse [B, H, Tq] (fp32)."""
+def _fwd_call(q, k, v, qg, qs, kg, ks, tiles, scale):
+    """Padded q [B, Tq, H, D], k/v [B, Tk, Hkv, D], ids [B, T] -> o like q and lse [B, H, Tq] (fp32)."""
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
+    bq, bk = tiles.fwd
     nq = tq // bq
+    lo, mid, hi = kernel_ranges(qg, qs, kg, ks, bq, bk)
     qspec, kvspec, rid, kid, row = _row_specs(bq, tk, d, h // hkv)
     rng = pl.BlockSpec((None, nq), lambda b_, h_, i: (b_, 0))
     return pl.pallas_call(
@@ -215,13 +234,17 @@ def _dkv_kernel(qlo_ref, qmid_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     dv_ref[...] = dv
 
 
-def _bwd_calls(q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse, do, bq, bk, scale):
+def _bwd_calls(q, k, v, qg, qs, kg, ks, o, lse, do, tiles, scale):
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    g, nq, nk = h // hkv, tq // bq, tk // bk
+    g = h // hkv
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
-    params, interpret = _params(bq, bk, d), _interpret()
+    interpret = _interpret()
 
+    # dQ: grid (b, h, i) over query blocks, like the forward, with its own tiles and ranges.
+    bq, bk = tiles.dq
+    nq = tq // bq
+    lo, mid, hi = kernel_ranges(qg, qs, kg, ks, bq, bk)
     qspec, kvspec, rid, kid, row = _row_specs(bq, tk, d, g)
     rng = pl.BlockSpec((None, nq), lambda b_, h_, i: (b_, 0))
     dq = pl.pallas_call(
@@ -230,10 +253,13 @@ def _bwd_calls(q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse, do, bq, bk, scale):
         in_specs=[rng, rng, rng, qspec, kvspec, kvspec, qspec, row, row, rid, rid, kid, kid],
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params, interpret=interpret, name="a3_attention_dq",
+        compiler_params=_params(bq, bk, d), interpret=interpret, name="a3_attention_dq",
     )(lo, mid, hi, q, k, v, do, lse, delta, qg, qs, kg, ks)
 
-    # dK/dV: grid (b, h, j) over key blocks; each program reads all of its query head's rows.
+    # dK/dV: grid (b, h, j) over key blocks; each program walks the query blocks that see its block.
+    bq, bk = tiles.dkv
+    nk = tk // bk
+    lo, mid, hi = kernel_ranges(qg, qs, kg, ks, bq, bk)
     qlo, qmid, qhi = key_block_ranges(lo, mid, hi, nk)
     qall = pl.BlockSpec((None, tq, None, d), lambda b_, h_, j: (b_, 0, h_, 0))
     ktile = pl.BlockSpec((None, bk, None, d), lambda b_, h_, j: (b_, j, h_ // g, 0))
@@ -249,26 +275,26 @@ def _bwd_calls(q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse, do, bq, bk, scale):
         in_specs=[krng, krng, krng, qall, ktile, ktile, qall, rall, rall, ridall, ridall, kidt, kidt],
         out_specs=[dkv, dkv],
         out_shape=[per_head, per_head],
-        compiler_params=params, interpret=interpret, name="a3_attention_dkv",
+        compiler_params=_params(bq, bk, d), interpret=interpret, name="a3_attention_dkv",
     )(qlo, qmid, qhi, q, k, v, do, lse, delta, qg, qs, kg, ks)
     group_sum = lambda x: x.reshape(b, tk, hkv, g, d).sum(3)  # query heads -> their kv head
     return dq, group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
-def _fused(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk, scale):
-    return _fwd_call(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fused(q, k, v, qg, qs, kg, ks, tiles, scale):
+    return _fwd_call(q, k, v, qg, qs, kg, ks, tiles, scale)[0]
 
 
-def _fused_fwd(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk, scale):
-    o, lse = _fwd_call(q, k, v, qg, qs, kg, ks, lo, mid, hi, bq, bk, scale)
-    return o, (q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse)
+def _fused_fwd(q, k, v, qg, qs, kg, ks, tiles, scale):
+    o, lse = _fwd_call(q, k, v, qg, qs, kg, ks, tiles, scale)
+    return o, (q, k, v, qg, qs, kg, ks, o, lse)
 
 
-def _fused_bwd(bq, bk, scale, res, do):
-    q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse = res
-    dq, dk, dv = _bwd_calls(q, k, v, qg, qs, kg, ks, lo, mid, hi, o, lse, do, bq, bk, scale)
-    return (dq, dk, dv) + (None,) * 7
+def _fused_bwd(tiles, scale, res, do):
+    q, k, v, qg, qs, kg, ks, o, lse = res
+    dq, dk, dv = _bwd_calls(q, k, v, qg, qs, kg, ks, o, lse, do, tiles, scale)
+    return dq, dk, dv, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -284,24 +310,24 @@ def kernel_ranges(q_groups, q_segments, k_groups, k_segments, bq: int, bk: int):
     return jax.vmap(one)(q_groups, q_segments, k_groups, k_segments)
 
 
-def _local_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_q, block_k):
+def _local_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block):
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     if h % hkv:
         raise ValueError(f"pallas_gpu attention: {h} query heads are not a multiple of {hkv} kv heads")
-    bq, bk = tile_sizes(tq, tk, block_q, block_k)
-    tqp, tkp, dp = round_up(tq, bq), round_up(tk, bk), max(MIN_TILE, _pow2(d))
+    tiles = tile_sizes(tq, tk, block)
+    tqp, tkp = round_up(tq, tiles.rows_multiple()), round_up(tk, tiles.keys_multiple())
+    dp = max(MIN_TILE, _pow2(d))
     i32 = lambda x: x.astype(jnp.int32)
     qg, qs = pad_axis(i32(q_groups), tqp, 1), pad_axis(i32(q_segments), tqp, 1)
     kg, ks = pad_axis(i32(k_groups), tkp, 1), pad_axis(i32(k_segments), tkp, 1)
-    lo, mid, hi = kernel_ranges(qg, qs, kg, ks, bq, bk)
     pad = lambda x, t: pad_axis(pad_axis(x, t, 1), dp, 3)
-    o = _fused(pad(q, tqp), pad(k, tkp), pad(v, tkp), qg, qs, kg, ks, lo, mid, hi, bq, bk, d ** -0.5)
+    o = _fused(pad(q, tqp), pad(k, tkp), pad(v, tkp), qg, qs, kg, ks, tiles, d ** -0.5)
     return o[:, :tq, :, :d]
 
 
-def pallas_gpu_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block_q: int = 64,
-                         block_k: int = 64):
-    """The fused GPU kernel; same arguments and result as `a3jax.model.attention.dense_attention`."""
-    fn = functools.partial(_local_attention, block_q=block_q, block_k=block_k)
+def pallas_gpu_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block: int = 128):
+    """The fused GPU kernel; same arguments and result as `a3jax.model.attention.dense_attention`.
+    `block`: the tile scale (see `tile_sizes`)."""
+    fn = functools.partial(_local_attention, block=block)
     return run_per_shard(fn, q, k, v, q_groups, q_segments, k_groups, k_segments)
