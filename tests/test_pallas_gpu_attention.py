@@ -60,6 +60,7 @@ def test_tile_sizes_are_powers_of_two_of_at_least_16():
     t = tile_sizes(2048, 2048, 128)
     assert (t.fwd, t.dq, t.dkv) == ((128, 64), (128, 32), (32, 128))
     assert (t.rows_multiple(), t.keys_multiple()) == (128, 128)
+    assert tile_sizes(2048, 2048, 128, head_dim=128).dkv == (32, 64)  # two [keys, 128] accumulators
     t = tile_sizes(6, 260, 128)                  # a decoding step: 6 rows in 16-row tiles
     assert (t.fwd, t.dq, t.dkv) == ((16, 64), (16, 32), (16, 128))
     t = tile_sizes(77, 77, 128)                  # one row tile, rounded up from 77

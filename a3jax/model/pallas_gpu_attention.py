@@ -64,20 +64,23 @@ class Tiles(NamedTuple):
         return max(self.fwd[1], self.dq[1], self.dkv[1])
 
 
-def tile_sizes(tq: int, tk: int, block: int = 128) -> Tiles:
+def tile_sizes(tq: int, tk: int, block: int = 128, head_dim: int = 64) -> Tiles:
     """The tiles for Tq rows and Tk keys from the block size B (`model.attention_block_size`):
     forward B x B/2, dQ B x B/4, dK/dV B/4 x B (rows x keys): the shapes of Triton's tuned flash
-    attention for H100 at B = 128, the long side where a tile's accumulator lives. Each side is a
-    power of two, at least 16 (Triton's smallest dot) and no larger than the rounded-up T."""
+    attention for H100 at B = 128, the long side where a tile's accumulator lives. dK/dV's two
+    [keys, D] fp32 accumulators grow with D: above D = 64 its key side shrinks in proportion, which
+    keeps it free of register spills (bench/gpu_kernel_resources.py). Each side is a power of two, at
+    least 16 (Triton's smallest dot) and no larger than the rounded-up T."""
     fit = lambda side, t: max(MIN_TILE, min(_pow2(max(side, 1)), _pow2(t)))
     pair = lambda r, c: (fit(r, tq), fit(c, tk))
-    return Tiles(pair(block, block // 2), pair(block, block // 4), pair(block // 4, block))
+    dkv_keys = block * 64 // max(64, _pow2(head_dim))
+    return Tiles(pair(block, block // 2), pair(block, block // 4), pair(block // 4, dkv_keys))
 
 
 def key_block_ranges(lo, mid, hi, nk: int):
     """For the dK/dV kernel: per key block j (int32 [..., nk] each) the query blocks [qlo, qmid) to run
-    masked and [qmid, qhi) that see the whole key block, from the forward's per-query-block ranges
-    lo, mid, hi [..., nq]. The masked part may hold query blocks that see nothing of j (a hole in a
+    masked and [qmid, qhi) that see the whole key block, from the per-query-block ranges lo, mid, hi
+    [..., nq] (`kernel_ranges` at the dK/dV tiles). The masked part may hold query blocks that see nothing of j (a hole in a
     shuffled layout): exact masking makes that wasted work, never a wrong result."""
     nq = lo.shape[-1]
     j = jnp.arange(nk, dtype=jnp.int32)
@@ -108,9 +111,13 @@ def _mask(qg, qs, kg, ks):
     return (qs == ks[None, :]) & (qs != 0) & (kg[None, :] <= qg)
 
 
-def _params(bq, bk, d):
-    warps = 8 if bq * bk >= 128 * 128 or d > 128 else 4
-    return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+def _params(kernel: str, d: int, itemsize: int):
+    """Warps and pipeline stages per kernel: the fewest warps that keep each kernel free of register
+    spills on H100 (sm_90) at the default tiles, as Triton's own compiler and ptxas build them
+    (bench/gpu_kernel_resources.py): the bf16 forward fits 4 warps up to D = 64 (255 registers);
+    dQ and dK/dV take 8 (about 130 and 170 registers at D = 64)."""
+    warps = 4 if kernel == "fwd" and d * itemsize <= 128 else 8
+    return pltriton.CompilerParams(num_warps=warps, num_stages=3)
 
 
 def _interpret() -> bool:
@@ -177,7 +184,7 @@ def _fwd_call(q, k, v, qg, qs, kg, ks, tiles, scale):
         in_specs=[rng, rng, rng, qspec, kvspec, kvspec, rid, rid, kid, kid],
         out_specs=[qspec, row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
-        compiler_params=_params(bq, bk, d),
+        compiler_params=_params("fwd", d, q.dtype.itemsize),
         interpret=_interpret(),
         name="a3_attention_fwd",
     )(lo, mid, hi, q, k, v, qg, qs, kg, ks)
@@ -215,17 +222,19 @@ def _dkv_kernel(qlo_ref, qmid_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     k, v = k_ref[...], v_ref[...]
     kg, ks = kg_ref[...], ks_ref[...]
 
+    # Computed transposed ([keys, rows]), so every product has the key tile's long side as its M
+    # dimension (Hopper's wgmma wants M >= 64) and only q and dO tiles are read transposed.
     def step(i, carry, masked):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        s = _dot(q, k, tb=True) * scale
+        st = _dot(k, q, tb=True) * scale                                   # [bk, bq]
         if masked:
-            s = jnp.where(_mask(qg_ref[rows], qs_ref[rows], kg, ks), s, NEG)
-        p = jnp.exp(s - lse_ref[rows][:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, ta=True)
-        ds = p * (_dot(do, v, tb=True) - delta_ref[rows][:, None])
-        return dk + _dot(ds.astype(q.dtype), q, ta=True), dv
+            st = jnp.where(_mask(qg_ref[rows], qs_ref[rows], kg, ks).T, st, NEG)
+        pt = jnp.exp(st - lse_ref[rows][None, :])
+        dv = dv + _dot(pt.astype(do.dtype), do)
+        dst = pt * (_dot(v, do, tb=True) - delta_ref[rows][None, :])
+        return dk + _dot(dst.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     carry = lax.fori_loop(qlo_ref[j], qmid_ref[j], functools.partial(step, masked=True), (zeros, zeros))
@@ -253,7 +262,7 @@ def _bwd_calls(q, k, v, qg, qs, kg, ks, o, lse, do, tiles, scale):
         in_specs=[rng, rng, rng, qspec, kvspec, kvspec, qspec, row, row, rid, rid, kid, kid],
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(bq, bk, d), interpret=interpret, name="a3_attention_dq",
+        compiler_params=_params("dq", d, q.dtype.itemsize), interpret=interpret, name="a3_attention_dq",
     )(lo, mid, hi, q, k, v, do, lse, delta, qg, qs, kg, ks)
 
     # dK/dV: grid (b, h, j) over key blocks; each program walks the query blocks that see its block.
@@ -275,7 +284,7 @@ def _bwd_calls(q, k, v, qg, qs, kg, ks, o, lse, do, tiles, scale):
         in_specs=[krng, krng, krng, qall, ktile, ktile, qall, rall, rall, ridall, ridall, kidt, kidt],
         out_specs=[dkv, dkv],
         out_shape=[per_head, per_head],
-        compiler_params=_params(bq, bk, d), interpret=interpret, name="a3_attention_dkv",
+        compiler_params=_params("dkv", d, q.dtype.itemsize), interpret=interpret, name="a3_attention_dkv",
     )(qlo, qmid, qhi, q, k, v, do, lse, delta, qg, qs, kg, ks)
     group_sum = lambda x: x.reshape(b, tk, hkv, g, d).sum(3)  # query heads -> their kv head
     return dq, group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
@@ -315,7 +324,7 @@ def _local_attention(q, k, v, q_groups, q_segments, k_groups, k_segments, block)
     tk, hkv = k.shape[1], k.shape[2]
     if h % hkv:
         raise ValueError(f"pallas_gpu attention: {h} query heads are not a multiple of {hkv} kv heads")
-    tiles = tile_sizes(tq, tk, block)
+    tiles = tile_sizes(tq, tk, block, d)
     tqp, tkp = round_up(tq, tiles.rows_multiple()), round_up(tk, tiles.keys_multiple())
     dp = max(MIN_TILE, _pow2(d))
     i32 = lambda x: x.astype(jnp.int32)
