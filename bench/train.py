@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 
 from a3jax import objectives  # noqa: E402
 from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, load_config  # noqa: E402
-from a3jax.model import init_params_sharded, param_count, param_shapes, param_shardings  # noqa: E402
+from a3jax.model import (init_params_sharded, numpy_init, param_count, param_shapes,  # noqa: E402
+                         param_shardings)
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of  # noqa: E402
 from a3jax.train import metrics as M  # noqa: E402
 from a3jax.train.state import create_state, make_optimizer, state_shardings  # noqa: E402
@@ -95,6 +96,16 @@ def model_config(size: str, dtype: str = "") -> ModelConfig:
     """SIZES[size], else the named model config configs/model/<size>.yaml; `dtype` overrides the compute dtype."""
     mcfg = SIZES[size] if size in SIZES else load_config(None, [f"model={size}"]).model
     return dataclasses.replace(mcfg, dtype=dtype) if dtype else mcfg
+
+
+def init_params(mcfg, mesh, rules):
+    """Random params on the mesh: small models drawn on the host (compiling the linen init costs seconds
+    there), large ones by one jitted init straight into their shardings."""
+    if param_count(mcfg) > 100e6:
+        with activate(mesh, rules):
+            return init_params_sharded(mcfg, jax.random.PRNGKey(0), mesh, rules)
+    host = jax.tree.map(lambda x: x.astype(mcfg.param_dtype), numpy_init(mcfg))
+    return jax.device_put(host, param_shardings(mcfg, mesh, rules))
 
 
 def time_step(mcfg, seq, batch, objective, steps, mesh, rules, params):
@@ -249,8 +260,7 @@ def main():
     longest = 0.0  # the longest program so far (compile + steps): the estimate of the next one's cost
     for size in a.sizes.split(","):
         base = model_config(size, a.dtype)
-        with activate(mesh, rules):
-            params = init_params_sharded(base, jax.random.PRNGKey(0), mesh, rules)
+        params = init_params(base, mesh, rules)
         for seq in (int(s) for s in a.seqs.split(",")):
             batch = a.batch or max(n_dev, a.tokens // seq)
             for kernel in kernels or [base.attention]:
