@@ -5,35 +5,40 @@
 #                              [--no-reference] [--parts tests,train,reference,decode] [--out FILE]
 #   bash bench/device_check.sh --smoke      # every part on the CPU with tiny shapes (under a minute)
 #
-# Parts, each under its own `timeout` (a failure or a hang loses only that part):
-#   tests      the GPU test subset (model, attention kernels, masks, decoder) on the one device, fp32
-#              matmuls at full precision (JAX_DEFAULT_MATMUL_PRECISION=highest; TF32 otherwise)
+# Parts, each under its own `timeout` (a failure or a hang loses only that part; SIGINT first, so
+# pytest still reports the tests it ran and bench/train.py keeps the programs it finished):
+#   kernel_tests  tests/test_pallas_gpu_attention.py, the fused GPU kernel's tests (not in --smoke)
+#   tests      the GPU test subset (model, masks, decoder) on the one device, fp32 matmuls at full
+#              precision (JAX_DEFAULT_MATMUL_PRECISION=highest; TF32 otherwise)
 #   train      bench/train.py: train-step tokens/s and MFU (two-stream FLOPs) of the LLaMA-3.2-1B shape,
 #              random weights, bf16 compute, T=2048, A3 then AR for each kernel in --kernels
-#   reference  bench/reference_a3.py: the reference PyTorch A3 code's training step, same GPU and shape,
-#              bf16 autocast (skipped without a copy of it: --reference DIR, default .device/reference)
-#   decode     bench/decode.py --speculative: cached token-by-token and speculative decode tokens/s, 1B
-#              shape, random bf16 weights
+#   reference  bench/reference_a3.py: the reference PyTorch A3 code's training step (bf16 autocast,
+#              clipping, AdamW), same GPU and shape (skipped without a copy of that code: --reference
+#              DIR, default .device/reference)
+#   decode     bench/decode.py --speculative: cached token-by-token and speculative (k=4) decode
+#              tokens/s, 1B shape, random bf16 weights, 8 rows, 128 prompt + 128 new tokens
+# --parts tests selects kernel_tests too.
 # One JSON comes out: $OUT/device_check.json when OUT is set, else bench/results/device_check.json (or
 # --out), with each part's status, exit code, seconds and the tail of its log; the logs and each
 # part's own JSON sit beside it in device_check_logs/. Tables are printed at the end.
 #
 # What the host lacks travels in .device/ (`make device-bundle`): .device/wheels (installed with
-# `pip install --no-index --no-deps --target .device/site`, then put on PYTHONPATH: that works whether
+# `pip install --no-index --no-deps --target .device/site-cp312`, then put on PYTHONPATH: that works whether
 # the host's python is a system python, a venv or conda, and keeps the host's jax and torch) and
 # .device/reference. Nothing here touches the network.
 #
 # The 8-minute budget on one H100 (compiling one 1B-shape program takes about 30-60 s there, so the
-# number of distinct programs is what costs; steps are few):
+# number of distinct programs is what costs; steps are few). Limits, the most a part may take:
 #   preflight + wheel install   ~15 s
-#   tests       110 s   tiny models; most of it is compiling
-#   train       180 s   up to 6 programs (3 kernels x A3, AR) + 2 warm and 3 timed steps each; --budget-s
-#                       starts no program that would end past the budget, in the order given, so the
-#                       first kernel gets both objectives; a rerun on the same machine hits the
-#                       compilation cache (.device/jax_cache) and gets through all of them
-#   reference    60 s   torch eager: no compile; 2 warm + 3 timed steps
-#   decode       85 s   2 programs (token-by-token, speculative k=4), each run 3 times
-#   report       ~5 s
+#   kernel_tests  70 s   compiled Triton kernels on small shapes
+#   tests        100 s   77 tests of tiny models (87 s on a 2-core CPU); most of it is compiling
+#   train        160 s   up to 6 programs (3 kernels x A3, AR) + 2 warm and 3 timed steps each; no program
+#                        starts that would end past 140 s (--budget-s), in the order given, so the first
+#                        kernel gets both objectives; a rerun on the same machine hits the compilation
+#                        cache (.device/jax_cache) and gets through all of them
+#   reference     55 s   torch eager (no compile): 2 warm + 3 timed steps
+#   decode        75 s   2 programs (token-by-token, speculative), each run 3 times
+#   report        ~3 s   (475 s if every part ran to its limit)
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,15 +96,14 @@ else
   platform=cuda
   kernels="${kernels:-pallas_gpu,blockwise,dense}"
   batch="${batch:-4}"
-  t_tests=110 t_train=180 t_reference=60 t_decode=85
+  t_kernel_tests=70 t_tests=100 t_train=160 t_reference=55 t_decode=75
   # The subset that makes sense on one GPU: no multi-device meshes (the two tests below assume the
   # 8 fake CPU devices), no torch-on-CPU parity tests (needs_torch), no libtpu (the TPU kernel's tests),
-  # no real-model file, no network. The fused GPU kernel's tests join when the file exists.
+  # no real-model file, no network. The fused GPU kernel's tests run first, on their own (below).
   test_args=(tests/test_model.py tests/test_masks.py tests/test_decode.py tests/test_decode_content.py
              tests/test_decode_speculative.py
              --deselect tests/test_model.py::test_sharded_forward_on_2x4_mesh_equals_single_device
              --deselect tests/test_model.py::test_mesh_mismatch_is_a_clear_error)
-  [[ -f tests/test_pallas_gpu_attention.py ]] && test_args=(tests/test_pallas_gpu_attention.py "${test_args[@]}")
   train_args=(--sizes llama3.2-1b --seqs 2048 --steps 3)
   ref_args=(--model llama3.2-1b --seq 2048 --steps 3 --device cuda)
   decode_args=(--model llama3.2-1b --rows 8 --prompt-tokens 128 --new-tokens 128)
@@ -128,7 +132,7 @@ command -v timeout > /dev/null || fail_preflight "no 'timeout' command (coreutil
 for f in bench/train.py bench/decode.py bench/reference_a3.py bench/device_report.py tests/conftest.py; do
   [[ -f "$f" ]] || fail_preflight "missing $f: run from a complete a3jax checkout"
 done
-export PYTHONPATH="$root:$root/.device/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_PLATFORMS="$platform"
 # One device, as on the GPU host: a fake CPU device count from the caller's XLA_FLAGS goes.
 XLA_FLAGS="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<< "${XLA_FLAGS:-}")"
@@ -156,14 +160,18 @@ if grep -qv '^reference:' <<< "$missing" && [[ -n "$missing" ]]; then
   wheels=(.device/wheels/*.whl)
   if [[ -e "${wheels[0]}" ]]; then
     say "missing on this host: ${missing//$'\n'/, }; installing ${#wheels[@]} wheels from .device/wheels (no network)"
-    rm -rf .device/site
+    # Installed afresh on every run that needs it, into a folder named after this interpreter: a
+    # folder left by another Python (compiled wheels of another version) is never put on the path.
+    site=".device/site-$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    rm -rf "$site"
     if "$PYTHON" -m pip --version > /dev/null 2>&1; then
-      "$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target .device/site \
+      "$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$site" \
         "${wheels[@]}" >> "$logdir/preflight.log" 2>&1 || fail_preflight "pip install from .device/wheels failed: $(tail -c 400 "$logdir/preflight.log")"
     else  # no pip: a wheel is a zip of what goes into site-packages
       "$PYTHON" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-        .device/site "${wheels[@]}" || fail_preflight "unpacking .device/wheels failed"
+        "$site" "${wheels[@]}" || fail_preflight "unpacking .device/wheels failed"
     fi
+    export PYTHONPATH="$PYTHONPATH:$root/$site"
     missing="$(probe 2>>"$logdir/preflight.log")"
   else
     say "missing on this host: ${missing//$'\n'/, }; no .device/wheels to install from (run 'make device-bundle' on a machine with network, then carry .device/)"
@@ -190,7 +198,9 @@ run_part() {
   shift 2
   say "$name: up to ${limit} s ..."
   t0=$(date +%s%N)
-  timeout -k 10 "$limit" "$@" > "$logdir/$name.log" 2>&1
+  # SIGINT first: pytest then still writes its report of the tests it ran, bench/train.py has written
+  # its JSON after every program; whatever ignores it is killed 10 s later.
+  timeout -s INT -k 10 "$limit" "$@" > "$logdir/$name.log" 2>&1
   rc=$?
   ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   printf '%s\t%s\t%s\t%s\t\n' "$name" "$rc" "$ms" "$limit" >> "$logdir/parts.tsv"
@@ -198,19 +208,34 @@ run_part() {
 }
 skip_part() { printf '%s\t\t\t\tskipped: %s\n' "$1" "$2" >> "$logdir/parts.tsv"; say "$1: skipped: $2"; }
 
-if want tests; then
+# run_tests NAME SECONDS PYTEST-ARGS...: the GPU test subset's settings. XLA_FLAGS' device count of 1
+# stops conftest from adding 8 fake CPU devices; on the GPU the XLA optimisation level is the
+# compiler's default (3), not the CPU suite's compile-time saving 0.
+run_tests() {
+  local name="$1" limit="$2" flags="$XLA_FLAGS" platforms=cpu
+  shift 2
   if grep -q '^tests:' <<< "$missing"; then
-    skip_part tests "missing module $(grep '^tests:' <<< "$missing" | cut -d' ' -f2)"
-  else
-    # XLA_FLAGS' device count of 1 stops conftest from adding 8 fake CPU devices. On the GPU the XLA
-    # optimisation level is the compiler's default (3), not the CPU suite's compile-time saving 0.
-    flags="$XLA_FLAGS"
-    [[ $smoke == 0 ]] && flags="$flags --xla_backend_optimization_level=3"
-    [[ $platform == cuda ]] && tests_platforms="cuda,cpu" || tests_platforms=cpu
-    JAX_PLATFORMS="$tests_platforms" XLA_FLAGS="$flags" JAX_DEFAULT_MATMUL_PRECISION=highest \
-      run_part tests "$t_tests" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not needs_torch" \
-      --junitxml="$logdir/tests.xml" "${test_args[@]}"
+    skip_part "$name" "missing module $(grep '^tests:' <<< "$missing" | cut -d' ' -f2)"
+    return
   fi
+  [[ $smoke == 0 ]] && flags="$flags --xla_backend_optimization_level=3"
+  [[ $platform == cuda ]] && platforms="cuda,cpu"
+  JAX_PLATFORMS="$platforms" XLA_FLAGS="$flags" JAX_DEFAULT_MATMUL_PRECISION=highest \
+    run_part "$name" "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider -m "not needs_torch" \
+    --junitxml="$logdir/$name.xml" "$@"
+}
+
+# The fused GPU kernel's tests first, in their own run (the suite's conftest orders modules heaviest
+# first, which would put them last and a timeout would cut them).
+if want tests && [[ $smoke == 0 ]]; then
+  if [[ -f tests/test_pallas_gpu_attention.py ]]; then
+    run_tests kernel_tests "$t_kernel_tests" tests/test_pallas_gpu_attention.py
+  else
+    skip_part kernel_tests "no tests/test_pallas_gpu_attention.py"
+  fi
+fi
+if want tests; then
+  run_tests tests "$t_tests" "${test_args[@]}"
 fi
 if want train; then
   run_part train "$t_train" env "${cache_env[@]}" "$PYTHON" bench/train.py "${train_args[@]}" --batch "$batch" --kernels "$kernels" \

@@ -3,7 +3,8 @@
     python bench/device_report.py --logdir DIR --out FILE [--mode gpu|smoke] [--command "..."]
 
 DIR holds parts.tsv (one line per part: name, exit code, milliseconds, time limit, skip reason), each
-part's log (NAME.log) and its results (tests.xml, train.json, reference.json, decode.json). A part's
+part's log (NAME.log) and its results (kernel_tests.xml, tests.xml, train.json, reference.json,
+decode.json). A part's
 status: ok; partial (it ran, but some kernel failed or was cut by the budget); failed (non-zero exit,
 or tests failed); timeout (killed by its time limit, exit 124 or 137); or 'skipped: <reason>'.
 The summary holds the numbers the A3-on-GPU targets are judged by (best kernel's A3 MFU, A3/AR step
@@ -120,7 +121,7 @@ def environment() -> dict:
 
 def build(logdir: str, mode: str, command: str, kernels: str, batch: str) -> dict:
     parts = read_parts(logdir)
-    results = {"tests": test_results(os.path.join(logdir, "tests.xml"))}
+    results = {name: test_results(os.path.join(logdir, f"{name}.xml")) for name in ("kernel_tests", "tests")}
     for name in ("train", "reference", "decode"):
         results[name] = read_json(os.path.join(logdir, f"{name}.json"))
     for name, part in parts.items():
@@ -138,9 +139,10 @@ def build(logdir: str, mode: str, command: str, kernels: str, batch: str) -> dic
                for r in train["result"]["results"] for o in ("a3", "ar") if "step_s" not in r.get(o, {})]
         if bad:
             train["status"], train["not_run"] = "partial", bad
-    tests = parts.get("tests", {})
-    if tests.get("status") == "failed" and tests.get("result"):
-        tests["error"] = f"{len(tests['result']['not_passed'])} tests failed or errored"
+    for name in ("kernel_tests", "tests"):
+        tests = parts.get(name, {})
+        if tests.get("status") == "failed" and tests.get("result"):
+            tests["error"] = f"{len(tests['result']['not_passed'])} tests failed or errored"
 
     summary = train_summary(results["train"])
     summary.update(decode_summary(results["decode"]))
@@ -172,15 +174,16 @@ def show(report: dict) -> None:
         print(f"{name:<10} {p['status'][:28]:<28} {secs:>8} {p.get('timeout_s') or '-':>6}")
         if p.get("error"):
             print(f"{'':<10} {p['error'][:200]}")
-    tests = report["parts"].get("tests", {}).get("result")
-    if tests:
-        print(f"\ntests: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-              f"{tests['skipped']} skipped")
-        for t in tests["not_passed"][:20]:
-            print(f"  {t}")
+    for name in ("kernel_tests", "tests"):
+        tests = report["parts"].get(name, {}).get("result")
+        if tests:
+            print(f"\n{name}: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+                  f"{tests['skipped']} skipped")
+            for t in tests["not_passed"][:20]:
+                print(f"  {t}")
     train = report["parts"].get("train", {}).get("result")
     if train:
-        print(f"\ntrain step ({train['device']}, peak {train['peak_flops_per_device'] / 1e12:.0f} TFLOP/s, "
+        print(f"\ntrain step ({train['device']}, peak {train['peak_flops_per_device'] / 1e12:.3g} TFLOP/s, "
               f"{train['peak_source']}):")
         print(f"{'model':<12} {'T':>5} {'B':>3} {'kernel':<11} {'A3 tok/s':>10} {'A3 MFU':>7} {'AR tok/s':>10} "
               f"{'AR MFU':>7} {'A3/AR':>6}")
