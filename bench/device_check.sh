@@ -122,8 +122,10 @@ report() {
     --kernels "$kernels" --batch "$batch"
 }
 fail_preflight() {
-  say "PREFLIGHT FAILED: $*"
-  printf 'preflight\t2\t\t\t%s\n' "$*" >> "$logdir/parts.tsv"
+  local why="$*"
+  why="${why//$'\n'/ }"
+  say "PREFLIGHT FAILED: $why"
+  printf 'preflight\t2\t\t\t%s\n' "${why//$'\t'/ }" >> "$logdir/parts.tsv"
   report 2>/dev/null || true
   exit 2
 }
@@ -181,9 +183,17 @@ echo "$missing" > "$logdir/missing.txt"
 if grep -q '^a3jax:' <<< "$missing"; then
   fail_preflight "a3jax cannot be imported here: missing module $(grep '^a3jax:' <<< "$missing" | cut -d' ' -f2) (not in .device/wheels either)"
 fi
-"$PYTHON" - > "$logdir/device.txt" 2>>"$logdir/preflight.log" <<'EOF' || fail_preflight "JAX found no '$JAX_PLATFORMS' device: $(tail -c 600 "$logdir/preflight.log")"
+"$PYTHON" - > "$logdir/device.txt" 2>>"$logdir/preflight.log" <<'EOF' || fail_preflight "$(tail -n 1 "$logdir/preflight.log")"
+import importlib.metadata, os, sys
 import jax
-d = jax.devices()[0]
+try:
+    d = jax.devices()[0]
+except Exception as e:  # noqa: BLE001 (the message names what is there instead)
+    plugins = sorted(x.metadata["Name"] for x in importlib.metadata.distributions()
+                     if (x.metadata["Name"] or "").startswith(("jax-cuda", "jax_cuda")))
+    print(f"JAX {jax.__version__} sees no {os.environ['JAX_PLATFORMS']!r} device (CUDA plugins installed: "
+          f"{', '.join(plugins) or 'none'}): {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+    sys.exit(1)
 print(f"{jax.device_count()} x {d.device_kind} ({d.platform}), jax {jax.__version__}")
 EOF
 say "device: $(cat "$logdir/device.txt")"
