@@ -110,7 +110,8 @@ else
   # A rerun on the same machine reuses the compiled 1B programs (train and decode only: the tests
   # count compilations).
   cache_env=(JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$root/.device/jax_cache}")
-  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+  # The share of the GPU's memory JAX takes (jaxlib's name; its deprecated name beside it is an error).
+  [[ -z "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ]] && export XLA_CLIENT_MEM_FRACTION="${XLA_CLIENT_MEM_FRACTION:-0.9}"
 fi
 [[ $no_reference == 1 ]] && reference=""
 [[ $no_reference == 0 && -z "$reference" && -d .device/reference ]] && reference=.device/reference

@@ -24,6 +24,8 @@ import xml.etree.ElementTree as ET
 
 TARGETS = {"a3_mfu": 0.40, "a3_over_ar": 2.1, "speedup_vs_reference": 2.0}
 TAIL = 2000  # characters of a failed part's log kept in the JSON
+ENV_KEYS = ("XLA_FLAGS", "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS",
+            "CUDA_VISIBLE_DEVICES")
 
 
 def read_json(path: str):
@@ -115,8 +117,7 @@ def environment() -> dict:
         commit = None
     return {"host": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
             "versions": versions, "commit": commit,
-            "env": {k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS",
-                                               "CUDA_VISIBLE_DEVICES") if k in os.environ}}
+            "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}}
 
 
 def build(logdir: str, mode: str, command: str, kernels: str, batch: str) -> dict:
