@@ -77,8 +77,10 @@ def _nll(cfg, params, info, prompt_len, n_new):
 METHODS = ("token-by-token", "speculative", "group-wise")
 
 
-def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0, methods=METHODS, nll=True):
-    """The speculative table's rows for one model (`nll=False`: no NLL column, one program fewer)."""
+def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0, methods=METHODS, nll=True,
+                     on_row=None):
+    """The speculative table's rows for one model (`nll=False`: no NLL column, one program fewer);
+    `on_row(row)` is called as each row is done."""
     prompt_len = len(prompts[0])
     out = []
     for temp in temperatures:
@@ -103,6 +105,8 @@ def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0
                        nll=float(nlls.mean()) if nll else None,
                        nll_se=float(nlls.std(ddof=1) / np.sqrt(len(nlls))) if nll else None)
             out.append(row)
+            if on_row:
+                on_row(row)
             tpv = f"{row['tokens_per_verify_pass']:.2f}" if spec else "-"
             apv = f"{row['accepted_per_verify_pass']:.2f}" if spec else "-"
             nll_text = f"{row['nll']:>7.3f} +- {row['nll_se']:.3f}" if nll else f"{'-':>7}"
@@ -132,11 +136,24 @@ def speculative_main(args) -> int:
     rng = np.random.default_rng(0)
     n_p = args.prompt_tokens
     cfg, params = random_model(args.model, args.param_dtype)
-    rand_prompts = [[cfg.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]
-    rows = speculative_rows("random", cfg, params, rand_prompts, args.new_tokens, args.ks, args.temperatures,
-                            methods=args.methods, nll=not args.no_nll)
     model_meta = dict(random=dict(model=args.model or "tiny shape", layers=cfg.num_layers, hidden=cfg.hidden_size,
                                   vocab=cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype))
+    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
+                jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+                models=model_meta, prompt_tokens=n_p)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode_speculative.json")
+    rows = []
+
+    def save(row=None):
+        """Rewrites the JSON as each row is done, so a run cut short keeps the rows it finished."""
+        rows.extend([row] if row else [])
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(dict(meta=dict(meta, load_average=os.getloadavg()), rows=rows), f, indent=2)
+
+    rand_prompts = [[cfg.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]
+    speculative_rows("random", cfg, params, rand_prompts, args.new_tokens, args.ks, args.temperatures,
+                     methods=args.methods, nll=not args.no_nll, on_row=save)
     if args.demo_ckpt:
         from a3jax.checkpoint import load_params
         from a3jax.data.tokenizers import load_tokenizer
@@ -148,17 +165,10 @@ def speculative_main(args) -> int:
         if len(texts) < args.rows:
             raise SystemExit(f"only {len(texts)} held-out functions have {n_p} bytes")
         prompts = [[tok.bos_id] + list(tok.encode(t))[:n_p - 1] for t in texts]
-        rows += speculative_rows("demo", cfg, params, prompts, args.new_tokens, args.ks, args.temperatures,
-                                 methods=args.methods, nll=not args.no_nll)
+        speculative_rows("demo", cfg, params, prompts, args.new_tokens, args.ks, args.temperatures,
+                         methods=args.methods, nll=not args.no_nll, on_row=save)
         model_meta["demo"] = dict(ckpt=args.demo_ckpt, layers=cfg.num_layers, hidden=cfg.hidden_size)
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
-                jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                models=model_meta, prompt_tokens=n_p,
-                load_average=os.getloadavg())
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode_speculative.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    save()
     print(f"wrote {out}")
     return 0
 

@@ -43,7 +43,7 @@ set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 2
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 command_line="bash bench/device_check.sh $*"
 
 smoke=0 kernels="" batch="" reference="" no_reference=0 parts="tests,train,reference,decode" out=""
