@@ -105,8 +105,7 @@ def init_params(mcfg, mesh, rules):
     """Random params on the mesh: small models drawn on the host (compiling the linen init costs seconds
     there), large ones by one jitted init straight into their shardings."""
     if param_count(mcfg) > 100e6:
-        with activate(mesh, rules):
-            return init_params_sharded(mcfg, jax.random.PRNGKey(0), mesh, rules)
+        return init_params_sharded(mcfg, jax.random.PRNGKey(0), mesh, rules)
     host = jax.tree.map(lambda x: x.astype(mcfg.param_dtype), numpy_init(mcfg))
     return jax.device_put(host, param_shardings(mcfg, mesh, rules))
 
