@@ -48,15 +48,19 @@ command_line="bash bench/device_check.sh $*"
 
 smoke=0 kernels="" batch="" reference="" no_reference=0 parts="tests,train,reference,decode" out=""
 usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
+value() {  # value OPTION REST...: the option's argument, or a clear error
+  [[ $# -ge 2 && -n "$2" ]] || { echo "device_check.sh: $1 needs a value" >&2; exit 2; }
+  printf '%s' "$2"
+}
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
-    --kernels) kernels="$2"; shift ;;
-    --batch) batch="$2"; shift ;;
-    --reference) reference="$2"; shift ;;
+    --kernels) kernels="$(value "$@")" || exit 2; shift ;;
+    --batch) batch="$(value "$@")" || exit 2; shift ;;
+    --reference) reference="$(value "$@")" || exit 2; shift ;;
     --no-reference) no_reference=1 ;;
-    --parts) parts="$2"; shift ;;
-    --out) out="$2"; shift ;;
+    --parts) parts="$(value "$@")" || exit 2; shift ;;
+    --out) out="$(value "$@")" || exit 2; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -68,6 +72,9 @@ for p in ${parts//,/ }; do
   esac
 done
 want() { [[ ",$parts," == *",$1,"* ]]; }
+if [[ -n "$batch" && ! "$batch" =~ ^[1-9][0-9]*$ ]]; then
+  echo "device_check.sh: --batch '$batch' is not a positive integer" >&2; exit 2
+fi
 
 if [[ -z "$out" ]]; then
   if [[ -n "${OUT:-}" ]]; then out="$OUT/device_check.json"; else out="bench/results/device_check.json"; fi
