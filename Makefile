@@ -27,7 +27,22 @@ SHA256_CHECK = $(BIN)/python -c "import hashlib, sys; p, want = sys.argv[1:]; h 
 
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install model demo test test-full test-py312 test-fast bench clean
+# `make install ACCEL=cuda12|cuda13` also installs the JAX CUDA plugin of the venv's jax version, through
+# jax's own extra (jax[cuda12]==<version> pins jax-cuda12-plugin[with-cuda]: the plugin, its PJRT part and
+# the CUDA wheels). The registry must have that plugin version for this Python: checked first, so a
+# missing one is one clear line instead of a resolver traceback. cpu (the default): nothing more.
+ACCELS := cpu cuda12 cuda13
+ACCEL ?= cpu
+ifneq ($(words $(ACCEL)) $(filter $(ACCEL),$(ACCELS)),1 $(ACCEL))
+$(error ACCEL='$(ACCEL)' is not one of: $(ACCELS))
+endif
+JAX_VERSION = $(shell $(BIN)/python -c 'import importlib.metadata as m; print(m.version("jax"))' 2>/dev/null)
+
+# `make device-bundle [REFERENCE=<clone URL or directory of the reference A3 code>]`: .device/ (ignored)
+# for bench/device_check.sh on a GPU host that cannot download (docs/launch.md).
+REFERENCE ?=
+
+.PHONY: install model demo test test-full test-py312 test-fast bench clean device-bundle
 
 $(STAMP): requirements.txt requirements-test.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +70,19 @@ $(SMOLLM2_GGUF): | $(STAMP)
 model: $(SMOLLM2_GGUF)
 
 install: $(STAMP) $(SMOLLM2_GGUF)
+ifneq ($(ACCEL),cpu)
+	@test -n "$(JAX_VERSION)" || { echo "make install ACCEL=$(ACCEL): no jax in $(VENV)" >&2; exit 1; }
+	@for pkg in jax-$(ACCEL)-plugin jax-$(ACCEL)-pjrt; do \
+	  out="$$($(BIN)/pip index versions $$pkg 2>&1)" || { \
+	    echo "make install ACCEL=$(ACCEL): $$pkg is not on the package registry for this Python and platform:" \
+	         "$$(echo "$$out" | tail -n 1)" >&2; exit 1; }; \
+	  echo "$$out" | grep -Eq '^Available versions:.* $(subst .,\.,$(JAX_VERSION))(,|$$)' || { \
+	    echo "make install ACCEL=$(ACCEL): jax $(JAX_VERSION) is installed in $(VENV), but the package registry has" \
+	         "no $$pkg $(JAX_VERSION) for this Python ($$(echo "$$out" | grep '^Available versions:' | cut -c1-90)...);" \
+	         "install a jax version that has one (pip install 'jax==X' 'jaxlib==X') or use another ACCEL" >&2; exit 1; }; \
+	done
+	$(BIN)/pip install -q "jax[$(ACCEL)]==$(JAX_VERSION)"
+endif
 
 demo: $(STAMP)
 	$(BIN)/python -m a3jax demo configs/demo
@@ -80,6 +108,9 @@ test-fast: install
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
+
+device-bundle:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bash bench/device_bundle.sh $(REFERENCE)
 
 clean:
 	rm -rf $(VENV) $(VENV312) runs .pytest_cache

@@ -10,6 +10,9 @@ self-speculative sampling vs token-by-token and plain group-wise decoding.
     python bench/decode.py --speculative [--ks 2 4 8] [--demo-ckpt runs/demo/final] [--rows 16]
                            [--prompt-tokens 32] [--new-tokens 64] [--temperatures 1.0 0.0]
                            [--out bench/results/decode_speculative.json]
+    # a named model config with random weights (bench/device_check.sh: cached and speculative tokens/s)
+    python bench/decode.py --speculative --model llama3.2-1b --param-dtype bfloat16 --ks 4 \
+        --methods token-by-token speculative --temperatures 0.0 --no-nll
 
 Fills N blanks after a 16-token (--prompt) prompt (one row, greedy) with a random model of the `tiny`
 shape (4 layers, hidden 256, 8 heads / 4 KV heads, MLP 688, byte vocab 260). Cached: the whole decode
@@ -33,6 +36,7 @@ model's token-by-token factorisation (a3jax.score.log_likelihood; mean +- standa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -70,15 +74,20 @@ def _nll(cfg, params, info, prompt_len, n_new):
     return -log_likelihood(cfg, params, info.tokens, groups, target_mask=target) / n_new
 
 
-def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0):
-    """The speculative table's rows for one model."""
+METHODS = ("token-by-token", "speculative", "group-wise")
+
+
+def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0, methods=METHODS, nll=True,
+                     on_row=None):
+    """The speculative table's rows for one model (`nll=False`: no NLL column, one program fewer);
+    `on_row(row)` is called as each row is done."""
     prompt_len = len(prompts[0])
     out = []
     for temp in temperatures:
         settings = [("token-by-token", 1, dict(group_size=1))]
         for k in ks:
             settings += [("speculative", k, dict(speculative=k)), ("group-wise", k, dict(group_size=k))]
-        for method, k, kw in settings:
+        for method, k, kw in (s for s in settings if s[0] in methods):
             run = lambda: generate(cfg, params, prompts, n_new, DecodeSpec(stop_at_eos=False, **kw),
                                    SamplingParams(temperature=temp, seed=seed, independent_rows=True))
             timed(run)  # compile
@@ -87,20 +96,38 @@ def speculative_rows(name, cfg, params, prompts, n_new, ks, temperatures, seed=0
             passes = new_steps.max(axis=1) + 1  # per row: the pass that committed its last token, + 1
             verify = np.array([len(np.unique(r)) for r in new_steps])  # passes that committed anything
             spec = method == "speculative"
-            nll = _nll(cfg, params, info, prompt_len, n_new)
+            nlls = _nll(cfg, params, info, prompt_len, n_new) if nll else None
             row = dict(model=name, temperature=temp, method=method, k=k, rows=len(prompts), new_tokens=n_new,
                        seconds=sec, tokens_per_s=len(prompts) * n_new / sec, loop_passes=info.num_steps,
                        passes_per_token=float(np.mean(passes / n_new)),
                        tokens_per_verify_pass=float(np.mean(n_new / verify)) if spec else None,
                        accepted_per_verify_pass=float(np.mean(info.accepted / verify)) if spec else None,
-                       nll=float(nll.mean()), nll_se=float(nll.std(ddof=1) / np.sqrt(len(nll))))
+                       nll=float(nlls.mean()) if nll else None,
+                       nll_se=float(nlls.std(ddof=1) / np.sqrt(len(nlls))) if nll else None)
             out.append(row)
+            if on_row:
+                on_row(row)
             tpv = f"{row['tokens_per_verify_pass']:.2f}" if spec else "-"
             apv = f"{row['accepted_per_verify_pass']:.2f}" if spec else "-"
+            nll_text = f"{row['nll']:>7.3f} +- {row['nll_se']:.3f}" if nll else f"{'-':>7}"
             print(f"{name:<7} {temp:>4} {method:<15} {k:>2} {row['tokens_per_s']:>9.1f} "
-                  f"{row['passes_per_token']:>10.3f} {tpv:>10} {apv:>10} {row['nll']:>7.3f} +- {row['nll_se']:.3f}",
+                  f"{row['passes_per_token']:>10.3f} {tpv:>10} {apv:>10} {nll_text}",
                   flush=True)
     return out
+
+
+def random_model(name: str, param_dtype: str = ""):
+    """(cfg, params): the tiny shape, or the named model config, with random params in its param dtype.
+    Small models are drawn on the host (compiling the linen init costs seconds), large ones by one
+    jitted init on the device (a host draw of a 1B model takes tens of seconds)."""
+    from a3jax.config import load_config
+    from a3jax.model import init_params, param_count
+
+    cfg = load_config(None, [f"model={name}"]).model if name else CFG
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype) if param_dtype else cfg
+    if param_count(cfg) > 100e6:
+        return cfg, jax.jit(lambda key: init_params(cfg, key))(jax.random.PRNGKey(0))
+    return cfg, jax.tree.map(lambda x: x.astype(cfg.param_dtype), numpy_init(cfg))
 
 
 def speculative_main(args) -> int:
@@ -108,10 +135,25 @@ def speculative_main(args) -> int:
           f"{'acc/verify':>10} {'nll/tok':>7}")
     rng = np.random.default_rng(0)
     n_p = args.prompt_tokens
-    rand_prompts = [[CFG.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]
-    rows = speculative_rows("random", CFG, numpy_init(CFG), rand_prompts, args.new_tokens, args.ks,
-                            args.temperatures)
-    model_meta = dict(random=dict(layers=CFG.num_layers, hidden=CFG.hidden_size, vocab=CFG.vocab_size))
+    cfg, params = random_model(args.model, args.param_dtype)
+    model_meta = dict(random=dict(model=args.model or "tiny shape", layers=cfg.num_layers, hidden=cfg.hidden_size,
+                                  vocab=cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype))
+    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
+                jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+                models=model_meta, prompt_tokens=n_p)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode_speculative.json")
+    rows = []
+
+    def save(row=None):
+        """Rewrites the JSON as each row is done, so a run cut short keeps the rows it finished."""
+        rows.extend([row] if row else [])
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(dict(meta=dict(meta, load_average=os.getloadavg()), rows=rows), f, indent=2)
+
+    rand_prompts = [[cfg.bos_token_id] + list(rng.integers(0, 256, n_p - 1)) for _ in range(args.rows)]
+    speculative_rows("random", cfg, params, rand_prompts, args.new_tokens, args.ks, args.temperatures,
+                     methods=args.methods, nll=not args.no_nll, on_row=save)
     if args.demo_ckpt:
         from a3jax.checkpoint import load_params
         from a3jax.data.tokenizers import load_tokenizer
@@ -123,15 +165,10 @@ def speculative_main(args) -> int:
         if len(texts) < args.rows:
             raise SystemExit(f"only {len(texts)} held-out functions have {n_p} bytes")
         prompts = [[tok.bos_id] + list(tok.encode(t))[:n_p - 1] for t in texts]
-        rows += speculative_rows("demo", cfg, params, prompts, args.new_tokens, args.ks, args.temperatures)
+        speculative_rows("demo", cfg, params, prompts, args.new_tokens, args.ks, args.temperatures,
+                         methods=args.methods, nll=not args.no_nll, on_row=save)
         model_meta["demo"] = dict(ckpt=args.demo_ckpt, layers=cfg.num_layers, hidden=cfg.hidden_size)
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()}-core CPU",
-                jax=jax.__version__, backend=jax.default_backend(), models=model_meta, prompt_tokens=n_p,
-                load_average=os.getloadavg())
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", "decode_speculative.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    save()
     print(f"wrote {out}")
     return 0
 
@@ -141,6 +178,11 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", action="store_true", help="the speculative-sampling table instead")
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="--speculative: draft block sizes")
     ap.add_argument("--demo-ckpt", default=None, help="--speculative: also the trained demo model (params ckpt)")
+    ap.add_argument("--model", default="", help="--speculative: a named model config (configs/model/, random "
+                                                "weights, e.g. llama3.2-1b) instead of the tiny shape")
+    ap.add_argument("--param-dtype", default="", help="--speculative: storage dtype of that model's params")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="--speculative: which")
+    ap.add_argument("--no-nll", action="store_true", help="--speculative: skip the NLL column (one program fewer)")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)

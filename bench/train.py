@@ -2,6 +2,16 @@
 
     python bench/train.py [--quick] [--steps 5] [--out bench/results/train.json]
     python bench/train.py --sizes demo --seqs 128 --loop 40   # the demo-sized model, + the real loop
+    # a named model config (random weights), per attention kernel, on a GPU (bench/device_check.sh):
+    python bench/train.py --sizes llama3.2-1b --seqs 2048 --batch 4 --kernels pallas_gpu,blockwise,dense \
+        --steps 3 --budget-s 170
+
+--sizes: names in SIZES below, or named model configs (configs/model/NAME.yaml, e.g. llama3.2-1b, in its
+own dtype, bf16 compute for that one). --kernels: model.attention values, each timed for A3 then AR in
+the order given; a kernel that fails (unknown name, compile error, out of memory) is recorded with its
+error and the rest still run. --budget-s: no new (kernel, objective) program is started once the next
+one (estimated as the longest so far, compile included) would end past the budget; the JSON is rewritten
+after every program, so a run killed from outside keeps what it finished.
 
 --data-parallel: a data-only mesh over all devices (on a CPU, with
 XLA_FLAGS=--xla_force_host_platform_device_count=N, N "devices" on one host's cores).
@@ -14,11 +24,13 @@ same model and the same tokens per step; the AR step is train.objective=ar (the 
 groups = positions and next-token targets), the A3 step the query-stream loss on random groups of 4
 (rows in generation order, as the pipeline emits them). Model FLOPs per token come from
 each objective's entry in a3jax.objectives; MFU is reported against the chip table, or on CPUs
-against a measured fp32 matmul peak of this machine (--peak to override). Prints a table, writes JSON.
+against a measured fp32 matmul peak of this machine (the fastest of 10 matmuls; --peak to override).
+Prints a table, writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -34,8 +46,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a3jax import objectives  # noqa: E402
-from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from a3jax.model import init_params, param_count, param_shapes, param_shardings  # noqa: E402
+from a3jax.config import Config, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, load_config  # noqa: E402
+from a3jax.model import (init_params_sharded, numpy_init, param_count, param_shapes,  # noqa: E402
+                         param_shardings)
 from a3jax.sharding import activate, batch_sharding, make_mesh, rules_of  # noqa: E402
 from a3jax.train import metrics as M  # noqa: E402
 from a3jax.train.state import create_state, make_optimizer, state_shardings  # noqa: E402
@@ -56,15 +69,17 @@ DEMO_OVERRIDES = ["model.hidden_size=128", "model.intermediate_size=344", "model
 
 
 def matmul_peak(n: int = 1024, reps: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s of the default device (a practical CPU 'peak')."""
+    """Measured fp32 matmul FLOP/s of the default device (a practical CPU 'peak'): the fastest of `reps`
+    matmuls, so a moment of load on a shared machine does not lower the peak (and inflate the MFU)."""
     a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: x @ x * 1e-3)
     f(a).block_until_ready()
-    t = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
-        a = f(a) * 1e-3
-    a.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+        t = time.perf_counter()
+        a = f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
 
 
 def make_batch(rng, b, t, objective):
@@ -80,7 +95,24 @@ def make_batch(rng, b, t, objective):
             "loss_mask": np.ones((b, t), np.int32)}
 
 
-def time_step(mcfg, seq, batch, objective, steps, mesh, rules):
+def model_config(size: str, dtype: str = "") -> ModelConfig:
+    """SIZES[size], else the named model config configs/model/<size>.yaml; `dtype` overrides the compute dtype."""
+    mcfg = SIZES[size] if size in SIZES else load_config(None, [f"model={size}"]).model
+    return dataclasses.replace(mcfg, dtype=dtype) if dtype else mcfg
+
+
+def init_params(mcfg, mesh, rules):
+    """Random params on the mesh: small models drawn on the host (compiling the linen init costs seconds
+    there), large ones by one jitted init straight into their shardings."""
+    if param_count(mcfg) > 100e6:
+        return init_params_sharded(mcfg, jax.random.PRNGKey(0), mesh, rules)
+    host = jax.tree.map(lambda x: x.astype(mcfg.param_dtype), numpy_init(mcfg))
+    return jax.device_put(host, param_shardings(mcfg, mesh, rules))
+
+
+def time_step(mcfg, seq, batch, objective, steps, mesh, rules, params):
+    """(median step s, compile + first step s, median process CPU s) of the real train step; `params`
+    (placed on the mesh) are copied into a fresh state, so one init serves every kernel and objective."""
     cfg = Config(model=mcfg, train=TrainConfig(global_batch_size=batch, objective=objective,
                                                optimizer=OptimizerConfig(warmup_steps=1)))
     opt, sched = make_optimizer(cfg.train.optimizer, 1000)
@@ -88,8 +120,7 @@ def time_step(mcfg, seq, batch, objective, steps, mesh, rules):
     ssh = state_shardings(opt, psh, param_shapes(mcfg), mesh)
     bsh = batch_sharding(mesh, rules)
     step = make_train_step(cfg, opt, sched, ssh, bsh, mesh)
-    params = jax.device_put(init_params(mcfg, jax.random.PRNGKey(0)), psh)
-    state = create_state(params, opt, 0, ssh)
+    state = create_state(jax.device_put(params, psh), opt, 0, ssh)
     b = jax.device_put(make_batch(np.random.default_rng(0), batch, seq, objective), bsh)
     with activate(mesh, rules):
         t0 = time.perf_counter()
@@ -158,11 +189,42 @@ def loop_overhead(size, seq, batch, steps, objective, data_parallel, isolated_st
     return rec
 
 
+def error_text(e: BaseException) -> str:
+    """An exception in one line, cut to a size a JSON report can carry."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= 600 else text[:400] + " ... " + text[-190:]
+
+
+def one_objective(mcfg, seq, batch, name, steps, mesh, rules, params, peak, n_dev) -> dict:
+    """Times `name`'s train step; a failure (compile error, out of memory) comes back as {"error": ...}."""
+    try:
+        dt, comp, cpu = time_step(mcfg, seq, batch, name, steps, mesh, rules, params)
+    except Exception as e:  # noqa: BLE001 (recorded in the report; the other kernels still run)
+        return {"error": error_text(e)}
+    tps = batch * seq / dt
+    flops = objectives.get(name).train_flops(mcfg, seq)
+    return {"step_s": dt, "compile_s": comp, "cpu_s": cpu, "tokens_per_s": tps,
+            "flops_per_token": flops, "mfu": flops * tps / (peak * n_dev)}
+
+
+def describe(name: str, r: dict) -> str:
+    if "error" in r or "skipped" in r:
+        return f"{name.upper()} {r.get('skipped') or 'FAILED: ' + r['error'][:120]}"
+    return (f"{name.upper()} {r['step_s'] * 1e3:8.1f} ms {r['tokens_per_s']:9,.0f} tok/s MFU {100 * r['mfu']:5.1f}% "
+            f"CPU {r['cpu_s']:.2f} s (compile {r['compile_s']:.0f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="small,tiny")
+    ap.add_argument("--sizes", default="small,tiny", help="SIZES names or named model configs (llama3.2-1b)")
     ap.add_argument("--seqs", default="256,1024")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq)")
+    ap.add_argument("--batch", type=int, default=0, help="rows per step (default: --tokens / seq)")
+    ap.add_argument("--kernels", default="", help="model.attention values to time, comma-separated, each A3 "
+                                                  "then AR (default: the model's own setting)")
+    ap.add_argument("--dtype", default="", help="compute dtype (default: the model's)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no program that would end past this many seconds (0 = no budget)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s per device (default: table or measured)")
     ap.add_argument("--quick", action="store_true", help="small model, seq 256 only, 3 steps")
@@ -173,6 +235,7 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.sizes, a.seqs, a.steps = "small", "256", 3
+    start = time.perf_counter()
     dev = jax.devices()[0]
     peak = M.peak_flops_per_device(dev.device_kind, a.peak)
     peak_src = "override" if a.peak else ("chip table" if peak else "measured fp32 matmul")
@@ -181,27 +244,8 @@ def main():
     mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1) if a.data_parallel else MeshConfig(data=1, fsdp=-1, tensor=1)
     mesh, rules = make_mesh(mesh_cfg), rules_of(mesh_cfg)
     n_dev = jax.device_count()
+    kernels = [k for k in a.kernels.split(",") if k]
     rows = []
-    for size in a.sizes.split(","):
-        for seq in (int(s) for s in a.seqs.split(",")):
-            mcfg = SIZES[size]
-            batch = max(n_dev, a.tokens // seq)
-            res = {"size": size, "seq": seq, "batch": batch,
-                   "params": param_count(mcfg)}
-            for name in ("ar", "a3"):
-                dt, comp, cpu = time_step(mcfg, seq, batch, name, a.steps, mesh, rules)
-                tps = batch * seq / dt
-                flops = objectives.get(name).train_flops(mcfg, seq)
-                res[name] = {"step_s": dt, "compile_s": comp, "cpu_s": cpu, "tokens_per_s": tps,
-                             "flops_per_token": flops, "mfu": flops * tps / (peak * n_dev)}
-            res["time_ratio"] = res["a3"]["step_s"] / res["ar"]["step_s"]
-            res["flops_ratio"] = res["a3"]["flops_per_token"] / res["ar"]["flops_per_token"]
-            rows.append(res)
-            print(f"{size:>6} T={seq:<5} B={batch:<3} AR {res['ar']['step_s'] * 1e3:8.1f} ms "
-                  f"{res['ar']['tokens_per_s']:9,.0f} tok/s MFU {100 * res['ar']['mfu']:5.1f}% | "
-                  f"A3 {res['a3']['step_s'] * 1e3:8.1f} ms {res['a3']['tokens_per_s']:9,.0f} tok/s "
-                  f"MFU {100 * res['a3']['mfu']:5.1f}% CPU {res['ar']['cpu_s']:.2f}/{res['a3']['cpu_s']:.2f} s | A3/AR time {res['time_ratio']:.2f}x "
-                  f"(FLOPs {res['flops_ratio']:.2f}x)", flush=True)
     out = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -212,17 +256,56 @@ def main():
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "mesh": dict(mesh.shape),
         "load_average": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "dtype": SIZES["small"].dtype, "optimizer": "AdamW + clip (full train step)",
+        "optimizer": "AdamW + clip (full train step)", "budget_s": a.budget_s or None,
         "results": rows,
     }
+    longest = 0.0  # the longest program so far (compile + steps): the estimate of the next one's cost
+    for size in a.sizes.split(","):
+        base = model_config(size, a.dtype)
+        params = init_params(base, mesh, rules)
+        for seq in (int(s) for s in a.seqs.split(",")):
+            batch = a.batch or max(n_dev, a.tokens // seq)
+            for kernel in kernels or [base.attention]:
+                mcfg = dataclasses.replace(base, attention=kernel)
+                res = {"size": size, "seq": seq, "batch": batch, "kernel": kernel, "dtype": mcfg.dtype,
+                       "params": param_count(mcfg)}
+                rows.append(res)
+                for name in ("a3", "ar"):
+                    t0 = time.perf_counter()
+                    if a.budget_s and t0 - start + longest > a.budget_s:
+                        res[name] = {"skipped": f"budget: {a.budget_s:.0f} s"}
+                        continue
+                    try:
+                        mcfg.validate()
+                    except ValueError as e:
+                        res[name] = {"error": error_text(e)}
+                        continue
+                    res[name] = one_objective(mcfg, seq, batch, name, a.steps, mesh, rules, params, peak, n_dev)
+                    longest = max(longest, time.perf_counter() - t0)
+                    write_json(out, a.out)
+                ok = all("step_s" in res[n] for n in ("a3", "ar"))
+                res["time_ratio"] = res["a3"]["step_s"] / res["ar"]["step_s"] if ok else None
+                res["flops_ratio"] = (objectives.get("a3").train_flops(mcfg, seq)
+                                      / objectives.get("ar").train_flops(mcfg, seq))
+                ratio = f"A3/AR time {res['time_ratio']:.2f}x" if ok else "A3/AR time -"
+                print(f"{size:>6} T={seq:<5} B={batch:<3} {kernel:>10} | {describe('ar', res['ar'])} | "
+                      f"{describe('a3', res['a3'])} | {ratio} (FLOPs {res['flops_ratio']:.2f}x)", flush=True)
+                write_json(out, a.out)
+        del params
     if a.loop:
         size, seq = a.sizes.split(",")[0], int(a.seqs.split(",")[0])
         out["loop"] = loop_overhead(size, seq, max(n_dev, a.tokens // seq), a.loop, a.objective,
                                     a.data_parallel, rows[0][a.objective]["step_s"])
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(out, a.out)
     print(f"wrote {a.out}")
+
+
+def write_json(out: dict, path: str) -> None:
+    """Writes the report whole (to a temporary name first: a kill mid-write leaves the previous one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """A non-editable install: the wheel, installed into a fresh venv and run from another directory, still
-resolves the named configs (`model=llama3.2-1b`, `data=curriculum/paper`) shipped as package data."""
+resolves the named configs (`model=llama3.2-1b`, `data=curriculum/paper`) shipped as package data.
+`make install ACCEL=...` (read with `make -n`: nothing is installed) adds the JAX CUDA plugin of the
+venv's own jax version, and refuses an unknown ACCEL by name."""
 import glob
+import importlib.metadata
 import os
 import shutil
 import site
@@ -58,3 +61,35 @@ def test_wheel_in_a_fresh_venv_finds_its_configs(tmp_path):
     out = _run([vpy, "-c", probe], cwd=elsewhere, env=env).stdout.split()
     assert out[0].startswith(vsite), f"a3jax imported from {out[0]}, not from the wheel in {vsite}"
     assert out[1:] == ["2048", "llama3", "5"]
+
+
+def _make_install_dry_run(*args):
+    """`make -n install ARGS` against this interpreter's venv: the commands it would run, run none."""
+    env = {k: v for k, v in ENV.items() if k != "ACCEL"}
+    return subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, "install", f"VENV={sys.prefix}", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("accel", ["cuda12", "cuda13"])
+def test_install_accel_adds_the_cuda_plugin_of_the_installed_jax(accel):
+    version = importlib.metadata.version("jax")
+    r = _make_install_dry_run(f"ACCEL={accel}")
+    assert r.returncode == 0, r.stderr
+    assert f'{sys.prefix}/bin/pip install -q "jax[{accel}]=={version}"' in r.stdout
+    # Both halves of the plugin are looked up on the registry for that exact version first.
+    assert f"for pkg in jax-{accel}-plugin jax-{accel}-pjrt" in r.stdout
+    assert " " + version.replace(".", "\\.") + "(,|$)" in r.stdout
+
+
+def test_install_without_accel_adds_no_plugin():
+    r = _make_install_dry_run()
+    assert r.returncode == 0, r.stderr
+    assert "jax[" not in r.stdout and "index versions" not in r.stdout
+
+
+@pytest.mark.parametrize("accel", ["rocm", "cuda12 cuda13", ""])
+def test_unknown_accel_is_refused_by_name(accel):
+    r = _make_install_dry_run(f"ACCEL={accel}")
+    assert r.returncode != 0
+    assert f"ACCEL='{accel}' is not one of: cpu cuda12 cuda13" in r.stderr
+    assert "pip" not in r.stdout

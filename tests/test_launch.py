@@ -171,7 +171,7 @@ def test_slurm_dry_run():
     r = _run("slurm_gpu.sbatch", "--dry-run", CONFIG, "run_dir=/shared/runs/8b", env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "export A3JAX_COORDINATOR=gpu07:62674 A3JAX_NUM_PROCESSES=3 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92",
+        "export A3JAX_COORDINATOR=gpu07:62674 A3JAX_NUM_PROCESSES=3 XLA_CLIENT_MEM_FRACTION=0.92",
         f"srun --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none /opt/venv/bin/python -m a3jax "
         f"train {CONFIG} run_dir=/shared/runs/8b --no-progress ",
     ]

@@ -34,8 +34,6 @@ from typing import Iterator, Optional, Sequence
 
 import grain
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from a3jax import fs
 
@@ -204,6 +202,11 @@ def read_file_documents(path: str, key: str, text_field: str = "text",
             else:
                 docs.append((k, text))
     elif kind == "parquet":
+        # Imported here: only Parquet sources need pyarrow, a 50 MB wheel that a GPU host without
+        # network may lack (bench/device_check.sh carries what it needs in 64 MiB).
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         # gs://: the file's bytes in memory (pyarrow reads local files itself, memory-mapped)
         src = pa.BufferReader(fs.read_bytes(path)) if fs.is_gcs(path) else path
         try:
