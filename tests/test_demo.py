@@ -121,8 +121,6 @@ def test_infill_benchmark_is_fixed_and_its_blanks_need_the_right_context():
 def test_span_nll_scores_the_layout_the_benchmark_decodes(demo_run):
     """The span NLL (scorer) and the benchmark's fills (decoder) see the context grouped the same way:
     the decoder's teacher-forced log-probs of the true spans, left to right, sum to the scorer's."""
-    import numpy as np
-
     from a3jax import demo
     from a3jax.checkpoint import load_params
     from a3jax.data import load_tokenizer

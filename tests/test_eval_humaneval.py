@@ -2,7 +2,6 @@
 published sizes), every task reassembling the canonical solution, and the sandbox scoring canonical
 middles as passed and wrong ones as failed."""
 import gzip
-import json
 
 import pytest
 

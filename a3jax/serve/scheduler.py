@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from a3jax.decode import DecodeSpec
-from a3jax.serve.slots import Lane, base_key
+from a3jax.serve.slots import base_key
 
 log = logging.getLogger("a3jax.serve")
 
