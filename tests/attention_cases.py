@@ -101,6 +101,34 @@ def run_kernel(kind, case, dtype, seed, ids, ref_dtype=None):
     return [np.asarray(x, np.float32) for x in out]
 
 
+def check_equals_dense_fp32(kind, case, data):
+    """fp32 values and gradients of `kind` equal dense's on a drawn layout; a row that sees no key
+    outputs exactly zero (and passes no gradient)."""
+    b, tq, tk = CASES[case][:3]
+    ids = data.draw(layouts(b, tq, tk))
+    seed = data.draw(st.integers(0, 1000))
+    got = run_kernel(kind, case, jnp.float32, seed, ids)
+    want = run_kernel("dense", case, jnp.float32, seed, ids)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    blind = ~np.asarray(masks.visible(*ids, strict=False)).any(-1)  # [b, tq]
+    assert (got[0][blind] == 0).all() and (got[1][blind] == 0).all()
+
+
+def check_bf16_as_accurate_as_dense(kind, data, case="gqa3_multiblock"):
+    """bf16 inputs, fp32 accumulation: `kind`'s error against an fp32 computation on the same rounded
+    inputs is at most twice dense-bf16's own error plus 1e-3, and never above 3e-2."""
+    b, tq, tk = CASES[case][:3]
+    ids = data.draw(layouts(b, tq, tk))
+    exact = run_kernel("dense", case, jnp.bfloat16, 0, ids, ref_dtype=jnp.float32)
+    got = run_kernel(kind, case, jnp.bfloat16, 0, ids)
+    dense = run_kernel("dense", case, jnp.bfloat16, 0, ids)
+    for name, g, dn, x in zip(("out", "dq", "dk", "dv"), got, dense, exact):
+        scale = max(1.0, float(np.abs(x).max()))
+        err_k, err_d = np.abs(g - x).max() / scale, np.abs(dn - x).max() / scale
+        assert err_k <= 2 * err_d + 1e-3 and err_k < 3e-2, (name, err_k, err_d)
+
+
 def visible_blocks(ids, bq, bk):
     """[b, nq, nk]: does the (query block, key block) pair hold a visible key?"""
     vis = np.asarray(masks.visible(*ids, strict=False))

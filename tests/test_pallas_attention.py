@@ -13,12 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from a3jax import masks
 from a3jax.config import ModelConfig
 from a3jax.model.attention import choose_kernel
 from a3jax.model.pallas_attention import (block_sizes, compile_target, kernel_ranges, pallas_attention,
                                           target_platform)
-from attention_cases import CASES, layouts, run_kernel, visible_blocks
+from attention_cases import CASES, check_bf16_as_accurate_as_dense, check_equals_dense_fp32, layouts, visible_blocks
 
 
 @pytest.mark.slow
@@ -26,16 +25,7 @@ from attention_cases import CASES, layouts, run_kernel, visible_blocks
 @settings(max_examples=8)
 @given(data=st.data())
 def test_pallas_equals_dense_fp32(case, data):
-    b, tq, tk = CASES[case][:3]
-    ids = data.draw(layouts(b, tq, tk))
-    seed = data.draw(st.integers(0, 1000))
-    got = run_kernel("pallas", case, jnp.float32, seed, ids)
-    want = run_kernel("dense", case, jnp.float32, seed, ids)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
-    # A row that sees no key outputs exactly zero (and passes no gradient).
-    blind = ~np.asarray(masks.visible(*ids, strict=False)).any(-1)  # [b, tq]
-    assert (got[0][blind] == 0).all() and (got[1][blind] == 0).all()
+    check_equals_dense_fp32("pallas", case, data)
 
 
 @settings(max_examples=5)
@@ -45,16 +35,7 @@ def test_pallas_bf16_is_as_accurate_as_dense_bf16(data):
     the running max, dense after the row max) and round the output to bf16: a few bf16 ulps (2^-8
     relative) at unit scale. The bar: pallas's error against an fp32 computation on the same rounded
     inputs is at most twice dense-bf16's own error plus 1e-3, and never above 3e-2."""
-    case = "gqa3_multiblock"
-    b, tq, tk = CASES[case][:3]
-    ids = data.draw(layouts(b, tq, tk))
-    exact = run_kernel("dense", case, jnp.bfloat16, 0, ids, ref_dtype=jnp.float32)
-    got = run_kernel("pallas", case, jnp.bfloat16, 0, ids)
-    dense = run_kernel("dense", case, jnp.bfloat16, 0, ids)
-    for name, g, dn, x in zip(("out", "dq", "dk", "dv"), got, dense, exact):
-        scale = max(1.0, float(np.abs(x).max()))
-        err_p, err_d = np.abs(g - x).max() / scale, np.abs(dn - x).max() / scale
-        assert err_p <= 2 * err_d + 1e-3 and err_p < 3e-2, (name, err_p, err_d)
+    check_bf16_as_accurate_as_dense("pallas", data)
 
 
 _ranges = jax.jit(kernel_ranges, static_argnums=(4, 5))
