@@ -23,7 +23,11 @@ ranges. The A3 rule needs per-example groups compared by order, and block skippi
   is one XLA reduction.
 * Triton wants power-of-two tiles of at least 16: row and key blocks are rounded to that, T is
   padded to the blocks with segment 0 (never visible, never seeing), D to a power of two with zeros.
-* fp32 inputs use full fp32 products (no TF32), so results match `dense` to fp32 rounding.
+* fp32 inputs follow JAX's matmul precision like XLA's own matmuls: TF32 products by default on
+  Ampere and later, full fp32 under `jax_default_matmul_precision=highest` (then equal to `dense` to
+  fp32 rounding, as the GPU tests run).
+* JAX 0.11 deprecated Pallas' Triton backend in favour of Mosaic GPU (it warns when lowering); the
+  requirements keep JAX below the release that would drop it.
 
 Off a GPU the same kernel runs in Pallas interpret mode (slow: tests and checks). Under
 `compile_target("gpu")` it lowers to Triton on any host (`a3jax compile --platform cuda`).
