@@ -172,7 +172,12 @@ if grep -qv '^reference:' <<< "$missing" && [[ -n "$missing" ]]; then
     say "missing on this host: ${missing//$'\n'/, }; installing ${#wheels[@]} wheels from .device/wheels (no network)"
     # Installed afresh on every run that needs it, into a folder named after this interpreter: a
     # folder left by another Python (compiled wheels of another version) is never put on the path.
-    site=".device/site-$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    tag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    for w in "${wheels[@]}"; do
+      w_tag="$(basename "$w" | cut -d- -f3)"
+      [[ "$w_tag" == cp* && "$w_tag" != "$tag" ]] && fail_preflight "$(basename "$w") is built for $w_tag, this python is $tag: run DEVICE_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') make device-bundle ... and carry .device/ again"
+    done
+    site=".device/site-$tag"
     rm -rf "$site"
     if "$PYTHON" -m pip --version > /dev/null 2>&1; then
       "$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$site" \
