@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fills .device/ (ignored by git) with what bench/device_check.sh needs on a GPU host that cannot
 # download anything, and that travels with the working tree:
-#   .device/wheels     CPython manylinux x86_64 wheels of the packages such a host lacks, for the host's
-#                      Python version: DEVICE_PYTHON_VERSION (default 3.12)
+#   .device/wheels     CPython manylinux x86_64 wheels of the packages such a host lacks, for each Python
+#                      in DEVICE_PYTHON_VERSION (default "3.11 3.12 3.13": the check picks the host's)
 #   .device/reference  a copy of the reference A3 code (github.com/PKU-ML/Any-order-Any-subset-AR; it
 #                      has no license, so it lives only in this ignored folder, never in the project)
 #
@@ -29,17 +29,21 @@ limit_mib=64
 spec() { grep -h -E "^$1([<>=!~ ;]|$)" requirements.txt requirements-test.txt | head -n 1 | sed 's/ *#.*//'; }
 packages=("$(spec grain)" "$(spec array-record)" cloudpickle portpicker "$(spec hypothesis)" "sortedcontainers>=2.1,<3")
 
-pyver="${DEVICE_PYTHON_VERSION:-3.12}"
-if [[ ! "$pyver" =~ ^3\.[0-9]+$ ]]; then
-  echo "device_bundle.sh: DEVICE_PYTHON_VERSION '$pyver' is not a Python version like 3.12" >&2; exit 2
-fi
+versions="${DEVICE_PYTHON_VERSION:-3.11 3.12 3.13}"
+for pyver in $versions; do
+  if [[ ! "$pyver" =~ ^3\.[0-9]+$ ]]; then
+    echo "device_bundle.sh: DEVICE_PYTHON_VERSION: '$pyver' is not a Python version like 3.12" >&2; exit 2
+  fi
+done
 rm -rf .device/wheels
 mkdir -p .device/wheels
-echo "[device_bundle] downloading ${#packages[@]} wheels for CPython $pyver manylinux x86_64: ${packages[*]}"
-"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
-  --abi "cp${pyver/./}" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-  -d .device/wheels "${packages[@]}"
+for pyver in $versions; do
+  echo "[device_bundle] downloading ${#packages[@]} wheels for CPython $pyver manylinux x86_64: ${packages[*]}"
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+    --abi "cp${pyver/./}" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+    -d .device/wheels "${packages[@]}"
+done
 
 if [[ -n "$reference" ]]; then
   rm -rf .device/reference

@@ -23,9 +23,9 @@
 # part's own JSON sit beside it in device_check_logs/. Tables are printed at the end.
 #
 # What the host lacks travels in .device/ (`make device-bundle`): .device/wheels (installed with
-# `pip install --no-index --no-deps --target .device/site-cp312`, then put on PYTHONPATH: that works whether
-# the host's python is a system python, a venv or conda, and keeps the host's jax and torch) and
-# .device/reference. Nothing here touches the network.
+# `pip install --no-index --no-deps --target .device/site-cpXY` for the host's Python, then put on
+# PYTHONPATH: that works whether the host's python is a system python, a venv or conda, and keeps the
+# host's jax and torch) and .device/reference. Nothing here touches the network.
 #
 # The 8-minute budget on one H100 (compiling one 1B-shape program takes about 30-60 s there, so the
 # number of distinct programs is what costs; steps are few). Limits, the most a part may take:
@@ -167,16 +167,21 @@ EOF
 }
 missing="$(probe 2>"$logdir/preflight.log")" || fail_preflight "python failed: $(tail -c 400 "$logdir/preflight.log")"
 if grep -qv '^reference:' <<< "$missing" && [[ -n "$missing" ]]; then
-  wheels=(.device/wheels/*.whl)
-  if [[ -e "${wheels[0]}" ]]; then
+  # The bundle holds wheels for several Pythons: this interpreter's, and those for any Python.
+  tag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+  wheels=() others=()
+  for w in .device/wheels/*.whl; do
+    [[ -e "$w" ]] || continue
+    w_tag="$(basename "$w" | cut -d- -f3)"
+    if [[ "$w_tag" == cp* && "$w_tag" != "$tag" ]]; then others+=("$w_tag"); else wheels+=("$w"); fi
+  done
+  if [[ ${#wheels[@]} -gt 0 && ${#others[@]} -gt 0 ]] && ! ls .device/wheels | grep -q -- "-$tag-"; then
+    fail_preflight ".device/wheels has wheels for $(printf '%s\n' "${others[@]}" | sort -u | tr '\n' ' ')but not for this python ($tag): run DEVICE_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') make device-bundle ... and carry .device/ again"
+  fi
+  if [[ ${#wheels[@]} -gt 0 ]]; then
     say "missing on this host: ${missing//$'\n'/, }; installing ${#wheels[@]} wheels from .device/wheels (no network)"
     # Installed afresh on every run that needs it, into a folder named after this interpreter: a
     # folder left by another Python (compiled wheels of another version) is never put on the path.
-    tag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
-    for w in "${wheels[@]}"; do
-      w_tag="$(basename "$w" | cut -d- -f3)"
-      [[ "$w_tag" == cp* && "$w_tag" != "$tag" ]] && fail_preflight "$(basename "$w") is built for $w_tag, this python is $tag: run DEVICE_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') make device-bundle ... and carry .device/ again"
-    done
     site=".device/site-$tag"
     rm -rf "$site"
     if "$PYTHON" -m pip --version > /dev/null 2>&1; then
