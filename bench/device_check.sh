@@ -175,7 +175,7 @@ if grep -qv '^reference:' <<< "$missing" && [[ -n "$missing" ]]; then
     w_tag="$(basename "$w" | cut -d- -f3)"
     if [[ "$w_tag" == cp* && "$w_tag" != "$tag" ]]; then others+=("$w_tag"); else wheels+=("$w"); fi
   done
-  if [[ ${#wheels[@]} -gt 0 && ${#others[@]} -gt 0 ]] && ! ls .device/wheels | grep -q -- "-$tag-"; then
+  if [[ ${#others[@]} -gt 0 ]] && ! ls .device/wheels | grep -q -- "-$tag-"; then
     fail_preflight ".device/wheels has wheels for $(printf '%s\n' "${others[@]}" | sort -u | tr '\n' ' ')but not for this python ($tag): run DEVICE_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') make device-bundle ... and carry .device/ again"
   fi
   if [[ ${#wheels[@]} -gt 0 ]]; then

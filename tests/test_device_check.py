@@ -61,3 +61,50 @@ def test_smoke_run_reports_every_part_ok(tmp_path):
         assert s["speedup_vs_reference"] == pytest.approx(s["a3_tokens_per_s"] / s["reference_tokens_per_s"])
     assert "targets_met" not in s  # targets are judged on a GPU only
     assert "train step" in r.stdout and "summary:" in r.stdout
+
+
+def _checkout_without_a3jax(tmp_path):
+    """The files device_check.sh needs to reach its wheel installation, without a3jax itself."""
+    root = tmp_path / "checkout"
+    for rel in ("bench/device_check.sh", "bench/device_report.py", "bench/train.py", "bench/decode.py",
+                "bench/reference_a3.py", "tests/conftest.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(open(os.path.join(ROOT, rel), "rb").read())
+    return root
+
+
+def _wheel(folder, name, tag):
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-1.0-{tag}-{tag}-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/__init__.py", f"TAG = {tag!r}\n")
+    return path
+
+
+def test_bundled_wheels_are_chosen_by_the_host_python(tmp_path):
+    """A bundle with wheels for several Pythons installs only this interpreter's (here with no pip: a
+    bare venv, so the wheels are unpacked); a bundle without this Python's wheels stops with one line
+    naming the version to bundle."""
+    import venv
+    venv.create(tmp_path / "bare", with_pip=False)  # a python that lacks every package the check needs
+    python = str(tmp_path / "bare" / "bin" / "python")
+    tag = "cp%d%d" % sys.version_info[:2]
+    other = "cp%d%d" % (sys.version_info[0], sys.version_info[1] + 1)
+    root = _checkout_without_a3jax(tmp_path)
+    wheels = root / ".device" / "wheels"
+    env = dict(os.environ, PYTHON=python, OUT=str(tmp_path / "out"))
+    cmd = ["bash", str(root / "bench" / "device_check.sh"), "--smoke", "--no-reference"]
+
+    _wheel(wheels, "only_other", other)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert f"has wheels for {other} but not for this python ({tag})" in r.stderr
+    assert "DEVICE_PYTHON_VERSION=%d.%d make device-bundle" % sys.version_info[:2] in r.stderr
+
+    _wheel(wheels, "mine", tag)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "a3jax cannot be imported here: missing module" in r.stderr, r.stderr
+    site = root / ".device" / f"site-{tag}"
+    assert (site / "mine" / "__init__.py").read_text() == f"TAG = {tag!r}\n"
+    assert not (site / "only_other").exists()
