@@ -35,7 +35,8 @@ for pyver in $versions; do
     echo "device_bundle.sh: DEVICE_PYTHON_VERSION: '$pyver' is not a Python version like 3.12" >&2; exit 2
   fi
 done
-rm -rf .device/wheels
+# installed copies a check left here are rebuilt on the host; they need not travel
+rm -rf .device/wheels .device/site-*
 mkdir -p .device/wheels
 for pyver in $versions; do
   echo "[device_bundle] downloading ${#packages[@]} wheels for CPython $pyver manylinux x86_64: ${packages[*]}"

@@ -169,10 +169,10 @@ def build(logdir: str, mode: str, command: str, kernels: str, batch: str) -> dic
 
 def show(report: dict) -> None:
     print(f"\ndevice check ({report['mode']}): {report['device']}")
-    print(f"{'part':<10} {'status':<28} {'seconds':>8} {'limit':>6}")
+    print(f"{'part':<12} {'seconds':>8} {'limit':>6}  status")  # status last: it is never cut
     for name, p in report["parts"].items():
         secs = f"{p['seconds']:.0f}" if p.get("seconds") is not None else "-"
-        print(f"{name:<10} {p['status'][:28]:<28} {secs:>8} {p.get('timeout_s') or '-':>6}")
+        print(f"{name:<12} {secs:>8} {p.get('timeout_s') or '-':>6}  {p['status']}")
         if p.get("error"):
             print(f"{'':<10} {p['error'][:200]}")
     for name in ("kernel_tests", "tests"):
