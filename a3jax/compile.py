@@ -266,13 +266,27 @@ def analyse(compiled, hbm_bytes: float) -> dict:
     return out
 
 
+def _check_programs(programs) -> None:
+    for p in programs:
+        if p not in PROGRAMS:
+            raise CompileError(f"--programs: {p!r} is not one of {', '.join(PROGRAMS)}")
+
+
+def lower_program(prog, cfg, mesh, rules, b, t, group_size, platform: str | None = None):
+    """(lowered, description) of one of PROGRAMS: the train step, or prefill / a cached decoding step
+    of b rows and t cached positions committing `group_size` tokens (see `_lower` for `platform`)."""
+    if prog == "train":
+        return lower_train(cfg, mesh, rules, platform)
+    if prog == "prefill":
+        return lower_prefill(cfg, mesh, rules, b, t, platform)
+    return lower_decode(cfg, mesh, rules, b, t, group_size, platform)
+
+
 def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0, decode_length: int = 0,
                    group_size: int = 4, hbm_gib: float = 0.0, log=print) -> dict:
     """Compiles `programs` of `cfg` for `topology`; returns the report dict (see the module docstring)."""
     fam, dims = parse_topology(topology)
-    for p in programs:
-        if p not in PROGRAMS:
-            raise CompileError(f"--programs: {p!r} is not one of {', '.join(PROGRAMS)}")
+    _check_programs(programs)
     devices = topology_devices(topology)
     n = len(devices)
     hbm = float(hbm_gib or HBM_GIB[fam]) * 2 ** 30
@@ -297,15 +311,9 @@ def compile_report(cfg, topology: str, programs=PROGRAMS, decode_batch: int = 0,
         # Traced for TPU although this host is a CPU: `auto` resolves as on a TPU and Pallas kernels
         # lower through Mosaic instead of interpret mode.
         with compile_target("tpu"):
-            if prog == "train":
-                lowered, info = lower_train(cfg, mesh, rules)
-                analytic = metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
-            elif prog == "prefill":
-                lowered, info = lower_prefill(cfg, mesh, rules, b, t)
-                analytic = None
-            else:
-                lowered, info = lower_decode(cfg, mesh, rules, b, t, group_size)
-                analytic = None
+            lowered, info = lower_program(prog, cfg, mesh, rules, b, t, group_size)
+        analytic = (metrics_lib.train_flops_per_token(cfg.model, cfg.data.seq_len, "a3") * info["tokens"] / n
+                    if prog == "train" else None)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -332,9 +340,7 @@ def lower_for_gpu(cfg, num_gpus: int = 1, gpu: str = "h100", programs=PROGRAMS, 
         raise CompileError(f"--gpu {gpu!r} is not one of {', '.join(GPU_KINDS)}")
     if num_gpus < 1:
         raise CompileError(f"--gpus must be >= 1, got {num_gpus}")
-    for p in programs:
-        if p not in PROGRAMS:
-            raise CompileError(f"--programs: {p!r} is not one of {', '.join(PROGRAMS)}")
+    _check_programs(programs)
     try:
         mesh = abstract_mesh(cfg.mesh, num_gpus, GPU_KINDS[gpu])
     except ValueError as e:
@@ -353,12 +359,7 @@ def lower_for_gpu(cfg, num_gpus: int = 1, gpu: str = "h100", programs=PROGRAMS, 
         for prog in programs:
             t0 = time.perf_counter()
             try:
-                if prog == "train":
-                    exported, info = lower_train(cfg, mesh, rules, platform)
-                elif prog == "prefill":
-                    exported, info = lower_prefill(cfg, mesh, rules, b, t, platform)
-                else:
-                    exported, info = lower_decode(cfg, mesh, rules, b, t, group_size, platform)
+                exported, info = lower_program(prog, cfg, mesh, rules, b, t, group_size, platform)
             except Exception as e:  # noqa: BLE001 - any lowering failure is the report's answer
                 raise CompileError(f"{prog}: does not lower for {platform}: {type(e).__name__}: {e}") from e
             text = exported.mlir_module()

@@ -169,13 +169,14 @@ missing="$(probe 2>"$logdir/preflight.log")" || fail_preflight "python failed: $
 if grep -qv '^reference:' <<< "$missing" && [[ -n "$missing" ]]; then
   # The bundle holds wheels for several Pythons: this interpreter's, and those for any Python.
   tag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
-  wheels=() others=()
+  wheels=() others=() have_tag=0
   for w in .device/wheels/*.whl; do
     [[ -e "$w" ]] || continue
     w_tag="$(basename "$w" | cut -d- -f3)"
     if [[ "$w_tag" == cp* && "$w_tag" != "$tag" ]]; then others+=("$w_tag"); else wheels+=("$w"); fi
+    [[ "$w_tag" == "$tag" ]] && have_tag=1
   done
-  if [[ ${#others[@]} -gt 0 ]] && ! ls .device/wheels | grep -q -- "-$tag-"; then
+  if [[ ${#others[@]} -gt 0 && $have_tag == 0 ]]; then
     fail_preflight ".device/wheels has wheels for $(printf '%s\n' "${others[@]}" | sort -u | tr '\n' ' ')but not for this python ($tag): run DEVICE_PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') make device-bundle ... and carry .device/ again"
   fi
   if [[ ${#wheels[@]} -gt 0 ]]; then

@@ -36,8 +36,8 @@ settings.load_profile("ci")
 # (--no-loadscope-reorder). A heavy module handed out last leaves the other worker idle, so the
 # heaviest modules (measured with --durations) go first and the many light ones fill in at the end.
 HEAVY_FIRST = ("test_smollm2", "test_gcs", "test_docs_examples", "test_distributed", "test_decode_dynamic",
-               "test_demo", "test_train_faults", "test_decode_speculative", "test_train", "test_device_check", "test_model",
-               "test_decode_engine", "test_compile", "test_objectives", "test_decode")
+               "test_demo", "test_train_faults", "test_decode_speculative", "test_train", "test_device_check",
+               "test_model", "test_decode_engine", "test_compile", "test_objectives", "test_decode")
 
 
 def pytest_collection_modifyitems(config, items):
