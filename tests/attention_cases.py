@@ -129,9 +129,19 @@ def check_bf16_as_accurate_as_dense(kind, data, case="gqa3_multiblock"):
         assert err_k <= 2 * err_d + 1e-3 and err_k < 3e-2, (name, err_k, err_d)
 
 
-def visible_blocks(ids, bq, bk):
-    """[b, nq, nk]: does the (query block, key block) pair hold a visible key?"""
+def _block_pairs(ids, bq, bk):
+    """The visibility of layout `ids` padded to the blocks (padding hidden): [b, nq, bq, nk, bk]."""
     vis = np.asarray(masks.visible(*ids, strict=False))
     b, tq, tk = vis.shape
     vis = np.pad(vis, ((0, 0), (0, -tq % bq), (0, -tk % bk)))
-    return vis.reshape(b, vis.shape[1] // bq, bq, vis.shape[2] // bk, bk).any((2, 4))
+    return vis.reshape(b, vis.shape[1] // bq, bq, vis.shape[2] // bk, bk)
+
+
+def visible_blocks(ids, bq, bk):
+    """[b, nq, nk]: does the (query block, key block) pair hold a visible key?"""
+    return _block_pairs(ids, bq, bk).any((2, 4))
+
+
+def full_blocks(ids, bq, bk):
+    """[b, nq, nk]: is every (row, key) pair of the block pair visible (rows and keys all real)?"""
+    return _block_pairs(ids, bq, bk).all((2, 4))

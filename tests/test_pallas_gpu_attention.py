@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from a3jax import masks
 from a3jax.config import ConfigError, ModelConfig
 from a3jax.model.attention import choose_kernel
 from a3jax.model.pallas_attention import compile_target
 from a3jax.model.pallas_gpu_attention import kernel_ranges, key_block_ranges, tile_sizes
-from attention_cases import CASES, check_bf16_as_accurate_as_dense, check_equals_dense_fp32, layouts, visible_blocks
+from attention_cases import (CASES, check_bf16_as_accurate_as_dense, check_equals_dense_fp32, full_blocks, layouts,
+                             visible_blocks)
 
 
 @pytest.mark.slow
@@ -53,14 +53,6 @@ _ranges = jax.jit(kernel_ranges, static_argnums=(4, 5))
 _key_ranges = jax.jit(key_block_ranges, static_argnums=3)
 
 
-def _full_blocks(ids, bq, bk):
-    """[b, nq, nk]: is every (row, key) pair of the block pair visible (rows and keys all real)?"""
-    vis = np.asarray(masks.visible(*ids, strict=False))
-    b, tq, tk = vis.shape
-    vis = np.pad(vis, ((0, 0), (0, -tq % bq), (0, -tk % bk)))
-    return vis.reshape(b, vis.shape[1] // bq, bq, vis.shape[2] // bk, bk).all((2, 4))
-
-
 @settings(max_examples=20)
 @given(data=st.data(), t=st.sampled_from([1, 100, 130, 300]), sort=st.booleans())
 def test_block_ranges_of_both_passes_cover_every_visible_pair(data, t, sort):
@@ -87,7 +79,7 @@ def test_block_ranges_of_both_passes_cover_every_visible_pair(data, t, sort):
             j = np.arange(nk)
             visit = (lo[..., None] <= j) & (j < hi[..., None])
             unmasked = (lo[..., None] <= j) & (j < mid[..., None])
-        need, full = visible_blocks(ids, bq, bk), _full_blocks(ids, bq, bk)
+        need, full = visible_blocks(ids, bq, bk), full_blocks(ids, bq, bk)
         assert not (need & ~visit).any()        # never skips a block pair with a visible key
         assert not (unmasked & ~full).any()     # never drops the mask where a pair is hidden
         if one_sorted_segment:
